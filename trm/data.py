@@ -1,8 +1,8 @@
 """Typed items and interactions from any directory in the MovieLens `ml-latest-small` layout.
 
-MovieLens has no item publish time, so an item's `created_at` is the timestamp of its first
+MovieLens has no item publish time, so an item's `created_at` is one minute before its first
 rating: the moment the catalogue "learned" of it. That makes item age at event time meaningful
-and lets a replay publish each item just before its first interaction.
+and lets a replay publish each item (and its tokens reach the store) before its first interaction.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+PUBLISH_LEAD_S = 60  # an item is published this long before its first rating
 POSITIVE_RATING = 4.0  # rating >= 4 is a positive (label 1), as is common for MovieLens CTR-style tasks
 
 
@@ -111,7 +112,8 @@ def load_movielens(data_dir: str | Path, positive_rating: float = POSITIVE_RATIN
         if mid not in first_seen:
             continue
         genres = tuple(g for g in str(row.genres).split("|") if g and g != "(no genres listed)")
-        items[mid] = Item(mid, str(row.title), genres, tuple(tags.get(mid, ())), int(first_seen[mid]))
+        items[mid] = Item(mid, str(row.title), genres, tuple(tags.get(mid, ())),
+                          int(first_seen[mid]) - PUBLISH_LEAD_S)
 
     ratings = ratings[ratings["movieId"].isin(items.keys())]
     ratings = ratings.sort_values(["timestamp", "userId", "movieId"], kind="stable")
