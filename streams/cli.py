@@ -1,0 +1,107 @@
+"""`trm broker`, `trm topics`, `trm publish`, `trm worker`, `trm feast-repo`: the streaming commands.
+
+Heavy libraries (kafka, faust, feast) are imported inside the handlers so `trm --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_DATA = "data/ml-latest-small"
+
+
+def _broker(args) -> int:
+    from .broker import main_broker
+
+    return main_broker(args.port, prefix_topics=not args.no_topics)
+
+
+def _topics(args) -> int:
+    from trm.config import KafkaConfig
+
+    from .broker import BrokerError, create_topics
+
+    try:
+        made = create_topics(KafkaConfig.from_env())
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for t, n in made.items():
+        print(f"{t}\t{n} partitions")
+    return 0
+
+
+def _publish(args) -> int:
+    from trm.config import KafkaConfig
+    from trm.data import DataError
+
+    from .broker import BrokerError, create_topics
+    from .publisher import PublishError, events_from_file, interaction_events, item_events, publish_kind
+
+    config = KafkaConfig.from_env()
+    try:
+        if args.file:
+            events = events_from_file(args.file, args.kind)[: args.limit or None]
+        elif args.kind == "items":
+            events = item_events(args.data, args.limit)
+        else:
+            events = interaction_events(args.data, args.limit)
+        create_topics(config)  # explicit partition counts; never let a metadata request auto-create
+        res = publish_kind(config, args.kind, events, speedup=args.speedup, progress=not args.quiet)
+    except (DataError, PublishError, BrokerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"published {res.sent} {args.kind} events to {res.topic} in {res.seconds:.2f} s "
+          f"({res.rate:,.0f}/s), all acknowledged")
+    return 0
+
+
+def _worker(args) -> int:
+    from .app import WorkerSettings, run_worker
+
+    settings = WorkerSettings(repo_path=args.repo, tokenizer_dir=args.tokenizer, state_dir=args.state,
+                              pairs_dir=args.pairs, agents=tuple(args.agents.split(",")),
+                              history_len=args.history_len)
+    return run_worker(settings)
+
+
+def _feast_repo(args) -> int:
+    from .feature_repo_tools import materialize_repo
+
+    repo = materialize_repo(args.out)
+    print(f"feature repo applied at {repo}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("broker", help="start the embedded Tansu broker (memory storage) and print its address")
+    p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
+    p.add_argument("--no-topics", action="store_true", help="do not create the contract's topics")
+    p.set_defaults(func=_broker)
+
+    p = subparsers.add_parser("topics", help="create the contract's topics with explicit partition counts")
+    p.set_defaults(func=_topics)
+
+    p = subparsers.add_parser("publish", help="publish MovieLens items or interactions to Kafka in event-time order")
+    p.add_argument("kind", choices=["items", "interactions"])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", default=DEFAULT_DATA, help="MovieLens-layout directory (default: %(default)s)")
+    src.add_argument("--file", help="JSON lines of event records instead of MovieLens")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="replay event time at this many times real time (default: as fast as possible)")
+    p.add_argument("--limit", type=int, default=None, help="publish only the first N events")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_publish)
+
+    p = subparsers.add_parser("worker", help="run the Faust stream worker (item and interaction agents)")
+    p.add_argument("--repo", required=True, help="applied Feast repo directory (see `trm feast-repo`)")
+    p.add_argument("--tokenizer", default=None, help="saved tokenizer artifact directory (item agent)")
+    p.add_argument("--state", default=None, help="state directory (default: <repo>/stream_state)")
+    p.add_argument("--pairs", default=None, help="co-interaction pair parquet dir (default: <repo>/data/pairs)")
+    p.add_argument("--agents", default="items,interactions", help="comma list of items,interactions")
+    p.add_argument("--history-len", type=int, default=20, help="N: positives kept per user history")
+    p.set_defaults(func=_worker)
+
+    p = subparsers.add_parser("feast-repo", help="copy feature_repo/ to a work directory and apply it")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_feast_repo)
