@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,23 @@ class KafkaConfig:
             else:
                 kw["broker_credentials"] = faust.SSLCredentials(ctx)
         return kw
+
+
+def feast_repo_path(default: str | os.PathLike | None = None) -> Path:
+    """The Feast repo every process opens: `TRM_FEAST_REPO`, else `default`, else `feature_repo/`.
+
+    Production points this at the assembled repo (shared definitions + Redis/Postgres
+    feature_store.yaml, see deploy/); the embedded default needs no setting.
+    """
+    from trm import REPO_ROOT
+
+    return Path(os.environ.get("TRM_FEAST_REPO") or default or REPO_ROOT / "feature_repo")
+
+
+def tokenizer_artifact_path(default: str | os.PathLike | None = None) -> Path | None:
+    """The tokenizer artifact workers load: `TRM_TOKENIZER_ARTIFACT`, else `default` (may be None).
+
+    Rotating the tokenizer is a deploy of this setting; tokens carry `tokenizer_version`.
+    """
+    value = os.environ.get("TRM_TOKENIZER_ARTIFACT") or default
+    return Path(value) if value else None
