@@ -1,0 +1,212 @@
+"""Atomic, verifiable checkpoints and published model versions.
+
+A checkpoint is a directory written under a temporary name, fsynced, then renamed: a reader sees
+a complete checkpoint or none. It holds every model (safetensors), every optimizer (torch.save of
+tensors only, loaded with weights_only=True), the torch RNG state, the consumed offsets, the
+tokenizer version and the step, plus a manifest of sha256 digests checked on load.
+`LATEST` (a one-line pointer replaced with os.replace) names the newest complete one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+MANIFEST, STATE, POINTER = "manifest.json", "state.json", "LATEST"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, tampered with, or does not fit the models."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset to read
+    tokenizer_version: str | None = None
+    events_seen: int = 0
+    extra: dict = field(default_factory=dict)  # model config, model names, ...
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_pointer(root: Path, target: str) -> None:
+    """Atomically point root/LATEST at `target` (a directory name inside root)."""
+    tmp = root / f".{POINTER}.{os.getpid()}.tmp"
+    tmp.write_text(target + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, root / POINTER)
+    _fsync_dir(root)
+
+
+def read_pointer(root: str | Path) -> Path | None:
+    """The directory root/LATEST names, or None if there is no pointer yet."""
+    root = Path(root)
+    try:
+        name = (root / POINTER).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return root / name
+
+
+def _seal(tmp: Path) -> None:
+    """fsync every file and write the manifest of their digests."""
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    for p in files:
+        _fsync_file(p)
+    manifest = {"files": {p.name: _sha256(p) for p in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+
+
+def verify(path: str | Path) -> dict:
+    """Check the manifest against the files; returns the manifest or raises CheckpointError."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {MANIFEST}; not a complete checkpoint") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}/{MANIFEST} is not valid JSON ({exc}): tampered or truncated") from None
+    expected = manifest.get("files", {})
+    present = {p.name for p in path.iterdir() if p.is_file()} - {MANIFEST}
+    if present != set(expected):
+        raise CheckpointError(f"{path}: files {sorted(present ^ set(expected))} differ from the manifest")
+    for name, digest in expected.items():
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{path}/{name}: sha256 does not match the manifest; the file was modified")
+    return manifest
+
+
+def save_checkpoint(root: str | Path, models: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], state: TrainState, keep: int = 3) -> Path:
+    """Write root/ckpt-<step> atomically, point root/LATEST at it, drop all but the newest `keep`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=root))
+    try:
+        for name, model in models.items():
+            save_model(model, str(tmp / f"model.{name}.safetensors"))
+        for name, opt in optimizers.items():
+            torch.save(opt.state_dict(), tmp / f"optim.{name}.pt")
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / STATE).write_text(json.dumps(asdict(state), indent=1, sort_keys=True))
+        _seal(tmp)
+        final = root / f"ckpt-{state.step:09d}"
+        if final.exists():  # a replayed step after a crash: the new one replaces it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_pointer(root, final.name)
+    for old in sorted(root.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(path: str | Path) -> TrainState:
+    verify(path)
+    return TrainState(**json.loads((Path(path) / STATE).read_text()))
+
+
+def load_checkpoint(path: str | Path, models: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+                    restore_rng: bool = True) -> TrainState:
+    """Verify, then load models (strict), optimizers and RNG in place; returns the train state."""
+    path = Path(path)
+    verify(path)
+    for name, model in models.items():
+        f = path / f"model.{name}.safetensors"
+        if not f.exists():
+            raise CheckpointError(f"{path} has no model {name!r}")
+        missing, unexpected = load_model(model, str(f), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{f}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, opt in (optimizers or {}).items():
+        f = path / f"optim.{name}.pt"
+        if not f.exists():
+            raise CheckpointError(f"{path} has no optimizer state for {name!r}")
+        opt.load_state_dict(torch.load(f, weights_only=True))
+    if restore_rng:
+        torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    return TrainState(**json.loads((path / STATE).read_text()))
+
+
+def load_latest(root: str | Path, models, optimizers=None, restore_rng: bool = True) -> TrainState | None:
+    """Resume from root/LATEST; None when no checkpoint was ever written."""
+    path = read_pointer(root)
+    if path is None:
+        return None
+    return load_checkpoint(path, models, optimizers, restore_rng)
+
+
+class ModelPublisher:
+    """Every `every` steps, copy the checkpoint to models/v<step>/ and move models/LATEST to it.
+
+    The copy is made under a temporary name and renamed, and the pointer is replaced only after
+    the rename, so a reader following LATEST never sees a partial version.
+    """
+
+    def __init__(self, models_dir: str | Path, every: int, keep: int = 5):
+        self.root, self.every, self.keep = Path(models_dir), every, keep
+        latest = read_pointer(self.root)  # a restarted trainer continues the version sequence
+        self.last_published = int(latest.name[1:]) if latest is not None else 0
+
+    def maybe_publish(self, checkpoint: Path, step: int) -> Path | None:
+        if self.every <= 0 or step < self.last_published + self.every:
+            return None
+        return self.publish(checkpoint, step)
+
+    def publish(self, checkpoint: Path, step: int) -> Path:
+        verify(checkpoint)
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"v{step}"
+        if not final.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{step}-", dir=self.root))
+            for f in checkpoint.iterdir():
+                if f.name.startswith("optim."):  # readers need weights, not optimizer moments
+                    continue
+                shutil.copy2(f, tmp / f.name)
+            manifest = json.loads((tmp / MANIFEST).read_text())
+            manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("optim.")}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            for f in tmp.iterdir():
+                _fsync_file(f)
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        write_pointer(self.root, final.name)
+        self.last_published = step
+        versions = sorted(self.root.glob("v*"), key=lambda p: int(p.name[1:]))
+        for old in versions[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final

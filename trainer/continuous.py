@@ -1,0 +1,282 @@
+"""The continuous trainer: micro-batches of labelled events -> PIT join -> test, then train -> checkpoint.
+
+Offsets live in the checkpoint, next to the weights they produced. Kafka offsets are committed
+only after the checkpoint is durable, and a restart seeks to the checkpoint's offsets, so a
+crash replays at most the batch that was trained but not yet checkpointed, and skips nothing.
+The same `ContinuousTrainer.process` runs under Kafka (`follow`) and over an in-memory list of
+events (`run_events`, for tests and benchmarks).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .batch import Featurizer, FeaturizeStats
+from .checkpoint import CheckpointError, ModelPublisher, TrainState, load_latest, save_checkpoint
+from .learner import Learner
+from .metrics import auc, logloss
+
+log = logging.getLogger(__name__)
+MEMORY_PARTITION = "memory:0"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A labelled interaction and where it was read from."""
+
+    user_id: int
+    item_id: int
+    label: int
+    event_time: int
+    partition: str = MEMORY_PARTITION  # "topic:partition"
+    offset: int = 0
+
+
+@dataclass
+class Timings:
+    join_s: float = 0.0
+    featurize_s: float = 0.0
+    predict_s: float = 0.0
+    train_s: float = 0.0
+    checkpoint_s: float = 0.0
+    total_s: float = 0.0
+
+    def add(self, **kw: float) -> None:
+        for k, v in kw.items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def shares(self) -> dict[str, float]:
+        tot = self.total_s or 1.0
+        return {k: v / tot for k, v in vars(self).items() if k != "total_s"}
+
+
+class TrainerCrash(RuntimeError):
+    """Raised by a test hook to simulate the process dying at a given point of a batch."""
+
+
+@dataclass
+class ContinuousTrainer:
+    learner: Learner
+    joiner: Callable[[pd.DataFrame], pd.DataFrame]  # events -> PIT-joined rows (dataset.FeastJoiner)
+    featurizer: Featurizer
+    checkpoint_dir: Path
+    publisher: ModelPublisher | None = None
+    log_path: Path | None = None  # prequential metrics, one JSON line per (batch, model)
+    checkpoint_every: int = 1  # batches between checkpoints (offsets advance only with them)
+    keep_predictions: bool = False
+    fail_at: Callable[[str, int], None] | None = None  # test hook: (phase, step) -> may raise TrainerCrash
+    state: TrainState = field(default_factory=TrainState)
+    timings: Timings = field(default_factory=Timings)
+    fstats: FeaturizeStats = field(default_factory=FeaturizeStats)
+    predictions: list[pd.DataFrame] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.checkpoint_dir = Path(self.checkpoint_dir)
+        self.state.tokenizer_version = self.featurizer.tokenizer_version
+        self.state.extra.setdefault("config", self.learner.cfg.to_dict())
+        self.state.extra.setdefault("models", self.learner.names)
+        self._pending = 0  # batches trained since the last checkpoint
+
+    # --- restart ---------------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Load the latest checkpoint if there is one; True if resumed."""
+        st = load_latest(self.checkpoint_dir, self.learner.models, self.learner.optimizers)
+        if st is None:
+            return False
+        if st.extra.get("models") != self.learner.names:
+            raise CheckpointError(f"checkpoint trains {st.extra.get('models')}, this trainer {self.learner.names}")
+        if st.tokenizer_version != self.featurizer.tokenizer_version:
+            raise CheckpointError(
+                f"checkpoint was trained on tokenizer {st.tokenizer_version}, features now use "
+                f"{self.featurizer.tokenizer_version}: gen-token ids changed meaning; start a new checkpoint dir")
+        self.state = st
+        return True
+
+    # --- one micro-batch ---------------------------------------------------------------------
+    def process(self, records: Sequence[Record]) -> dict:
+        """Join, score (prequential), train, advance offsets, checkpoint; returns batch metrics."""
+        t0 = time.perf_counter()
+        events = pd.DataFrame([(r.user_id, r.item_id, r.label, r.event_time) for r in records],
+                              columns=["user_id", "item_id", "label", "event_time"])
+        joined = self.joiner(events)
+        t1 = time.perf_counter()
+        batch, fst = self.featurizer(joined)
+        self.fstats.add(fst)
+        t2 = time.perf_counter()
+        probs = self.learner.predict(batch)  # test ...
+        t3 = time.perf_counter()
+        self._hook("predicted")
+        parts = self.learner.train(batch)  # ... then train
+        t4 = time.perf_counter()
+        self._hook("trained")
+        self.state.step += 1
+        self.state.events_seen += len(records)
+        for r in records:
+            key = r.partition
+            self.state.offsets[key] = max(self.state.offsets.get(key, 0), r.offset + 1)
+        self._pending += 1
+        ckpt_s = 0.0
+        if self._pending >= self.checkpoint_every:
+            ckpt_s = self.checkpoint()
+        t5 = time.perf_counter()
+        self.timings.add(join_s=t1 - t0, featurize_s=t2 - t1, predict_s=t3 - t2, train_s=t4 - t3,
+                         checkpoint_s=ckpt_s, total_s=t5 - t0)
+        y = batch.label.numpy()
+        metrics = {n: {"auc": auc(y, p), "logloss": logloss(y, p), **parts[n]} for n, p in probs.items()}
+        self._log(len(records), metrics, fst, t1 - t0, t5 - t0)
+        if self.keep_predictions:
+            self.predictions.append(joined[["user_id", "item_id", "label", "event_time", "created_at"]]
+                                    .assign(known=batch.known.numpy(), **{f"score_{n}": p for n, p in probs.items()}))
+        return metrics
+
+    def checkpoint(self) -> float:
+        """Write a checkpoint now (offsets included) and maybe publish a model version; seconds taken."""
+        t = time.perf_counter()
+        self._hook("checkpoint")
+        path = save_checkpoint(self.checkpoint_dir, self.learner.models, self.learner.optimizers, self.state)
+        self._pending = 0
+        if self.publisher is not None:
+            self.publisher.maybe_publish(path, self.state.step)
+        self._hook("checkpointed")
+        return time.perf_counter() - t
+
+    def _hook(self, phase: str) -> None:
+        if self.fail_at is not None:
+            self.fail_at(phase, self.state.step)
+
+    def _log(self, n: int, metrics: dict, fst: FeaturizeStats, join_s: float, total_s: float) -> None:
+        if self.log_path is None:
+            return
+        with open(self.log_path, "a") as f:
+            for name, m in metrics.items():
+                f.write(json.dumps({"step": self.state.step, "events_seen": self.state.events_seen, "batch": n,
+                                    "model": name, "unknown_item": fst.unknown_item, "join_s": round(join_s, 4),
+                                    "batch_s": round(total_s, 4), "time": time.time(),
+                                    **{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}})
+                        + "\n")
+
+    def prediction_frame(self) -> pd.DataFrame:
+        return pd.concat(self.predictions, ignore_index=True) if self.predictions else pd.DataFrame()
+
+
+# --- in-memory source ------------------------------------------------------------------------
+def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
+               max_events: int | None = None, resume: bool = True) -> int:
+    """Train over `events` (objects with user_id, item_id, label, event_time) as one partition.
+
+    Position = index in the list; a resumed trainer starts at its checkpoint's offset. Returns the
+    number of events processed by this call.
+    """
+    if resume:
+        trainer.resume()
+    start = trainer.state.offsets.get(MEMORY_PARTITION, 0)
+    end = len(events) if max_events is None else min(len(events), start + max_events)
+    done = 0
+    for s in range(start, end, batch_size):
+        chunk = [Record(int(e.user_id), int(e.item_id), int(e.label), int(e.event_time), MEMORY_PARTITION, i)
+                 for i, e in enumerate(events[s:min(s + batch_size, end)], start=s)]
+        trainer.process(chunk)
+        done += len(chunk)
+    if trainer._pending:
+        trainer.checkpoint()
+    return done
+
+
+# --- Kafka source ----------------------------------------------------------------------------
+def _decode(codec, msg) -> Record | None:
+    from streams.codec import DecodeError
+    from streams.events import InteractionEvent, InvalidEvent
+
+    try:
+        ev = InteractionEvent.from_record(codec.decode(msg.value, expect="InteractionEvent"))
+    except (DecodeError, InvalidEvent, KeyError, TypeError) as exc:
+        log.warning("skipping %s:%d@%d: %s", msg.topic, msg.partition, msg.offset, exc)
+        return None
+    return Record(ev.user_id, ev.item_id, ev.label, ev.event_time, f"{msg.topic}:{msg.partition}", msg.offset)
+
+
+async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer", batch_size: int = 1024,
+                 max_events: int | None = None, idle_timeout_s: float | None = 10.0,
+                 linger_s: float = 1.0, topic: str | None = None) -> int:
+    """Consume the interactions topic with its own group, training per micro-batch.
+
+    `kafka` is a trm.config.KafkaConfig. Stops after `max_events` (if given) or after
+    `idle_timeout_s` without a message (None: run until cancelled). Returns events processed.
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.abc import ConsumerRebalanceListener
+
+    from streams.codec import AvroCodec
+
+    trainer.resume()
+    codec = AvroCodec()
+    topic = topic or kafka.topic("interactions")
+    consumer = AIOKafkaConsumer(
+        group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+        session_timeout_ms=kafka.session_timeout_ms, heartbeat_interval_ms=max(kafka.session_timeout_ms // 4, 500),
+        max_poll_interval_ms=600_000, **kafka.aiokafka_kwargs())
+
+    class SeekToCheckpoint(ConsumerRebalanceListener):
+        """The checkpoint, not the group's committed offset, says where to continue."""
+
+        async def on_partitions_revoked(self, revoked) -> None:
+            pass
+
+        async def on_partitions_assigned(self, assigned) -> None:
+            for tp in assigned:
+                off = trainer.state.offsets.get(f"{tp.topic}:{tp.partition}")
+                if off is not None:
+                    consumer.seek(tp, off)
+
+    consumer.subscribe([topic], listener=SeekToCheckpoint())
+    await consumer.start()
+    done, buf = 0, []
+    last_msg = time.monotonic()
+    try:
+        while max_events is None or done < max_events:
+            want = batch_size - len(buf) if max_events is None else min(batch_size - len(buf), max_events - done - len(buf))
+            data = await consumer.getmany(timeout_ms=int(linger_s * 1000), max_records=max(want, 1))
+            for msgs in data.values():
+                for m in msgs:
+                    rec = _decode(codec, m)
+                    if rec is not None:
+                        buf.append(rec)
+            if data:
+                last_msg = time.monotonic()
+            idle = time.monotonic() - last_msg
+            full = len(buf) >= batch_size or (max_events is not None and done + len(buf) >= max_events)
+            if buf and (full or not data):
+                await asyncio.to_thread(trainer.process, buf)  # heartbeats keep running meanwhile
+                if trainer._pending:
+                    await asyncio.to_thread(trainer.checkpoint)
+                done += len(buf)
+                buf = []
+                committed = {}
+                for key, off in trainer.state.offsets.items():  # only after the checkpoint holds them
+                    t, p = key.rsplit(":", 1)
+                    if t == topic:
+                        committed[TopicPartition(t, int(p))] = off
+                await consumer.commit(committed)
+            elif idle_timeout_s is not None and not buf and idle > idle_timeout_s:
+                break
+    finally:
+        await consumer.stop()
+    return done
+
+
+def follow_sync(trainer: ContinuousTrainer, kafka, **kw) -> int:
+    return asyncio.run(follow(trainer, kafka, **kw))
+
+
+def events_from(items: Iterable) -> list[Record]:
+    """Any objects with user_id, item_id, label, event_time -> in-memory records."""
+    return [Record(int(e.user_id), int(e.item_id), int(e.label), int(e.event_time), MEMORY_PARTITION, i)
+            for i, e in enumerate(items)]

@@ -1,0 +1,60 @@
+"""Point-in-time training rows from Feast.
+
+Labelled events -> entity dataframe (user_id, item_id, event_timestamp = event time - 1 µs, label)
+-> `FeatureStore.get_historical_features(...).to_df()`, returned in the input order.
+The 1 µs makes the join see only feature rows stamped strictly before the event, so an event
+never sees the state its own label produced (docs/contracts.md, point-in-time rule).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from .batch import FEATURES
+
+PIT_OFFSET = pd.Timedelta(microseconds=1)
+ROW = "trm_row"  # carried through the join to restore the input order
+
+
+def events_frame(events: Iterable) -> pd.DataFrame:
+    """Objects with user_id, item_id, label, event_time (epoch s) -> a frame of those columns."""
+    rows = [(int(e.user_id), int(e.item_id), int(e.label), int(e.event_time)) for e in events]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "label", "event_time"])
+
+
+def entity_frame(events: pd.DataFrame) -> pd.DataFrame:
+    """(user_id, item_id, label, event_time) -> Feast entity df with the PIT timestamp and a row id."""
+    ts = pd.to_datetime(events["event_time"].astype("int64"), unit="s", utc=True) - PIT_OFFSET
+    return pd.DataFrame({
+        "user_id": events["user_id"].astype("int64").to_numpy(),
+        "item_id": events["item_id"].astype("int64").to_numpy(),
+        "event_timestamp": ts.to_numpy(),
+        "label": events["label"].astype("int64").to_numpy(),
+        "event_time": events["event_time"].astype("int64").to_numpy(),
+        ROW: range(len(events)),
+    }).assign(event_timestamp=lambda d: pd.to_datetime(d["event_timestamp"], utc=True))
+
+
+def historical_features(store, events: pd.DataFrame, features: Sequence[str] = FEATURES) -> pd.DataFrame:
+    """The point-in-time join of `events` with `features`, one row per event, in input order."""
+    entity = entity_frame(events)
+    if entity.empty:
+        return entity.drop(columns=[ROW])
+    joined = store.get_historical_features(entity_df=entity, features=list(features)).to_df()
+    if len(joined) != len(entity):
+        raise RuntimeError(f"point-in-time join returned {len(joined)} rows for {len(entity)} events")
+    return joined.sort_values(ROW, kind="stable").drop(columns=[ROW]).reset_index(drop=True)
+
+
+class FeastJoiner:
+    """The trainer's join step: a FeatureStore plus the feature list it reads."""
+
+    def __init__(self, repo_path: str, features: Sequence[str] = FEATURES):
+        from feast import FeatureStore  # heavy: imported when a trainer is built
+
+        self.store = FeatureStore(repo_path=str(repo_path))
+        self.features = tuple(features)
+
+    def __call__(self, events: pd.DataFrame) -> pd.DataFrame:
+        return historical_features(self.store, events, self.features)

@@ -1,0 +1,69 @@
+"""Several rankers trained on the same joined batches, prequentially (test, then train).
+
+Every batch is first scored by every model in eval mode (those scores are the prequential
+metrics: the model has not trained on these rows yet), then each model takes its optimizer
+steps on it. Models share the global torch RNG in a fixed order, so a run restored from a
+checkpoint (which saves the RNG) continues bit-identically.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch import Batch
+from .models import RankerConfig, build_model, count_params
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    minibatch: int = 256  # optimizer-step size inside one joined micro-batch
+    epochs_per_batch: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+class Learner:
+    def __init__(self, names: list[str], cfg: RankerConfig, lcfg: LearnerConfig | None = None):
+        self.names, self.cfg, self.lcfg = list(names), cfg, lcfg or LearnerConfig()
+        torch.manual_seed(self.lcfg.seed)
+        self.models = {n: build_model(n, cfg) for n in self.names}
+        self.optimizers = {n: torch.optim.Adam(m.parameters(), lr=self.lcfg.lr, weight_decay=self.lcfg.weight_decay)
+                           for n, m in self.models.items()}
+
+    def param_counts(self) -> dict[str, tuple[int, int]]:
+        return {n: count_params(m) for n, m in self.models.items()}
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> dict[str, np.ndarray]:
+        """P(label = 1) per model, eval mode (no token dropout)."""
+        out = {}
+        for n, m in self.models.items():
+            m.eval()
+            out[n] = torch.sigmoid(m(batch.select(m.inputs))).numpy()
+        return out
+
+    def train(self, batch: Batch) -> dict[str, dict[str, float]]:
+        """Optimizer steps of every model on `batch`; mean loss parts per model."""
+        lc = self.lcfg
+        parts: dict[str, dict[str, float]] = {}
+        for n, m in self.models.items():
+            m.train()
+            opt, acc, k = self.optimizers[n], {}, 0
+            view = batch.select(m.inputs)
+            for _ in range(lc.epochs_per_batch):
+                for s in range(0, len(batch), lc.minibatch):
+                    loss, _, p = m.loss(view.slice(slice(s, s + lc.minibatch)))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if lc.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(m.parameters(), lc.grad_clip)
+                    opt.step()
+                    for key, v in p.items():
+                        acc[key] = acc.get(key, 0.0) + v
+                    k += 1
+            parts[n] = {key: v / max(k, 1) for key, v in acc.items()}
+        return parts

@@ -1,0 +1,67 @@
+"""Baselines on TRM's backbone, hyper-parameters and context; only the item inputs differ.
+
+  id            DLRM-style: hashed item-ID table (sized like a real ID table); history as item IDs
+  gen_only      TIGER-style: gen-tokens only (deep side, no wide side, no NTP)
+  two_gram      gen-tokens + hashed 2-grams of them on the wide side (no NTP)
+  prefix_ngram  gen-tokens + hashed prefix n-grams (SEMID) on the wide side (no NTP)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import RankerConfig
+from .embedding import GenTokenEmbedding, HashedBagEmbedding
+from .ranker import Ranker
+from .trm import DeepGenTokens, GenHistory, WideTokens
+
+
+class IDRanker(Ranker):
+    """Item-ID baseline: one hashed row per item, shared by the target item and the history."""
+
+    inputs = ("item_id", "hist_ids", "stats", "label", "known")
+
+    def __init__(self, cfg: RankerConfig):
+        super().__init__(cfg)
+        self.id_emb = HashedBagEmbedding(cfg.id_buckets, cfg.d_model, seed=7)
+        D = cfg.d_model
+        self.item_mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, cfg.n_item_tokens * D))
+
+    def item_tokens(self, batch) -> torch.Tensor:
+        e = self.id_emb.lookup(batch.item_id)  # (B, D)
+        return self.item_mlp(e).view(e.shape[0], self.cfg.n_item_tokens, -1)  # (B, N_i, D)
+
+    def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.id_emb.lookup(batch.hist_ids), batch.hist_ids >= 0  # (B, H, D), (B, H)
+
+
+class GenOnlyRanker(Ranker):
+    """TIGER-style: semantic ids replace the item ID; nothing memorises combinations."""
+
+    inputs = ("gen", "hist_gen", "stats", "label", "known")
+
+    def __init__(self, cfg: RankerConfig):
+        super().__init__(cfg)
+        self.gen_emb = GenTokenEmbedding(cfg.num_levels, cfg.codebook_size, cfg.d_model)
+        self.deep = DeepGenTokens(cfg, self.gen_emb, token_dropout=0.0)
+        self.history = GenHistory(self.gen_emb)
+
+    def item_tokens(self, batch) -> torch.Tensor:
+        return self.deep(batch.gen)
+
+    def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.history(batch.hist_gen)
+
+
+class NGramRanker(GenOnlyRanker):
+    """Gen-tokens plus a fixed n-gram scheme (2-gram or SEMID prefix-ngram) on the wide side."""
+
+    def __init__(self, cfg: RankerConfig, field: str):
+        super().__init__(cfg)
+        assert field in ("two_gram", "prefix_ngram"), field
+        self.field = field
+        self.inputs = ("gen", field, "hist_gen", "stats", "label", "known")
+        self.wide = WideTokens(cfg, seed=2 if field == "two_gram" else 3)
+
+    def item_tokens(self, batch) -> torch.Tensor:
+        return self.deep(batch.gen) + self.wide(getattr(batch, self.field))

@@ -1,0 +1,96 @@
+"""What every ranker shares: query/user/stats context tokens, the backbone and the BCE head.
+
+A model family only says how an item (and a history item) becomes vectors; that keeps the
+comparison to the paper's Table 1 setting: same backbone and hyper-parameters, different item inputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import Backbone
+from .config import RankerConfig
+
+
+class HistoryPool(nn.Module):
+    """N_u learned queries attend over the user's history items -> N_u user tokens.
+
+    A learned "empty history" key/value is always present, so cold users get a real token, not NaN.
+    """
+
+    def __init__(self, cfg: RankerConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.queries = nn.Parameter(torch.randn(cfg.n_user_tokens, D) * 0.02)
+        self.empty = nn.Parameter(torch.zeros(1, 1, D))
+        self.k, self.v, self.out = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # hist (B, H, D), mask (B, H) True = real item -> (B, N_u, D)
+        B, _, D = hist.shape
+        hist = torch.cat([self.empty.expand(B, 1, D), hist], 1)  # (B, 1+H, D)
+        mask = torch.cat([mask.new_ones(B, 1), mask], 1)  # (B, 1+H)
+        nh, hd = self.n_heads, D // self.n_heads
+        q = self.queries.view(1, -1, nh, hd).transpose(1, 2).expand(B, -1, -1, -1)  # (B, nh, N_u, hd)
+        k = self.k(hist).view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, 1+H, hd)
+        v = self.v(hist).view(B, -1, nh, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, nh, N_u, hd)
+        return self.out(y.transpose(1, 2).reshape(B, -1, D))
+
+
+class Ranker(nn.Module):
+    """Base ranker: tokens = [query (N_q) | user (N_u) | item (N_i) | stats (1)] -> backbone -> logit.
+
+    Subclasses implement `item_tokens` and `history_items`, and list the batch fields they read in
+    `inputs` (the trainer hands a model nothing else).
+    """
+
+    inputs: tuple[str, ...] = ()
+
+    def __init__(self, cfg: RankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.query_tokens = nn.Parameter(torch.randn(cfg.n_query_tokens, D) * 0.02)  # learned "no query"
+        self.history_pool = HistoryPool(cfg)
+        self.stats_proj = nn.Linear(cfg.n_stats, D)
+        self.backbone = Backbone(cfg)
+        self.head = nn.Sequential(nn.Linear(cfg.n_tokens * D, D), nn.GELU(), nn.Linear(D, 1))
+
+    # --- per family --------------------------------------------------------------------------
+    def item_tokens(self, batch) -> torch.Tensor:
+        """(B, N_i, D) item feature tokens."""
+        raise NotImplementedError
+
+    def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, D) one vector per history item, and its (B, H) validity mask."""
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------
+    def context_tokens(self, batch) -> torch.Tensor:
+        """(B, N_q + N_u, D): the query and user tokens (the generative objective's context)."""
+        hist, mask = self.history_items(batch)
+        user = self.history_pool(hist, mask)  # (B, N_u, D)
+        B = user.shape[0]
+        query = self.query_tokens.unsqueeze(0).expand(B, -1, -1)  # (B, N_q, D)
+        return torch.cat([query, user], 1)
+
+    def score(self, batch, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) logits."""
+        if context is None:
+            context = self.context_tokens(batch)
+        stats = self.stats_proj(batch.stats).unsqueeze(1)  # (B, 1, D)
+        x = torch.cat([context, self.item_tokens(batch), stats], 1)  # (B, T, D)
+        x = self.backbone(x)
+        return self.head(x.flatten(1)).squeeze(-1)  # (B,)
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.score(batch)
+
+    def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(total loss, logits, loss parts); the base objective is BCE only."""
+        logits = self.score(batch)
+        bce = F.binary_cross_entropy_with_logits(logits, batch.label)
+        return bce, logits, {"bce": bce.item()}

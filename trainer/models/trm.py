@@ -1,0 +1,91 @@
+"""TRM: the ranker that reads hybrid semantic tokens, never item IDs (§3.2-3.3 of the paper).
+
+Item side, Wide & Deep:
+  deep: gen-tokens (L level-offset ids) -> embeddings, whole tokens dropped at random while
+        training (generalisation, shared across similar items) -> MLP -> N_i tokens
+  wide: mem-tokens (BPE merges of gen-tokens) -> hashed table, mean -> linear -> N_i tokens
+  hybrid item tokens = deep + wide
+User side: the user's recent positive items as gen-tokens (same table), pooled into N_u tokens.
+Objective: BCE + λ · NTP (generative head over the positive item's gen-tokens).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import RankerConfig
+from .embedding import GenTokenEmbedding, HashedBagEmbedding
+from .generative import GenerativeHead
+from .ranker import Ranker
+
+
+class DeepGenTokens(nn.Module):
+    """Deep side: (B, L) gen ids -> (B, N_i, D), with whole-token dropout in training."""
+
+    def __init__(self, cfg: RankerConfig, emb: GenTokenEmbedding, token_dropout: float):
+        super().__init__()
+        D, L = cfg.d_model, cfg.num_levels
+        self.emb, self.p, self.n_out = emb, token_dropout, cfg.n_item_tokens
+        self.mlp = nn.Sequential(nn.Linear(L * D, 2 * D), nn.GELU(), nn.Linear(2 * D, cfg.n_item_tokens * D))
+
+    def forward(self, gen: torch.Tensor) -> torch.Tensor:
+        e = self.emb(gen)  # (B, L, D)
+        if self.training and self.p > 0:
+            keep = (torch.rand(e.shape[:2], device=e.device) >= self.p).unsqueeze(-1)  # (B, L, 1)
+            e = e * keep / (1 - self.p)
+        return self.mlp(e.flatten(1)).view(e.shape[0], self.n_out, -1)  # (B, N_i, D)
+
+
+class WideTokens(nn.Module):
+    """Wide side: (B, M) ids (mem-tokens or n-grams) -> hashed bag -> linear -> (B, N_i, D)."""
+
+    def __init__(self, cfg: RankerConfig, seed: int):
+        super().__init__()
+        self.bag = HashedBagEmbedding(cfg.wide_buckets, cfg.d_model, seed)
+        self.proj = nn.Linear(cfg.d_model, cfg.n_item_tokens * cfg.d_model)
+        self.n_out = cfg.n_item_tokens
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.bag(ids)).view(ids.shape[0], self.n_out, -1)  # (B, N_i, D)
+
+
+class GenHistory(nn.Module):
+    """History items as gen-tokens: (B, H, L) -> (B, H, D) sum of level embeddings (ids are level-offset)."""
+
+    def __init__(self, emb: GenTokenEmbedding):
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, hist_gen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.emb(hist_gen).sum(2), hist_gen[..., 0] >= 0  # (B, H, D), (B, H)
+
+
+class TRM(Ranker):
+    """Hybrid-token ranker with the joint discriminative + generative objective."""
+
+    inputs = ("gen", "mem", "hist_gen", "stats", "label", "known")
+
+    def __init__(self, cfg: RankerConfig, generative: bool = True):
+        super().__init__(cfg)
+        self.gen_emb = GenTokenEmbedding(cfg.num_levels, cfg.codebook_size, cfg.d_model)
+        self.deep = DeepGenTokens(cfg, self.gen_emb, cfg.token_dropout)
+        self.wide = WideTokens(cfg, seed=1)
+        self.history = GenHistory(self.gen_emb)
+        self.generative = GenerativeHead(cfg) if generative and cfg.ntp_weight > 0 else None
+
+    def item_tokens(self, batch) -> torch.Tensor:
+        return self.deep(batch.gen) + self.wide(batch.mem)  # (B, N_i, D) Wide & Deep
+
+    def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.history(batch.hist_gen)
+
+    def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        context = self.context_tokens(batch)  # (B, N_q+N_u, D), shared by both objectives
+        logits = self.score(batch, context)
+        bce = F.binary_cross_entropy_with_logits(logits, batch.label)
+        if self.generative is None:
+            return bce, logits, {"bce": bce.item()}
+        use = (batch.label > 0.5) & batch.known  # positives with real tokens only
+        ntp = self.generative.loss(context, batch.gen, self.gen_emb, use)
+        return bce + self.cfg.ntp_weight * ntp, logits, {"bce": bce.item(), "ntp": ntp.item()}
