@@ -1,0 +1,227 @@
+"""The stream worker: item and interaction agents hosted by a Faust app (`trm worker`).
+
+Faust hosts and supervises (`faust.App` with the web server disabled, broker session timeout
+from KafkaConfig — Tansu makes a group join wait ~half of it): its Worker owns the event loop,
+signals and logging, and starts `StreamWorker` as an app service. `StreamWorker` runs the agents
+as `BatchLoop`s (see batch_loop.py for why they are aiokafka `getmany` loops and not per-message
+Faust agents) and can also be run without Faust in any asyncio program (tests, benchmark):
+
+    async with StreamWorker(WorkerSettings(repo_path=..., tokenizer_dir=...)) as w:
+        await w.wait_for(items=200, interactions=2000, timeout=60)
+
+Progress is also written to `<state_dir>/status.json` after every batch, for a supervisor or a
+test driving a `trm worker` subprocess.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trm.config import KafkaConfig
+
+from .batch_loop import BatchLoop, LoopSettings
+from .events import INTERACTIONS, ITEM_TOKENS, ITEMS
+
+log = logging.getLogger(__name__)
+
+
+class WorkerConfigError(ValueError):
+    pass
+
+
+@dataclass
+class WorkerSettings:
+    repo_path: str | Path  # an applied Feast repo (streams.feature_repo_tools.materialize_repo)
+    tokenizer_dir: str | Path | None = None  # required by the item agent
+    state_dir: str | Path | None = None  # default <repo>/stream_state
+    pairs_dir: str | Path | None = None  # default <repo>/data/pairs
+    agents: tuple[str, ...] = (ITEMS, INTERACTIONS)
+    app_id: str = "trm-worker"
+    history_len: int = 20
+    pair_window: int = 5
+    park_timeout_s: float = 300.0
+    item_batch: int = 256
+    interaction_batch: int = 5000
+    kafka: KafkaConfig | None = None  # default KafkaConfig.from_env()
+
+    def resolved(self) -> "WorkerSettings":
+        repo = Path(self.repo_path).resolve()
+        if not (repo / "feature_store.yaml").exists():
+            raise WorkerConfigError(f"{repo} is not an applied Feast repo: run `trm feast-repo --out {repo}` first")
+        bad = set(self.agents) - {ITEMS, INTERACTIONS}
+        if bad:
+            raise WorkerConfigError(f"unknown agents {sorted(bad)}: choose from items, interactions")
+        if ITEMS in self.agents:
+            if self.tokenizer_dir is None:
+                raise WorkerConfigError("the item agent needs a tokenizer artifact: pass --tokenizer DIR "
+                                        "(`trm tokenizer fit` writes one), or run with --agents interactions")
+            if not Path(self.tokenizer_dir).exists():
+                raise WorkerConfigError(f"tokenizer artifact {self.tokenizer_dir} does not exist")
+        return WorkerSettings(**{**asdict(self), "kafka": self.kafka or KafkaConfig.from_env(), "repo_path": repo,
+                                 "state_dir": Path(self.state_dir or repo / "stream_state").resolve(),
+                                 "pairs_dir": Path(self.pairs_dir or repo / "data" / "pairs").resolve()})
+
+
+class StreamWorker:
+    def __init__(self, settings: WorkerSettings):
+        self.s = settings.resolved()
+        self.config: KafkaConfig = self.s.kafka
+        self.loops: dict[str, BatchLoop] = {}
+        self.tokens = None
+        self._tasks: list[asyncio.Task] = []
+        self.started_at = time.time()
+
+    # -- construction of the processors (run inside each loop's own thread) --
+    def _make_item_processor(self):
+        from tokenizer.hybrid import HybridTokenizer
+
+        from .feast_sink import FeastSink
+        from .item_agent import ItemProcessor
+
+        return ItemProcessor(FeastSink(self.s.repo_path, writer_id=f"items-{os.getpid()}"),
+                             HybridTokenizer.load(self.s.tokenizer_dir))
+
+    def _make_interaction_processor(self):
+        from .feast_sink import FeastSink
+        from .interaction_agent import InteractionProcessor
+
+        return InteractionProcessor(FeastSink(self.s.repo_path, writer_id=f"interactions-{os.getpid()}"),
+                                    self.s.state_dir, self.s.pairs_dir, self.tokens.get,
+                                    self.config.topic(INTERACTIONS), history_len=self.s.history_len,
+                                    pair_window=self.s.pair_window, park_timeout_s=self.s.park_timeout_s)
+
+    async def start(self) -> "StreamWorker":
+        from .broker import create_topics
+        from .token_cache import TokenCache
+
+        Path(self.s.state_dir).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(create_topics, self.config)  # never let a metadata request auto-create them
+        if ITEMS in self.s.agents:
+            self.loops[ITEMS] = BatchLoop(
+                self.config, LoopSettings(ITEMS, f"{self.s.app_id}-items", output_topic=ITEM_TOKENS,
+                                          max_records=self.s.item_batch, poll_timeout_ms=50),
+                self._make_item_processor, on_batch=self.write_status)
+        if INTERACTIONS in self.s.agents:
+            self.tokens = TokenCache(self.config, ITEM_TOKENS)
+            self._tasks.append(asyncio.create_task(self.tokens.run(), name="trm-token-cache"))
+            self.loops[INTERACTIONS] = BatchLoop(
+                self.config, LoopSettings(INTERACTIONS, f"{self.s.app_id}-interactions",
+                                          max_records=self.s.interaction_batch),
+                self._make_interaction_processor, on_batch=self.write_status, wake=self.tokens.wake)
+        for name, lp in self.loops.items():
+            self._tasks.append(asyncio.create_task(lp.run(), name=f"trm-{name}"))
+        return self
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until every loop has its partitions (a Tansu group join takes ~session_timeout/2)."""
+        await asyncio.wait_for(asyncio.gather(*(lp.ready.wait() for lp in self.loops.values())), timeout)
+
+    async def wait_for(self, items: int = 0, interactions: int = 0, timeout: float = 120.0,
+                       include_dead: bool = True) -> None:
+        """Until the agents have handled (processed or dead-lettered) at least these many events."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.raise_if_failed()
+            done = {k: lp.counters.processed + (lp.counters.dead_lettered if include_dead else 0)
+                    for k, lp in self.loops.items()}
+            if done.get(ITEMS, 0) >= items and done.get(INTERACTIONS, 0) >= interactions:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"after {timeout:.0f} s the worker handled {done}; wanted items={items}, "
+                                   f"interactions={interactions}; status: {self.status()}")
+            await asyncio.sleep(0.05)
+
+    def raise_if_failed(self) -> None:
+        for t in self._tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise RuntimeError(f"worker task {t.get_name()} failed: {t.exception()!r}") from t.exception()
+
+    def status(self) -> dict:
+        st = {name: asdict(lp.counters) for name, lp in self.loops.items()}
+        if self.tokens is not None:
+            st["token_cache"] = {"items": len(self.tokens.gen), "received": self.tokens.received}
+        st["uptime_s"] = round(time.time() - self.started_at, 3)
+        return st
+
+    def write_status(self) -> None:
+        path = Path(self.s.state_dir) / "status.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        os.replace(tmp, path)
+
+    async def stop(self) -> None:
+        for lp in self.loops.values():
+            lp.stop()
+        if self.tokens is not None:
+            self.tokens.stop()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.write_status()
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                log.error("worker task ended with %r", r)
+
+    async def __aenter__(self) -> "StreamWorker":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+def build_app(settings: WorkerSettings):
+    """A Faust app hosting StreamWorker as a service (web server off, Tansu-friendly session timeout)."""
+    import faust
+    import mode
+
+    s = settings.resolved()
+    worker_holder: dict = {}
+
+    class StreamService(mode.Service):
+        async def on_start(self) -> None:
+            w = worker_holder["worker"] = StreamWorker(s)
+            await w.start()
+            self.add_future(self._watch(w))
+
+        async def _watch(self, w: StreamWorker) -> None:
+            while True:  # a failed loop stops the worker (exit code 1): the supervisor restarts it
+                await asyncio.sleep(0.5)
+                try:
+                    w.raise_if_failed()
+                except RuntimeError:
+                    log.exception("stream worker failed; stopping")
+                    self._crashed = True
+                    await app.stop()
+                    return
+
+        async def on_stop(self) -> None:
+            w = worker_holder.get("worker")
+            if w is not None:
+                await w.stop()
+
+    app = faust.App(s.app_id, web_enabled=False, datadir=str(Path(s.state_dir) / "faust"),
+                    topic_partitions=1, **s.kafka.faust_kwargs())
+    app.service(StreamService)
+    app.trm_worker = worker_holder  # type: ignore[attr-defined]
+    return app
+
+
+def run_worker(settings: WorkerSettings, loglevel: str = "warn") -> int:
+    """`trm worker`: run the Faust worker until SIGINT/SIGTERM."""
+    import faust
+
+    try:
+        app = build_app(settings)
+    except WorkerConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

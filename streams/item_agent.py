@@ -1,0 +1,65 @@
+"""Item agent: item events -> hybrid tokens -> Feast (online + offline) and the `item_tokens` topic.
+
+Processing order of one batch (driven by `batch_loop.py`):
+  1. decode   – framed Avro -> ItemEvent; bad bytes/content become dead letters
+  2. compute  – one `encode_texts` call for the batch's texts (the encoder is the cost, so it
+                runs batched); a retire keeps the item's tokens and sets `retired=True` — marked,
+                not forgotten (a retire without text reuses the tokens in the online store)
+  3. write    – Feast online + offline, stamped with each item event's event time
+  4. produce  – ItemTokensEvent to `item_tokens`, dead letters to `items.dlq`, awaiting acks
+  5. commit   – offsets
+Tokens are a pure function of (text, tokenizer artifact), so a replay rewrites identical values.
+"""
+from __future__ import annotations
+
+from .codec import AvroCodec, DecodeError
+from .dlq import DeadLetter, SourceRecord
+from .events import InvalidEvent, ItemEvent, ItemTokensEvent
+from .interaction_agent import BatchResult
+
+
+class ItemProcessor:
+    def __init__(self, sink, tokenizer, codec: AvroCodec | None = None):
+        self.sink = sink
+        self.tokenizer = tokenizer
+        self.codec = codec or AvroCodec()
+
+    def process(self, records: list[SourceRecord]) -> BatchResult:
+        res = BatchResult()
+        events: list[tuple[ItemEvent, SourceRecord]] = []
+        for r in records:
+            res.hwm[r.partition] = max(res.hwm.get(r.partition, -1), r.offset)
+            try:
+                events.append((ItemEvent.from_record(self.codec.decode(r.value, expect="ItemEvent")), r))
+            except (DecodeError, InvalidEvent) as exc:
+                res.dead.append(DeadLetter(r, f"{'decode' if isinstance(exc, DecodeError) else 'invalid'}: {exc}"))
+            except (KeyError, TypeError) as exc:
+                res.dead.append(DeadLetter(r, f"invalid: missing or mistyped field {exc}"))
+        if not events:
+            return res
+        texts = sorted({ev.text for ev, _ in events if ev.text.strip()})
+        encoded = dict(zip(texts, self.tokenizer.encode_texts(texts))) if texts else {}
+        no_text = [ev.item_id for ev, _ in events if not ev.text.strip()]
+        known = self.sink.read_online("item_tokens", no_text) if no_text else {}
+        rows, outs = [], []
+        for ev, r in events:
+            if ev.text.strip():
+                tok = encoded[ev.text]
+                gen, mem, version = list(tok.gen_tokens), list(tok.mem_tokens), tok.tokenizer_version
+            else:  # a retire with no text: keep the tokens the item already has
+                cur = known.get(ev.item_id) or {}
+                if cur.get("gen_tokens") is None:
+                    res.dead.append(DeadLetter(r, f"invalid: retire of item {ev.item_id} without text, "
+                                                  f"and the item has no tokens to keep"))
+                    continue
+                gen, mem, version = cur["gen_tokens"], cur["mem_tokens"], cur["tokenizer_version"]
+            out = ItemTokensEvent(ev.item_id, [int(x) for x in gen], [int(x) for x in mem], version,
+                                  ev.created_at, ev.event_time, ev.op == "retire")
+            rows.append({"item_id": out.item_id, "gen_tokens": out.gen_tokens, "mem_tokens": out.mem_tokens,
+                         "tokenizer_version": out.tokenizer_version, "created_at": out.created_at,
+                         "retired": out.retired, "event_timestamp": out.event_time})
+            outs.append((str(ev.item_id).encode(), self.codec.encode(out.to_record(), "ItemTokensEvent")))
+        self.sink.write("item_tokens", rows)
+        res.outputs = outs
+        res.applied = len(rows)
+        return res

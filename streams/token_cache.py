@@ -1,0 +1,70 @@
+"""Item gen-tokens known to the interaction agent, read from the `item_tokens` topic.
+
+Every worker reads all partitions of `item_tokens` from the beginning (no consumer group), so
+any worker can turn any interaction into history tokens, whichever worker tokenized the item.
+`wake` is set when new tokens arrive so parked interactions retry at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from trm.config import KafkaConfig
+
+from .codec import AvroCodec, DecodeError
+
+log = logging.getLogger(__name__)
+
+
+class TokenCache:
+    def __init__(self, config: KafkaConfig, topic: str = "item_tokens"):
+        self.config = config
+        self.topic = config.topic(topic)
+        self.gen: dict[int, list[int]] = {}
+        self.wake = asyncio.Event()
+        self.codec = AvroCodec()
+        self.received = 0
+        self._stopping = asyncio.Event()
+
+    def get(self, item_id: int) -> list[int] | None:
+        return self.gen.get(item_id)
+
+    async def run(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.structs import TopicPartition
+
+        consumer = AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest",
+                                    **self.config.aiokafka_kwargs())
+        await consumer.start()
+        try:
+            parts = None
+            while parts is None:
+                parts = consumer.partitions_for_topic(self.topic)
+                if not parts:
+                    # topics are created up front (create_topics); a missing one means it was not
+                    await asyncio.sleep(0.2)
+                    await consumer._client.force_metadata_update()
+                    parts = None
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+                new = 0
+                for msgs in batches.values():
+                    for m in msgs:
+                        try:
+                            rec = self.codec.decode(m.value, expect="ItemTokensEvent")
+                        except DecodeError as exc:  # our own output; a bad one is a bug worth a log line
+                            log.error("undecodable item_tokens record at %s:%s: %s", m.partition, m.offset, exc)
+                            continue
+                        self.gen[rec["item_id"]] = list(rec["gen_tokens"])
+                        new += 1
+                if new:
+                    self.received += new
+                    self.wake.set()
+        finally:
+            await consumer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
