@@ -145,6 +145,7 @@ class BatchLoop:
             await self._in_thread(self.processor.save, res.hwm)
         self.counters.processed += res.applied
         self.counters.dead_lettered += len(res.dead)
+        self.counters.skipped += res.skipped
         self.counters.parked = self.processor.n_parked() if hasattr(self.processor, "n_parked") else 0
         if records is not None:
             self.counters.batches += 1

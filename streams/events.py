@@ -106,5 +106,6 @@ class Counters:
     processed: int = 0
     dead_lettered: int = 0
     parked: int = 0
+    skipped: int = 0  # offsets <= the saved high-water mark: applied before a restart
     batches: int = 0
     dlq_reasons: dict[str, int] = field(default_factory=dict)

@@ -3,9 +3,10 @@
 Processing order of one batch (the worker loop in `batch_loop.py` drives it):
   1. decode    – framed Avro -> InteractionEvent; bad bytes/content become dead letters
   2. compute   – skip offsets <= the partition's high-water mark (already applied); apply the
-                 rest in event-time order to the in-memory state; an interaction whose item has
-                 no tokens yet is *parked* (with its original bytes) and so is every later one of
-                 the same user, to keep each user's history in order
+                 rest in event-time order to the in-memory state. Item counters count every
+                 valid interaction at once. User features need the item's gen-tokens: an
+                 interaction whose item has no tokens yet is *parked* (with its original bytes)
+                 and so is every later one of the same user, keeping each history in order
   3. write     – Feast online + offline rows, each stamped with the event time that produced it
                  (offline: one row per (entity, event time); online: the entity's latest), and the
                  batch's co-like pairs; files are flushed (renamed into place) before returning
@@ -17,6 +18,8 @@ are <= hwm, which are skipped, so counters never double count.
 
 Parked interactions retry whenever new item tokens arrive and on idle polls; one parked longer
 than `park_timeout_s` is dead-lettered with the reason, and the user's queue moves on.
+Item counter rows at t count interactions with event_time <= t; an event applied late (parked,
+or another partition lagging) re-stamps that item's later rows, so no row leaks its future.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .codec import AvroCodec, DecodeError
 from .dlq import DeadLetter, SourceRecord
 from .events import InteractionEvent, InvalidEvent
 from .pairs import PairWriter
-from .state import Parked, PartitionState, read_item_counts
+from .state import Parked, PartitionState, read_item_events
 
 
 @dataclass
@@ -109,11 +112,17 @@ class InteractionProcessor:
         changes = _Changes()
         for _, part, off, ev, r in todo:
             st = self.states[part]
+            # item counters need no tokens: counted at once, in event-time order
+            st.add_item_event(ev.item_id, ev.event_time, ev.label)
+            tmin = changes.item_tmin.get(ev.item_id)
+            if tmin is None or ev.event_time < tmin:
+                changes.item_tmin[ev.item_id] = ev.event_time
+            # user features need the item's tokens, and each user's events in order
             if ev.user_id in st.parked or self.tokens_of(ev.item_id) is None:
                 st.park(Parked(off, r.key, r.value, ev.user_id, ev.item_id, ev.label, ev.event_time, now))
                 res.parked += 1
                 continue
-            self._apply(st, ev.user_id, ev.item_id, ev.label, ev.event_time, changes)
+            self._apply_user(st, ev.user_id, ev.item_id, ev.label, ev.event_time, changes)
             res.applied += 1
         res.applied += self._drain(changes, res, now)
         self._write(changes)
@@ -136,28 +145,32 @@ class InteractionProcessor:
 
     # -- internals --
     def _drain(self, changes: "_Changes", res: BatchResult, now: float) -> int:
-        applied = 0
+        """Unpark every user's longest prefix whose items now have tokens, applied in event-time order."""
+        ready: list[tuple[int, int, int, PartitionState, Parked]] = []
         for part, st in self.states.items():
-            for uid in list(st.parked):
-                q = st.parked[uid]
-                while q:
-                    p = q[0]
+            for uid, q in list(st.parked.items()):
+                for p in list(q):
                     if self.tokens_of(p.item_id) is not None:
-                        st.unpark(p)
-                        self._apply(st, p.user_id, p.item_id, p.label, p.event_time, changes)
-                        applied += 1
+                        ready.append((p.event_time, part, p.offset, st, p))
                     elif now - p.parked_at > self.park_timeout_s:
-                        st.unpark(p)
-                        res.dead.append(DeadLetter(SourceRecord(self.topic, part, p.offset, p.key, p.value),
-                                                   f"no_tokens: item {p.item_id} had no tokens "
-                                                   f"{self.park_timeout_s:.0f} s after the interaction arrived"))
+                        ready.append((p.event_time, part, p.offset, st, p))  # dead-lettered below, in order
                     else:
                         break
-                    if uid not in st.parked:
-                        break
+        ready.sort(key=lambda x: x[:3])
+        applied = 0
+        for _, part, _, st, p in ready:
+            st.unpark(p)
+            if self.tokens_of(p.item_id) is None:
+                res.dead.append(DeadLetter(SourceRecord(self.topic, part, p.offset, p.key, p.value),
+                                           f"no_tokens: item {p.item_id} had no tokens {self.park_timeout_s:.0f} s "
+                                           f"after the interaction arrived; user history skipped it "
+                                           f"(item counters include it)"))
+                continue
+            self._apply_user(st, p.user_id, p.item_id, p.label, p.event_time, changes)
+            applied += 1
         return applied
 
-    def _apply(self, st: PartitionState, uid: int, iid: int, label: int, t: int, changes: "_Changes") -> None:
+    def _apply_user(self, st: PartitionState, uid: int, iid: int, label: int, t: int, changes: "_Changes") -> None:
         u = st.user(uid)
         if label and any(h[0] == iid and h[1] == t for h in u.history):
             return  # the same positive (item_id, event_time) twice: a duplicate event, not a new one
@@ -171,62 +184,60 @@ class InteractionProcessor:
             u.history.append((iid, t, tuple(self.tokens_of(iid))))
             while len(u.history) > self.history_len:
                 u.history.popleft()
-        st.bump_item(iid, label)
         changes.users[(uid, t)] = {
             "user_id": uid, "event_timestamp": t,
             "hist_gen_tokens": [x for h in u.history for x in h[2]],
             "hist_item_ids": [h[0] for h in u.history],
             "user_n_events": u.n_events, "user_n_positives": u.n_positives}
-        changes.item_events.append((iid, t, label))  # totals filled in _write (they sum over partitions)
-        changes.item_last[iid] = None
 
-    def _item_totals(self, item_ids: list[int]) -> dict[int, list[int]]:
-        tot = {i: [0, 0] for i in item_ids}
+    def _item_events(self, item_ids: list[int]) -> dict[int, list[tuple[int, int]]]:
+        """(event_time, label) of each item's interactions over every partition, sorted."""
+        out: dict[int, list[tuple[int, int]]] = {i: [] for i in item_ids}
         for st in self.states.values():
             for i in item_ids:
-                c = st.items.get(i)
-                if c:
-                    tot[i][0] += c[0]
-                    tot[i][1] += c[1]
-        # partitions owned by other workers: their saved counters (eventually consistent)
+                evs = st.items.get(i)
+                if evs:
+                    out[i].extend(evs)
+        # partitions owned by other workers: what they saved (eventually consistent across workers)
         for f in self.state_dir.glob(f"{self.topic}-p*.sqlite"):
             part = int(f.stem.rsplit("-p", 1)[1])
-            if part in self.states:
-                continue
-            for i, (n, npos) in read_item_counts(f, item_ids).items():
-                tot[i][0] += n
-                tot[i][1] += npos
-        return tot
+            if part not in self.states:
+                for i, evs in read_item_events(f, item_ids).items():
+                    out[i].extend(evs)
+        if len(self.states) > 1:
+            for evs in out.values():
+                evs.sort()
+        return out
+
+    def _item_rows(self, item_tmin: dict[int, int]) -> list[dict]:
+        """Rows for every distinct event time >= the batch's earliest event of each item: counts of
+        interactions with event_time <= t. In order, that is just this batch's times; a late event
+        re-stamps the later rows, so no row ever counts an interaction from its future."""
+        rows = []
+        for iid, evs in self._item_events(list(item_tmin)).items():
+            tmin = item_tmin[iid]
+            n = npos = 0
+            for k, (t, lab) in enumerate(evs):
+                n += 1
+                npos += lab
+                if t >= tmin and (k + 1 == len(evs) or evs[k + 1][0] != t):
+                    rows.append({"item_id": iid, "event_timestamp": t, "item_n_interactions": n,
+                                 "item_n_positives": npos})
+        return rows
 
     def _write(self, changes: "_Changes") -> None:
-        if not changes.users and not changes.item_events:
-            if self.pairs is not None:
-                self.pairs.write(changes.pairs)
-            return
-        # item counters at each event time: replay this batch's increments onto the pre-batch totals
-        totals = self._item_totals(list(changes.item_last))
-        item_rows = []
-        for iid, t, lab in reversed(changes.item_events):
-            c = totals[iid]
-            item_rows.append({"item_id": iid, "event_timestamp": t, "item_n_interactions": c[0],
-                              "item_n_positives": c[1]})
-            c[0] -= 1
-            c[1] -= lab
-        item_rows.reverse()
-        dedup = {}
-        for r in item_rows:  # one row per (item, event time): the state after the last such event
-            dedup[(r["item_id"], r["event_timestamp"])] = r
-        self.sink.write("user_history", list(changes.users.values()))
-        self.sink.write("item_stats", list(dedup.values()))
+        if changes.users:
+            self.sink.write("user_history", list(changes.users.values()))
+        if changes.item_tmin:
+            self.sink.write("item_stats", self._item_rows(changes.item_tmin))
         if self.pairs is not None:
             self.pairs.write(changes.pairs)
 
 
 class _Changes:
-    __slots__ = ("users", "item_last", "pairs", "item_events")
+    __slots__ = ("users", "item_tmin", "pairs")
 
     def __init__(self):
         self.users: dict[tuple[int, int], dict] = {}
-        self.item_last: dict[int, None] = {}
+        self.item_tmin: dict[int, int] = {}
         self.pairs: list[tuple[int, int, int, int]] = []
-        self.item_events: list[tuple[int, int, int]] = []

@@ -9,6 +9,7 @@ Only rows changed by a batch are written: O(batch), not O(state).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import sqlite3
 from collections import deque
@@ -47,7 +48,8 @@ class PartitionState:
             PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
             CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
             CREATE TABLE IF NOT EXISTS users (user_id INTEGER PRIMARY KEY, n_events INTEGER, n_positives INTEGER, history TEXT);
-            CREATE TABLE IF NOT EXISTS items (item_id INTEGER PRIMARY KEY, n INTEGER, n_positives INTEGER);
+            CREATE TABLE IF NOT EXISTS item_events (item_id INTEGER, t INTEGER, label INTEGER);
+            CREATE INDEX IF NOT EXISTS item_events_id ON item_events (item_id);
             CREATE TABLE IF NOT EXISTS parked (off INTEGER PRIMARY KEY, key BLOB, value BLOB, user_id INTEGER,
                 item_id INTEGER, label INTEGER, event_time INTEGER, parked_at REAL);
         """)
@@ -56,13 +58,19 @@ class PartitionState:
         self.users: dict[int, UserState] = {}
         for uid, n, npos, hist in self.db.execute("SELECT user_id, n_events, n_positives, history FROM users"):
             self.users[uid] = UserState(n, npos, deque((i, t, tuple(g)) for i, t, g in json.loads(hist)))
-        self.items: dict[int, list[int]] = {i: [n, p] for i, n, p in self.db.execute("SELECT * FROM items")}
+        # per item: (event_time, label) of every interaction in this partition, sorted — item counters
+        # at time t are counts over it, so a late event re-stamps exactly the rows after it
+        self.items: dict[int, list[tuple[int, int]]] = {}
+        for i, t, lab in self.db.execute("SELECT item_id, t, label FROM item_events ORDER BY rowid"):
+            self.items.setdefault(i, []).append((t, lab))
+        for evs in self.items.values():
+            evs.sort()
         self.parked: dict[int, deque[Parked]] = {}
         for r in self.db.execute("SELECT * FROM parked ORDER BY off"):
             p = Parked(*r)
             self.parked.setdefault(p.user_id, deque()).append(p)
         self._dirty_users: set[int] = set()
-        self._dirty_items: set[int] = set()
+        self._new_item_events: list[tuple[int, int, int]] = []
         self._parked_new: list[Parked] = []
         self._parked_done: list[int] = []
 
@@ -74,13 +82,15 @@ class PartitionState:
         self._dirty_users.add(uid)
         return st
 
-    def bump_item(self, iid: int, label: int) -> None:
-        c = self.items.get(iid)
-        if c is None:
-            c = self.items[iid] = [0, 0]
-        c[0] += 1
-        c[1] += label
-        self._dirty_items.add(iid)
+    def add_item_event(self, iid: int, t: int, label: int) -> None:
+        evs = self.items.get(iid)
+        if evs is None:
+            evs = self.items[iid] = []
+        if evs and evs[-1][0] > t:
+            bisect.insort(evs, (t, label))
+        else:
+            evs.append((t, label))
+        self._new_item_events.append((iid, t, label))
 
     def park(self, p: Parked) -> None:
         self.parked.setdefault(p.user_id, deque()).append(p)
@@ -105,9 +115,8 @@ class PartitionState:
                     "INSERT OR REPLACE INTO users VALUES (?,?,?,?)",
                     [(u, s.n_events, s.n_positives, json.dumps([[i, t, list(g)] for i, t, g in s.history]))
                      for u in self._dirty_users for s in (self.users[u],)])
-            if self._dirty_items:
-                self.db.executemany("INSERT OR REPLACE INTO items VALUES (?,?,?)",
-                                    [(i, *self.items[i]) for i in self._dirty_items])
+            if self._new_item_events:
+                self.db.executemany("INSERT INTO item_events VALUES (?,?,?)", self._new_item_events)
             done = set(self._parked_done)
             new = [p for p in self._parked_new if p.offset not in done]
             if new:
@@ -121,21 +130,16 @@ class PartitionState:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
                 self.hwm = hwm
         self._dirty_users.clear()
-        self._dirty_items.clear()
+        self._new_item_events.clear()
         self._parked_new.clear()
         self._parked_done.clear()
-
-    def discard_unsaved(self) -> None:
-        """Forget in-memory changes since the last save (a failed batch): reload from disk."""
-        self.db.close()
-        self.__init__(self.path, self.history_len)
 
     def close(self) -> None:
         self.db.close()
 
 
-def read_item_counts(path: str | Path, item_ids: list[int]) -> dict[int, tuple[int, int]]:
-    """Item counters from another partition's state file (read-only; for multi-worker sums)."""
+def read_item_events(path: str | Path, item_ids: list[int]) -> dict[int, list[tuple[int, int]]]:
+    """Item events saved by another partition's owner (read-only; for multi-worker sums)."""
     p = Path(path)
     if not p.exists() or not item_ids:
         return {}
@@ -144,8 +148,9 @@ def read_item_counts(path: str | Path, item_ids: list[int]) -> dict[int, tuple[i
         out = {}
         for chunk in range(0, len(item_ids), 500):
             ids = item_ids[chunk:chunk + 500]
-            q = f"SELECT item_id, n, n_positives FROM items WHERE item_id IN ({','.join('?' * len(ids))})"
-            out.update({i: (n, npos) for i, n, npos in db.execute(q, ids)})
+            q = f"SELECT item_id, t, label FROM item_events WHERE item_id IN ({','.join('?' * len(ids))})"
+            for i, t, lab in db.execute(q, ids):
+                out.setdefault(i, []).append((t, lab))
         return out
     finally:
         db.close()
