@@ -123,12 +123,13 @@ class StreamWorker:
 
     async def wait_for(self, items: int = 0, interactions: int = 0, timeout: float = 120.0,
                        include_dead: bool = True) -> None:
-        """Until the agents have handled (processed or dead-lettered) at least these many events."""
+        """Until the agents have handled (processed, skipped as already applied, or dead-lettered)
+        at least these many events. Parked interactions are not handled yet."""
         deadline = time.monotonic() + timeout
         while True:
             self.raise_if_failed()
-            done = {k: lp.counters.processed + (lp.counters.dead_lettered if include_dead else 0)
-                    for k, lp in self.loops.items()}
+            done = {k: lp.counters.processed + lp.counters.skipped
+                    + (lp.counters.dead_lettered if include_dead else 0) for k, lp in self.loops.items()}
             if done.get(ITEMS, 0) >= items and done.get(INTERACTIONS, 0) >= interactions:
                 return
             if time.monotonic() > deadline:
