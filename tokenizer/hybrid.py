@@ -71,6 +71,7 @@ class TokenizerConfig:
     align_lr: float = 1e-3
     align_tau: float = 0.07
     align_content_weight: float = 0.1  # pull towards the raw embedding: keeps content semantics
+    align_random_negatives: int = 512  # catalogue-wide negatives per batch, besides in-batch ones
     recall_k: int = 10
 
     def validate(self) -> None:
@@ -223,6 +224,7 @@ class HybridTokenizer:
                 res = alignment.train_projector(raw, train, hidden=config.align_hidden, epochs=config.align_epochs,
                                                 batch_size=config.align_batch_size, lr=config.align_lr,
                                                 tau=config.align_tau, content_weight=config.align_content_weight,
+                                                random_negatives=config.align_random_negatives,
                                                 seed=config.seed, progress=progress)
                 projector = res.projector
                 align_rep["loss_per_epoch"] = res.losses
