@@ -24,11 +24,14 @@ class LearnerConfig:
     epochs_per_batch: int = 1
     grad_clip: float = 1.0
     seed: int = 0
+    threads: int | None = 1  # torch intra-op threads; small models run fastest on one (None: leave as is)
 
 
 class Learner:
     def __init__(self, names: list[str], cfg: RankerConfig, lcfg: LearnerConfig | None = None):
         self.names, self.cfg, self.lcfg = list(names), cfg, lcfg or LearnerConfig()
+        if self.lcfg.threads:
+            torch.set_num_threads(self.lcfg.threads)
         torch.manual_seed(self.lcfg.seed)
         self.models = {n: build_model(n, cfg) for n in self.names}
         self.optimizers = {n: torch.optim.Adam(m.parameters(), lr=self.lcfg.lr, weight_decay=self.lcfg.weight_decay)
