@@ -17,11 +17,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Redis and PostgreSQL run natively for the production-store tests (no Docker engine here).
+# Redis and PostgreSQL run natively for the production-store tests (no Docker engine here);
+# tests/services.py starts throwaway instances of them. Root (CI) installs from apt; others get
+# `sudo -n` if they have it, else a warning: the store tests then fail naming this target.
+PG_INITDB = ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 system-deps:
-	@if ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql >/dev/null; \
-	  else echo "install redis-server and postgresql (apt) to run the Redis/Postgres tests"; fi; fi
+	@if command -v redis-server >/dev/null && $(PG_INITDB) && command -v openssl >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	  echo "system-deps: not root: run 'sudo make system-deps' (apt: redis-server postgresql openssl)" >&2; exit 0; fi; \
+	$$SUDO apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  redis-server postgresql openssl >/dev/null && \
+	command -v redis-server >/dev/null && $(PG_INITDB) || \
+	  { echo "system-deps: redis-server/initdb still missing after apt-get install" >&2; exit 1; }
 
 demo: install
 	$(TRM) demo --out $(OUT)
