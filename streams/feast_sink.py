@@ -52,6 +52,10 @@ def to_utc(ts: Any) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
+def _ts_key(ts: Any) -> float:
+    return ts.timestamp() if isinstance(ts, datetime) else float(ts)
+
+
 def _value_proto(v: Any):
     from feast.protos.feast.types.Value_pb2 import BoolList, Int64List, Value
 
@@ -109,7 +113,7 @@ class FeastSink:
         latest: dict[int, dict] = {}
         for r in rows:
             cur = latest.get(r[key])
-            if cur is None or to_utc(r["event_timestamp"]) >= to_utc(cur["event_timestamp"]):
+            if cur is None or _ts_key(r["event_timestamp"]) >= _ts_key(cur["event_timestamp"]):
                 latest[r[key]] = r
         data = [(EntityKey(join_keys=[key], entity_values=[Value(int64_val=int(eid))]),
                  {n: _value_proto(r[n]) for n in names}, to_utc(r["event_timestamp"]), created)
@@ -120,8 +124,12 @@ class FeastSink:
         schema = OFFLINE_SCHEMAS[view]
         created = created or datetime.now(timezone.utc)
         cols = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name not in ("event_timestamp", "created")}
-        cols["event_timestamp"] = [to_utc(r["event_timestamp"]) for r in rows]
-        cols["created"] = [created] * len(rows)
+        ts = [r["event_timestamp"] for r in rows]
+        if all(isinstance(t, int) for t in ts):  # epoch seconds: vectorised, no datetime per row
+            cols["event_timestamp"] = pa.array([t * 1_000_000 for t in ts], pa.int64()).cast(TS)
+        else:
+            cols["event_timestamp"] = [to_utc(t) for t in ts]
+        cols["created"] = pa.array([created] * len(rows), TS)
         table = pa.table(cols, schema=schema)
         self._seq += 1
         d = offline_dir(self.repo_path, view)

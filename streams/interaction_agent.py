@@ -71,6 +71,9 @@ class InteractionProcessor:
         for p in partitions:
             if p not in self.states:
                 self.states[p] = PartitionState(self.state_path(p), self.history_len)
+        import gc
+
+        gc.freeze()  # loaded state is long-lived: keep the collector from rescanning it (see app.tune_gc)
 
     def revoke(self, partitions: list[int]) -> None:
         for p in partitions:
@@ -172,15 +175,25 @@ class InteractionProcessor:
 
     def _apply_user(self, st: PartitionState, uid: int, iid: int, label: int, t: int, changes: "_Changes") -> None:
         u = st.user(uid)
-        if label and any(h[0] == iid and h[1] == t for h in u.history):
+        if label and u.history and u.history[-1][1] >= t and _in_history(u.history, iid, t):
             return  # the same positive (item_id, event_time) twice: a duplicate event, not a new one
         u.n_events += 1
         if label:
             u.n_positives += 1
             if self.pairs is not None:
-                for prev_iid, _, _ in list(u.history)[-self.pair_window:]:
+                hist = u.history
+                pa_, pb, pu, pt = changes.pairs
+                for k in range(max(0, len(hist) - self.pair_window), len(hist)):
+                    prev_iid = hist[k][0]
                     if prev_iid != iid:
-                        changes.pairs.append((min(prev_iid, iid), max(prev_iid, iid), uid, t))
+                        if prev_iid < iid:
+                            pa_.append(prev_iid)
+                            pb.append(iid)
+                        else:
+                            pa_.append(iid)
+                            pb.append(prev_iid)
+                        pu.append(uid)
+                        pt.append(t)
             u.history.append((iid, t, tuple(self.tokens_of(iid))))
             while len(u.history) > self.history_len:
                 u.history.popleft()
@@ -190,39 +203,46 @@ class InteractionProcessor:
             "hist_item_ids": [h[0] for h in u.history],
             "user_n_events": u.n_events, "user_n_positives": u.n_positives}
 
-    def _item_events(self, item_ids: list[int]) -> dict[int, list[tuple[int, int]]]:
-        """(event_time, label) of each item's interactions over every partition, sorted."""
-        out: dict[int, list[tuple[int, int]]] = {i: [] for i in item_ids}
+    def _item_sources(self, item_ids: list[int]) -> dict[int, list]:
+        """Each item's ItemEvents in every partition: ours in memory, others' from their saved state."""
+        out: dict[int, list] = {i: [] for i in item_ids}
         for st in self.states.values():
+            items = st.items
             for i in item_ids:
-                evs = st.items.get(i)
-                if evs:
-                    out[i].extend(evs)
+                evs = items.get(i)
+                if evs is not None:
+                    out[i].append(evs)
         # partitions owned by other workers: what they saved (eventually consistent across workers)
         for f in self.state_dir.glob(f"{self.topic}-p*.sqlite"):
             part = int(f.stem.rsplit("-p", 1)[1])
             if part not in self.states:
                 for i, evs in read_item_events(f, item_ids).items():
-                    out[i].extend(evs)
-        if len(self.states) > 1:
-            for evs in out.values():
-                evs.sort()
+                    out[i].append(evs)
         return out
 
     def _item_rows(self, item_tmin: dict[int, int]) -> list[dict]:
         """Rows for every distinct event time >= the batch's earliest event of each item: counts of
-        interactions with event_time <= t. In order, that is just this batch's times; a late event
-        re-stamps the later rows, so no row ever counts an interaction from its future."""
+        interactions with event_time <= t over all partitions. In order, those are just this
+        batch's times; a late event re-stamps the later rows, so no row counts its future."""
         rows = []
-        for iid, evs in self._item_events(list(item_tmin)).items():
+        for iid, sources in self._item_sources(list(item_tmin)).items():
             tmin = item_tmin[iid]
-            n = npos = 0
-            for k, (t, lab) in enumerate(evs):
-                n += 1
-                npos += lab
-                if t >= tmin and (k + 1 == len(evs) or evs[k + 1][0] != t):
+            if len(sources) == 1:
+                src = sources[0]
+                times = sorted(set(src.times_from(tmin)))
+                for t in times:
+                    n, npos = src.counts_at(t)
                     rows.append({"item_id": iid, "event_timestamp": t, "item_n_interactions": n,
                                  "item_n_positives": npos})
+                continue
+            times = sorted({t for src in sources for t in src.times_from(tmin)})
+            for t in times:
+                n = npos = 0
+                for src in sources:
+                    a, b = src.counts_at(t)
+                    n += a
+                    npos += b
+                rows.append({"item_id": iid, "event_timestamp": t, "item_n_interactions": n, "item_n_positives": npos})
         return rows
 
     def _write(self, changes: "_Changes") -> None:
@@ -231,7 +251,16 @@ class InteractionProcessor:
         if changes.item_tmin:
             self.sink.write("item_stats", self._item_rows(changes.item_tmin))
         if self.pairs is not None:
-            self.pairs.write(changes.pairs)
+            self.pairs.write(*changes.pairs)
+
+
+def _in_history(history, iid: int, t: int) -> bool:
+    for h in reversed(history):  # newest first; events of one user arrive in time order
+        if h[1] < t:
+            return False
+        if h[0] == iid and h[1] == t:
+            return True
+    return False
 
 
 class _Changes:
@@ -240,4 +269,4 @@ class _Changes:
     def __init__(self):
         self.users: dict[tuple[int, int], dict] = {}
         self.item_tmin: dict[int, int] = {}
-        self.pairs: list[tuple[int, int, int, int]] = []
+        self.pairs: tuple[list[int], ...] = ([], [], [], [])  # item_a, item_b, user_id, event_time

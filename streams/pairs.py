@@ -26,11 +26,13 @@ class PairWriter:
         self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._seq = 0
 
-    def write(self, pairs: list[tuple[int, int, int, int]]) -> Path | None:
-        if not pairs:
+    def write(self, a: list[int], b: list[int], user: list[int], event_time: list[int]) -> Path | None:
+        """One part file of pairs given as columns (item_a < item_b)."""
+        if not a:
             return None
-        a, b, u, t = zip(*pairs)
-        table = pa.table({"item_a": a, "item_b": b, "user_id": u, "event_time": t}, schema=PAIR_SCHEMA)
+        table = pa.table({"item_a": pa.array(a, pa.int64()), "item_b": pa.array(b, pa.int64()),
+                          "user_id": pa.array(user, pa.int64()), "event_time": pa.array(event_time, pa.int64())},
+                         schema=PAIR_SCHEMA)
         self._seq += 1
         final = self.dir / f"pairs-{self._tag}-{self._seq:06d}.parquet"
         tmp = self.dir / f".{final.name}.tmp"

@@ -25,6 +25,35 @@ class UserState:
     history: deque = field(default_factory=deque)
 
 
+class ItemEvents:
+    """Sorted event times of one item's interactions and the cumulative positives at each."""
+    __slots__ = ("times", "cum_pos")
+
+    def __init__(self):
+        self.times: list[int] = []
+        self.cum_pos: list[int] = []
+
+    def add(self, t: int, label: int) -> None:
+        times, cum = self.times, self.cum_pos
+        if not times or times[-1] <= t:  # the usual case: in event-time order, O(1)
+            times.append(t)
+            cum.append((cum[-1] if cum else 0) + label)
+            return
+        k = bisect.bisect_right(times, t)  # late: insert and shift the running count after it
+        times.insert(k, t)
+        cum.insert(k, (cum[k - 1] if k else 0) + label)
+        for j in range(k + 1, len(cum)):
+            cum[j] += label
+
+    def counts_at(self, t: int) -> tuple[int, int]:
+        """(interactions, positives) with event_time <= t."""
+        k = bisect.bisect_right(self.times, t)
+        return k, (self.cum_pos[k - 1] if k else 0)
+
+    def times_from(self, t: int) -> list[int]:
+        return self.times[bisect.bisect_left(self.times, t):]
+
+
 @dataclass
 class Parked:
     """An interaction waiting for its item's tokens (or behind another one of the same user)."""
@@ -58,13 +87,12 @@ class PartitionState:
         self.users: dict[int, UserState] = {}
         for uid, n, npos, hist in self.db.execute("SELECT user_id, n_events, n_positives, history FROM users"):
             self.users[uid] = UserState(n, npos, deque((i, t, tuple(g)) for i, t, g in json.loads(hist)))
-        # per item: (event_time, label) of every interaction in this partition, sorted — item counters
-        # at time t are counts over it, so a late event re-stamps exactly the rows after it
-        self.items: dict[int, list[tuple[int, int]]] = {}
-        for i, t, lab in self.db.execute("SELECT item_id, t, label FROM item_events ORDER BY rowid"):
-            self.items.setdefault(i, []).append((t, lab))
-        for evs in self.items.values():
-            evs.sort()
+        # per item: event times of every interaction in this partition (sorted) and the running count
+        # of positives; item counters at time t are counts over them, so a late event re-stamps
+        # exactly the rows after it
+        self.items: dict[int, ItemEvents] = {}
+        for i, t, lab in self.db.execute("SELECT item_id, t, label FROM item_events ORDER BY t, rowid"):
+            self.items.setdefault(i, ItemEvents()).add(t, lab)
         self.parked: dict[int, deque[Parked]] = {}
         for r in self.db.execute("SELECT * FROM parked ORDER BY off"):
             p = Parked(*r)
@@ -85,11 +113,8 @@ class PartitionState:
     def add_item_event(self, iid: int, t: int, label: int) -> None:
         evs = self.items.get(iid)
         if evs is None:
-            evs = self.items[iid] = []
-        if evs and evs[-1][0] > t:
-            bisect.insort(evs, (t, label))
-        else:
-            evs.append((t, label))
+            evs = self.items[iid] = ItemEvents()
+        evs.add(t, label)
         self._new_item_events.append((iid, t, label))
 
     def park(self, p: Parked) -> None:
@@ -138,7 +163,7 @@ class PartitionState:
         self.db.close()
 
 
-def read_item_events(path: str | Path, item_ids: list[int]) -> dict[int, list[tuple[int, int]]]:
+def read_item_events(path: str | Path, item_ids: list[int]) -> dict[int, ItemEvents]:
     """Item events saved by another partition's owner (read-only; for multi-worker sums)."""
     p = Path(path)
     if not p.exists() or not item_ids:
@@ -148,9 +173,9 @@ def read_item_events(path: str | Path, item_ids: list[int]) -> dict[int, list[tu
         out = {}
         for chunk in range(0, len(item_ids), 500):
             ids = item_ids[chunk:chunk + 500]
-            q = f"SELECT item_id, t, label FROM item_events WHERE item_id IN ({','.join('?' * len(ids))})"
+            q = f"SELECT item_id, t, label FROM item_events WHERE item_id IN ({','.join('?' * len(ids))}) ORDER BY t"
             for i, t, lab in db.execute(q, ids):
-                out.setdefault(i, []).append((t, lab))
+                out.setdefault(i, ItemEvents()).add(t, lab)
         return out
     finally:
         db.close()
