@@ -122,7 +122,7 @@ class ResidualProjector(nn.Module):
         out = []
         with torch.inference_mode():
             for s in range(0, len(x), batch):
-                out.append(self(torch.from_numpy(np.ascontiguousarray(x[s:s + batch], dtype=np.float32))).numpy())
+                out.append(self(torch.from_numpy(np.array(x[s:s + batch], dtype=np.float32))).numpy())
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
@@ -166,7 +166,7 @@ def train_projector(emb: np.ndarray, pairs: PairSet, hidden: int = 512, epochs: 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     proj = ResidualProjector(emb.shape[1], hidden)
-    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
+    x = torch.from_numpy(np.array(emb, dtype=np.float32))  # a copy: emb may be read-only
     a = torch.from_numpy(pairs.a)
     b = torch.from_numpy(pairs.b)
     n_items = int(x.shape[0])
