@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -42,7 +43,8 @@ class Record:
 
 @dataclass
 class Timings:
-    join_s: float = 0.0
+    join_s: float = 0.0  # wall time the loop waited for joins (what a prefetched join still costs)
+    join_busy_s: float = 0.0  # time the joins themselves took (in a prefetch thread or not)
     featurize_s: float = 0.0
     predict_s: float = 0.0
     train_s: float = 0.0
@@ -56,6 +58,11 @@ class Timings:
     def shares(self) -> dict[str, float]:
         tot = self.total_s or 1.0
         return {k: v / tot for k, v in vars(self).items() if k != "total_s"}
+
+
+def records_frame(records: Sequence[Record]) -> pd.DataFrame:
+    return pd.DataFrame([(r.user_id, r.item_id, r.label, r.event_time) for r in records],
+                        columns=["user_id", "item_id", "label", "event_time"])
 
 
 class TrainerCrash(RuntimeError):
@@ -101,12 +108,17 @@ class ContinuousTrainer:
         return True
 
     # --- one micro-batch ---------------------------------------------------------------------
-    def process(self, records: Sequence[Record]) -> dict:
-        """Join, score (prequential), train, advance offsets, checkpoint; returns batch metrics."""
+    def join(self, records: Sequence[Record]) -> tuple[pd.DataFrame, float]:
+        """The PIT join of a micro-batch and the seconds it took (may run in a prefetch thread)."""
+        t = time.perf_counter()
+        joined = self.joiner(records_frame(records))
+        return joined, time.perf_counter() - t
+
+    def process(self, records: Sequence[Record], joined: "Future | None" = None) -> dict:
+        """Join (or take the prefetched join), score (prequential), train, advance offsets,
+        checkpoint; returns per-model batch metrics."""
         t0 = time.perf_counter()
-        events = pd.DataFrame([(r.user_id, r.item_id, r.label, r.event_time) for r in records],
-                              columns=["user_id", "item_id", "label", "event_time"])
-        joined = self.joiner(events)
+        joined, busy = joined.result() if joined is not None else self.join(records)
         t1 = time.perf_counter()
         batch, fst = self.featurizer(joined)
         self.fstats.add(fst)
@@ -127,7 +139,7 @@ class ContinuousTrainer:
         if self._pending >= self.checkpoint_every:
             ckpt_s = self.checkpoint()
         t5 = time.perf_counter()
-        self.timings.add(join_s=t1 - t0, featurize_s=t2 - t1, predict_s=t3 - t2, train_s=t4 - t3,
+        self.timings.add(join_s=t1 - t0, join_busy_s=busy, featurize_s=t2 - t1, predict_s=t3 - t2, train_s=t4 - t3,
                          checkpoint_s=ckpt_s, total_s=t5 - t0)
         y = batch.label.numpy()
         metrics = {n: {"auc": auc(y, p), "logloss": logloss(y, p), **parts[n]} for n, p in probs.items()}
