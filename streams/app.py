@@ -191,6 +191,7 @@ def build_app(settings: WorkerSettings):
     import mode
 
     s = settings.resolved()
+    (Path(s.state_dir) / "faust").mkdir(parents=True, exist_ok=True)
     worker_holder: dict = {}
 
     class StreamService(mode.Service):
