@@ -1,0 +1,133 @@
+"""`trm train` and `trm eval`. Heavy libraries (torch, feast, aiokafka) load only when a command runs."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_RUN = Path("runs") / "trainer"
+
+
+def _models(value: str) -> list[str]:
+    from .models import MODEL_NAMES
+
+    names = MODEL_NAMES if value == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
+    return list(names)
+
+
+def _tokenizer(args):
+    from trm.config import tokenizer_artifact_path
+
+    from .assemble import TokenizerInfo, tokenizer_info
+
+    artifact = tokenizer_artifact_path(args.artifact)
+    if artifact is not None:
+        return tokenizer_info(artifact, args.fit_cutoff)
+    if args.levels is None or args.codebook is None:
+        raise SystemExit("trm train: give --artifact (or TRM_TOKENIZER_ARTIFACT), or --levels and --codebook")
+    return TokenizerInfo(args.levels, args.codebook, args.tokenizer_version, args.fit_cutoff)
+
+
+def _train(args) -> int:
+    from rich.console import Console
+
+    from trm.config import KafkaConfig, feast_repo_path
+
+    from .assemble import build_trainer
+    from .continuous import follow_sync, run_events
+    from .models import count_params
+
+    console = Console()
+    tok = _tokenizer(args)
+    ck = Path(args.checkpoint_dir)
+    config = {k: v for k, v in dict(d_model=args.d_model, n_blocks=args.blocks, backbone=args.backbone).items()
+              if v is not None}
+    tr = build_trainer(feast_repo_path(args.repo), tok, ck, _models(args.models), config,
+                       dict(lr=args.lr, minibatch=args.minibatch, epochs_per_batch=args.epochs_per_batch,
+                            threads=args.threads),
+                       models_dir=args.models_dir or ck.parent / "models", publish_every=args.publish_every,
+                       log_path=args.metrics_log or ck.parent / "prequential.jsonl",
+                       checkpoint_every=args.checkpoint_every)
+    for n, (dense, sparse) in tr.learner.param_counts().items():
+        console.print(f"{n}: dense {dense:,} / sparse {sparse:,} parameters")
+    if args.follow:
+        kafka = KafkaConfig.from_env(bootstrap_servers=args.bootstrap)
+        done = follow_sync(tr, kafka, group_id=args.group_id, batch_size=args.batch_size, max_events=args.max_events,
+                           idle_timeout_s=args.idle_timeout if args.idle_timeout > 0 else None)
+    else:
+        from .evaluate import window_events
+
+        events = window_events(args.data, args.start, args.end)
+        done = run_events(tr, list(events.itertuples(index=False)), args.batch_size, max_events=args.max_events)
+    t = tr.timings
+    rate = done / t.total_s if t.total_s else 0.0
+    console.print(f"trained on {done:,} events in {t.total_s:.1f} s ({rate:,.0f} events/s), step {tr.state.step}; "
+                  f"join {t.join_s / max(t.total_s, 1e-9):.0%} of wall time; unknown items {tr.fstats.unknown_item:,}; "
+                  f"checkpoint {read_latest(ck)}")
+    return 0
+
+
+def read_latest(ck: Path) -> str:
+    from .checkpoint import read_pointer
+
+    p = read_pointer(ck)
+    return str(p) if p else "none"
+
+
+def _eval(args) -> int:
+    from trm.config import feast_repo_path
+
+    from .evaluate import evaluate, print_results, window_events
+
+    events = window_events(args.data, args.start, args.end)
+    if events.empty:
+        raise SystemExit("trm eval: no events in the window")
+    results = evaluate(feast_repo_path(args.repo), args.checkpoint, events, args.fit_cutoff, args.out)
+    print_results(results, f"{len(events):,} events, window [{args.start}, {args.end})")
+    if args.out:
+        print(f"wrote {args.out}/metrics.json and {args.out}/auc_by_age.png")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from trm import DEFAULT_DATA_DIR
+
+    t = subparsers.add_parser("train", help="train TRM and baselines continuously on point-in-time Feast features")
+    t.add_argument("--follow", action="store_true", help="consume the interactions topic (own consumer group)")
+    t.add_argument("--models", default="trm", help="comma list of trm,id,gen_only,two_gram,prefix_ngram or 'all'")
+    t.add_argument("--repo", default=None, help="Feast repo (default: TRM_FEAST_REPO or feature_repo/)")
+    t.add_argument("--artifact", default=None, help="tokenizer artifact (default: TRM_TOKENIZER_ARTIFACT)")
+    t.add_argument("--levels", type=int, default=None, help="without --artifact: gen-token levels L")
+    t.add_argument("--codebook", type=int, default=None, help="without --artifact: codebook size K")
+    t.add_argument("--tokenizer-version", default=None, help="without --artifact: accepted tokenizer_version")
+    t.add_argument("--fit-cutoff", type=int, default=None, help="epoch s the tokenizer was fitted up to (for eval)")
+    t.add_argument("--checkpoint-dir", default=str(DEFAULT_RUN / "ckpt"))
+    t.add_argument("--models-dir", default=None, help="published versions (default: <checkpoint-dir>/../models)")
+    t.add_argument("--publish-every", type=int, default=50, help="steps between published model versions (0: never)")
+    t.add_argument("--checkpoint-every", type=int, default=1, help="micro-batches between checkpoints/commits")
+    t.add_argument("--metrics-log", default=None, help="prequential JSONL (default: <checkpoint-dir>/../prequential.jsonl)")
+    t.add_argument("--batch-size", type=int, default=2048, help="events per micro-batch (one PIT join)")
+    t.add_argument("--minibatch", type=int, default=256, help="rows per optimizer step")
+    t.add_argument("--epochs-per-batch", type=int, default=1)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--threads", type=int, default=1, help="torch threads")
+    t.add_argument("--d-model", type=int, default=None)
+    t.add_argument("--blocks", type=int, default=None)
+    t.add_argument("--backbone", choices=("rankmixer", "transformer"), default=None)
+    t.add_argument("--max-events", type=int, default=None)
+    t.add_argument("--bootstrap", default=None, help="--follow: Kafka bootstrap (default TRM_KAFKA_BOOTSTRAP)")
+    t.add_argument("--group-id", default="trm-trainer", help="--follow: the trainer's consumer group")
+    t.add_argument("--idle-timeout", type=float, default=0, help="--follow: stop after this many idle seconds (0: never)")
+    t.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="without --follow: MovieLens dir to replay")
+    t.add_argument("--start", type=float, default=None, help="without --follow: window start (epoch s or quantile)")
+    t.add_argument("--end", type=float, default=None, help="without --follow: window end (epoch s or quantile)")
+    t.set_defaults(func=_train)
+
+    e = subparsers.add_parser("eval", help="AUC / GAUC / log-loss and AUC by item age on PIT features of a window")
+    e.add_argument("--checkpoint", default=str(DEFAULT_RUN / "ckpt"), help="checkpoint dir, or a dir with LATEST")
+    e.add_argument("--repo", default=None, help="Feast repo (default: TRM_FEAST_REPO or feature_repo/)")
+    e.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="MovieLens dir holding the labelled events")
+    e.add_argument("--start", type=float, default=None, help="window start: epoch s, or a time quantile in [0, 1]")
+    e.add_argument("--end", type=float, default=None, help="window end: epoch s, or a time quantile in [0, 1]")
+    e.add_argument("--fit-cutoff", type=int, default=None, help="tokenizer fit cutoff (default: from the checkpoint)")
+    e.add_argument("--out", default=None, help="directory for metrics.json, scores.parquet, auc_by_age.png")
+    e.set_defaults(func=_eval)
