@@ -130,11 +130,12 @@ def test_feast_apply_and_online_round_trip_on_redis_and_postgres(prod_repo, post
     assert got["created_at"] == [1_700_000_000, 1_700_000_100, 1_700_000_200, None]
     assert got["retired"] == [False, True, False, None]
 
-    # a late (replayed) row with an older event time must not overwrite the newer value
-    stale = rows.iloc[[0]].assign(gen_tokens=[[0, 0, 0]], event_timestamp=[T0 - timedelta(days=1)])
-    store.write_to_online_store("item_tokens", stale)
+    # last write wins, as in the embedded store: the stream's next batch may carry a row stamped
+    # with the same second (a user's second event in that second) and must replace the first
+    later = rows.iloc[[0]].assign(gen_tokens=[[4, 12, 20]])
+    store.write_to_online_store("item_tokens", later)
     again = store.get_online_features(features=["item_tokens:gen_tokens"], entity_rows=[{"item_id": 11}]).to_dict()
-    assert again["gen_tokens"] == [[1, 9, 17]]
+    assert again["gen_tokens"] == [[4, 12, 20]]
 
 
 @pytest.mark.integration
@@ -155,8 +156,11 @@ def test_stream_feast_sink_writes_redis_online_and_offline_parts(prod_repo):
                       "user_n_events": 3, "user_n_positives": 2}
     assert got[8]["user_n_events"] == 1 and got[8]["user_n_positives"] == 0
     assert got[9]["user_n_events"] is None
+    # the next batch's row for the same user and the same event second replaces the first
+    sink.write("user_history", [{**rows[0], "user_n_events": 4, "user_n_positives": 3}])
+    assert FeastSink(prod_repo).read_online("user_history", [7])[7]["user_n_events"] == 4
     parts = [p for p in offline_dir(prod_repo, "user_history").glob("*.parquet") if "deploy-test" in p.name]
-    assert len(parts) == 1, "one offline part file per batch"
+    assert len(parts) == 2, "one offline part file per batch (two batches)"
 
 
 def _healthcheck(*checks: str, env: dict) -> subprocess.CompletedProcess:
