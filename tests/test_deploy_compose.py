@@ -248,9 +248,20 @@ def test_service_commands_parse_with_the_real_cli(services, name):
         pytest.fail(f"`trm {' '.join(argv)}` is rejected by the CLI (exit {exc.code}); "
                     f"fix the {name} command in docker-compose.yml")
     assert args.command == argv[0]
+    mounts = [v.split(":")[1] for v in services[name].get("volumes", [])]
+
+    def on_volume(path: str) -> bool:
+        return any(path == m or path.startswith(m + "/") for m in mounts)
+
     if name == "worker":
         assert args.repo == "/app/feature_repo_prod"
         assert args.tokenizer == _env(services[name])["TRM_TOKENIZER_ARTIFACT"]
+        assert on_volume(args.state), "the per-partition state must outlive the container"
+    if name == "trainer":
+        assert on_volume(args.checkpoint_dir), "checkpoints must outlive the container"
+        assert on_volume(str(Path(args.checkpoint_dir).parent / "models")), "published models too"
+    if name == "tokenizer":
+        assert on_volume(args.out) and args.out == _env(services[name])["TRM_TOKENIZER_ARTIFACT"]
 
 
 # ------------------------------------------------------------------------------ Dockerfile
