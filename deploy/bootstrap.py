@@ -37,6 +37,17 @@ DEFAULT_PARTITIONS = {
 }
 TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
 
+# Per-topic settings. item_tokens is compacted: every worker rebuilds its token cache by reading
+# it from the beginning, so it must keep the latest tokens of *every* item forever (time-based
+# retention would drop old items' tokens and their interactions would park, then dead-letter),
+# and nothing older. items is the catalogue's source of truth (re-tokenizing replays it): kept
+# forever, not compacted (a retire without text needs the upsert before it). interactions and
+# the DLQs keep the broker's retention; DLQ keys may be null, which compaction rejects.
+TOPIC_CONFIGS = {
+    "item_tokens": {"cleanup.policy": "compact"},
+    "items": {"retention.ms": "-1"},
+}
+
 
 def topic_plan(env: dict | None = None) -> dict[str, int]:
     """Partition counts, overridable as TRM_TOPIC_PARTITIONS="interactions=12,items=6"."""
@@ -78,7 +89,8 @@ def create_topics(cfg=None, *, replication: int | None = None, wait_s: float = 1
     plan = {cfg.topic(name): n for name, n in topic_plan().items()}
     try:
         result = admin.create_topics(
-            {name: {"num_partitions": n, "replication_factor": replication} for name, n in plan.items()},
+            {cfg.topic(name): {"num_partitions": n, "replication_factor": replication,
+                               "configs": TOPIC_CONFIGS.get(name, {})} for name, n in topic_plan().items()},
             raise_errors=False)
         for topic in result["topics"]:
             code = topic["error_code"]

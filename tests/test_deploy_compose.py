@@ -307,3 +307,41 @@ def test_dockerignore_keeps_what_the_image_needs():
     assert ".venv" in ignore and ".git" in ignore
     for needed in ("deploy", "feature_repo", "streams", "trm", "pyproject.toml", "data"):
         assert needed not in ignore, f"{needed} is needed in the image"
+
+
+def test_bootstrap_requests_partitions_replication_and_topic_configs(monkeypatch):
+    """What init sends to Kafka (a fake admin client records it; Tansu ignores topic configs)."""
+    import kafka.admin
+
+    from trm.config import KafkaConfig
+
+    sent = {}
+
+    class FakeAdmin:
+        def __init__(self, **kw):
+            sent["client"] = kw
+
+        def create_topics(self, topics, raise_errors=True):
+            sent["topics"] = topics
+            return {"topics": [{"name": n, "error_code": 36 if n.endswith("items") else 0} for n in topics]}
+
+        def describe_topics(self, names):
+            return [{"name": n, "partitions": [{}] * sent["topics"][n]["num_partitions"]} for n in names]
+
+        def close(self):
+            sent["closed"] = True
+
+    monkeypatch.setattr(kafka.admin, "KafkaAdminClient", FakeAdmin)
+    monkeypatch.delenv("TRM_TOPIC_PARTITIONS", raising=False)
+    cfg = KafkaConfig(bootstrap_servers="k1:9093", security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+                      sasl_username="u", sasl_password="p", topic_prefix="prod.")
+    actual = bootstrap.create_topics(cfg, replication=3, wait_s=1)
+    assert sent["closed"] and sent["client"]["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert sent["client"]["security_protocol"] == "SASL_SSL"
+    topics = sent["topics"]
+    assert set(topics) == {f"prod.{t}" for t in bootstrap.DEFAULT_PARTITIONS}
+    assert all(t["replication_factor"] == 3 for t in topics.values())
+    assert topics["prod.item_tokens"]["configs"] == {"cleanup.policy": "compact"}, \
+        "workers rebuild their token cache from item_tokens: it must keep every item's latest tokens"
+    assert topics["prod.items.dlq"]["configs"].get("cleanup.policy") != "compact", "DLQ keys may be null"
+    assert actual["prod.interactions"] == 6
