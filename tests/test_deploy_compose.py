@@ -345,3 +345,11 @@ def test_bootstrap_requests_partitions_replication_and_topic_configs(monkeypatch
         "workers rebuild their token cache from item_tokens: it must keep every item's latest tokens"
     assert topics["prod.items.dlq"]["configs"].get("cleanup.policy") != "compact", "DLQ keys may be null"
     assert actual["prod.interactions"] == 6
+
+
+def test_long_running_app_services_get_time_to_finish_a_batch(services):
+    def seconds(v: str) -> int:
+        return int(v[:-1]) * (60 if v.endswith("m") else 1)
+
+    assert seconds(services["worker"]["stop_grace_period"]) >= 30, "the default 10 s can cut a Feast write"
+    assert seconds(services["trainer"]["stop_grace_period"]) >= 60
