@@ -175,15 +175,14 @@ def test_alignment_improves_heldout_recall_and_keeps_content(tok_subset, tok_emb
     pairs = mine_pairs(inter, item_rows([it.item_id for it in items]))
     train, held = split_pairs(pairs, 0.1, seed=0)
     assert len(held) > 200 and not set(zip(train.a, train.b)) & set(zip(held.a, held.b))
-    res = train_projector(tok_embeddings, train, epochs=4, random_negatives=256, seed=0)
+    res = train_projector(tok_embeddings, train, epochs=3, random_negatives=256, seed=0)
     aligned = res.projector.project(tok_embeddings)
     before, after = recall_at_k(tok_embeddings, held), recall_at_k(aligned, held)
     assert after > 1.3 * before, (before, after)
     assert res.losses[-1] < res.losses[0]
     np.testing.assert_allclose(np.linalg.norm(aligned, axis=1), 1.0, atol=1e-5)
     assert float((aligned * tok_embeddings).sum(1).mean()) > 0.7  # still near the content embedding
-    again = train_projector(tok_embeddings, train, epochs=4, random_negatives=256, seed=0)
-    np.testing.assert_allclose(again.projector.project(tok_embeddings), aligned, atol=1e-6)
+    # (seeded reproducibility of the whole fit, alignment included: test_tokenizer_hybrid::test_fit_is_reproducible)
 
 
 def test_projector_starts_as_identity(tok_embeddings):
