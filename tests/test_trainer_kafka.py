@@ -62,3 +62,45 @@ def test_follow_crash_and_resume_sees_every_event_once(kafka_config, tmp_path): 
     # the last trainer scored exactly what the checkpoint had not yet trained: the lost batch is replayed
     assert len(third.prediction_frame()) == N - after_crash.events_seen
     assert second.fstats.rows > 0  # the crashed trainer did join and train a batch
+
+
+def test_follow_waits_for_the_feature_workers(kafka_config, tmp_path):  # noqa: F811
+    """A batch is trained only once the workers' group has committed past it (features written)."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from trainer.continuous import follow
+
+    stream = event_stream(120)
+    joiner = FeastJoiner(str(make_repo(tmp_path, stream)))
+    publish(kafka_config, stream)
+    tr = make(joiner, tmp_path / "ckpt")
+    topic = kafka_config.topic("interactions")
+
+    async def scenario():
+        task = asyncio.create_task(follow(tr, kafka_config, group_id="trm-trainer-gate", batch_size=500,
+                                          idle_timeout_s=3.0, linger_s=0.5, feature_group="workers-gate",
+                                          feature_wait_s=60))
+        # a "worker" reads everything (as the streams worker would) while the trainer waits
+        worker = AIOKafkaConsumer(group_id="workers-gate", enable_auto_commit=False, auto_offset_reset="earliest",
+                                  **kafka_config.aiokafka_kwargs())
+        await worker.start()
+        worker.assign([TopicPartition(topic, p) for p in range(4)])
+        ends, n = {}, 0
+        while n < len(stream):
+            for tp, msgs in (await worker.getmany(timeout_ms=500)).items():
+                n += len(msgs)
+                ends[tp] = msgs[-1].offset + 1
+        await asyncio.sleep(8)  # the trainer joined its group and read the batch; features are "not written"
+        assert tr.state.events_seen == 0 and not task.done()
+        await worker.commit(ends)  # what a worker commits after writing those events' features
+        await worker.stop()
+        t = asyncio.get_running_loop().time()
+        done = await asyncio.wait_for(task, 60)
+        return done, asyncio.get_running_loop().time() - t
+
+    done, after_commit_s = asyncio.run(scenario())
+    assert done == len(stream)
+    assert after_commit_s < 20  # released by the commit, not by the 60 s give-up
+    assert tr.state.events_seen == len(stream)

@@ -52,7 +52,8 @@ def _train(args) -> int:
     if args.follow:
         kafka = KafkaConfig.from_env(bootstrap_servers=args.bootstrap)
         done = follow_sync(tr, kafka, group_id=args.group_id, batch_size=args.batch_size, max_events=args.max_events,
-                           idle_timeout_s=args.idle_timeout if args.idle_timeout > 0 else None)
+                           idle_timeout_s=args.idle_timeout if args.idle_timeout > 0 else None,
+                           feature_group=args.feature_group or None)
     else:
         from .evaluate import window_events
 
@@ -116,6 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--max-events", type=int, default=None)
     t.add_argument("--bootstrap", default=None, help="--follow: Kafka bootstrap (default TRM_KAFKA_BOOTSTRAP)")
     t.add_argument("--group-id", default="trm-trainer", help="--follow: the trainer's consumer group")
+    t.add_argument("--feature-group", default="trm-worker-interactions",
+                   help="--follow: wait until this (streams worker) group committed past a batch ('' : don't)")
     t.add_argument("--idle-timeout", type=float, default=0, help="--follow: stop after this many idle seconds (0: never)")
     t.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="without --follow: MovieLens dir to replay")
     t.add_argument("--start", type=float, default=None, help="without --follow: window start (epoch s or quantile)")

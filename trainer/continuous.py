@@ -215,13 +215,45 @@ def _decode(codec, msg) -> Record | None:
     return Record(ev.user_id, ev.item_id, ev.label, ev.event_time, f"{msg.topic}:{msg.partition}", msg.offset)
 
 
+async def _wait_for_features(gate, records: Sequence[Record], timeout_s: float) -> bool:
+    """Until the feature workers' group has committed past every record of the batch.
+
+    The workers commit an offset only after writing the features of the events before it, so
+    past that point the PIT join sees every earlier event of the same user. Gives up (stale
+    features, never leaked ones) after `timeout_s`; returns whether the workers caught up.
+    """
+    from aiokafka import TopicPartition
+
+    need: dict[str, int] = {}
+    for r in records:
+        need[r.partition] = max(need.get(r.partition, 0), r.offset + 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        behind = []
+        for key, off in need.items():
+            t, p = key.rsplit(":", 1)
+            got = await gate.committed(TopicPartition(t, int(p)))
+            if got is None or got < off:
+                behind.append((key, got, off))
+        if not behind:
+            return True
+        if time.monotonic() > deadline:
+            log.warning("feature workers still behind after %.0f s (%s); training on the features there are",
+                        timeout_s, behind[:3])
+            return False
+        await asyncio.sleep(0.2)
+
+
 async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer", batch_size: int = 1024,
                  max_events: int | None = None, idle_timeout_s: float | None = 10.0,
-                 linger_s: float = 1.0, topic: str | None = None) -> int:
+                 linger_s: float = 1.0, topic: str | None = None, feature_group: str | None = None,
+                 feature_wait_s: float = 60.0) -> int:
     """Consume the interactions topic with its own group, training per micro-batch.
 
     `kafka` is a trm.config.KafkaConfig. Stops after `max_events` (if given) or after
-    `idle_timeout_s` without a message (None: run until cancelled). Returns events processed.
+    `idle_timeout_s` without a message (None: run until cancelled). With `feature_group` (the
+    streams workers' group, e.g. "trm-worker-interactions") a batch waits until those workers
+    have committed past it, so the trainer never outruns the features. Returns events processed.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.abc import ConsumerRebalanceListener
@@ -250,6 +282,10 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
 
     consumer.subscribe([topic], listener=SeekToCheckpoint())
     await consumer.start()
+    gate = None
+    if feature_group:  # reads the workers' committed offsets; never joins their group
+        gate = AIOKafkaConsumer(group_id=feature_group, enable_auto_commit=False, **kafka.aiokafka_kwargs())
+        await gate.start()
     done, buf = 0, []
     last_msg = time.monotonic()
     try:
@@ -266,6 +302,8 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
             idle = time.monotonic() - last_msg
             full = len(buf) >= batch_size or (max_events is not None and done + len(buf) >= max_events)
             if buf and (full or not data):
+                if gate is not None:
+                    await _wait_for_features(gate, buf, feature_wait_s)
                 await asyncio.to_thread(trainer.process, buf)  # heartbeats keep running meanwhile
                 if trainer._pending:
                     await asyncio.to_thread(trainer.checkpoint)
@@ -281,6 +319,8 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
                 break
     finally:
         await consumer.stop()
+        if gate is not None:
+            await gate.stop()
     return done
 
 

@@ -1,0 +1,193 @@
+"""Trainer benchmark on the vendored MovieLens replay, everything real:
+
+  1. tokenizer  a HybridTokenizer fitted on the data before the cutoff (time quantile 0.5), so the
+                second half holds items it never saw (reused from --tokenizer if given / cached)
+  2. features   embedded Tansu broker + the streams worker (item agent tokenizes every item,
+                interaction agent builds histories and counters) write Feast (SQLite + DuckDB)
+  3. trainer    TRM and the 4 baselines trained prequentially (score, then train) on the same
+                point-in-time joined micro-batches: examples/s and the join's share of wall time
+                (prefetched join, and a no-prefetch run for the raw join cost)
+  4. quality    prequential AUC / GAUC / log-loss overall, after the cutoff, by item age at event
+                time and on items the tokenizer never saw; dense/sparse parameter counts
+
+    python bench/trainer_bench.py [--events 100000] [--batch-size 2048] [--tokenizer DIR] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / "data" / "ml-latest-small"
+CUTOFF_Q = 0.5
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def get_tokenizer(args, ds, cutoff: int) -> Path:
+    """The artifact to use: --tokenizer, else a cached fit in artifacts/, else fit one now."""
+    path = Path(args.tokenizer) if args.tokenizer else ROOT / "artifacts" / "bench-tokenizer"
+    if (path / "manifest.json").exists():
+        return path
+    from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
+
+    before, _ = ds.split(cutoff)
+    log(f"fitting the tokenizer on {len(before.items):,} items / {len(before.interactions):,} interactions "
+        f"before {cutoff} (q={CUTOFF_Q})")
+    tok = HybridTokenizer.fit(list(before.items.values()), before.interactions, TokenizerConfig(threads=2),
+                              progress=False)
+    tok.save(path)
+    return path
+
+
+async def build_features(ds, events, tok_dir: Path, repo: Path, work: Path) -> dict:
+    """Publish items then interactions to a fresh broker; the streams worker writes Feast."""
+    from streams.app import StreamWorker, WorkerSettings
+    from streams.broker import EmbeddedBroker, create_topics
+    from streams.events import InteractionEvent, ItemEvent
+    from streams.publisher import publish_kind
+    from trm.config import KafkaConfig
+
+    item_ids = {e.item_id for e in events}
+    items = sorted((ds.items[i] for i in item_ids), key=lambda i: (i.created_at, i.item_id))
+    with EmbeddedBroker() as broker:
+        cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
+        create_topics(cfg)
+        settings = WorkerSettings(repo_path=repo, tokenizer_dir=tok_dir, kafka=cfg, state_dir=work / "state",
+                                  pairs_dir=work / "pairs", park_timeout_s=3600)
+        t0 = time.perf_counter()
+        async with StreamWorker(settings) as w:
+            await w.wait_ready()
+            await asyncio.to_thread(publish_kind, cfg, "items", [ItemEvent.from_item(i) for i in items], progress=False)
+            await w.wait_for(items=len(items), timeout=1800)
+            t_items = time.perf_counter() - t0
+            log(f"item agent tokenized {len(items):,} items in {t_items:.0f} s")
+            evs = [InteractionEvent.from_interaction(i) for i in events]
+            await asyncio.to_thread(publish_kind, cfg, "interactions", evs, progress=False)
+            await w.wait_for(interactions=len(evs), timeout=1800)
+            status = w.status()
+        t_all = time.perf_counter() - t0
+    log(f"features for {len(events):,} interactions written in {t_all - t_items:.0f} s: {status['interactions']}")
+    return {"items": len(items), "items_s": t_items, "interactions_s": t_all - t_items, "status": status}
+
+
+def train(repo: Path, tok, events, args, work: Path, name: str, prefetch: bool, max_events=None):
+    from trainer.assemble import build_trainer
+    from trainer.continuous import run_events
+
+    tr = build_trainer(repo, tok, work / name / "ckpt", args.models.split(","),
+                       config=dict(d_model=args.d_model, n_blocks=args.blocks),
+                       learner=dict(minibatch=args.minibatch, lr=args.lr),
+                       log_path=work / name / "prequential.jsonl", checkpoint_every=args.checkpoint_every,
+                       keep_predictions=True)
+    (work / name).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    n = run_events(tr, events, args.batch_size, max_events=max_events, prefetch=prefetch)
+    wall = time.perf_counter() - t0
+    return tr, n, wall
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=None, help="interactions to replay (default: all 100,836)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer artifact (default: artifacts/bench-tokenizer, fitted if absent)")
+    ap.add_argument("--models", default="trm,id,gen_only,two_gram,prefix_ngram")
+    ap.add_argument("--batch-size", type=int, default=2048, help="events per micro-batch (one PIT join)")
+    ap.add_argument("--minibatch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--checkpoint-every", type=int, default=5)
+    ap.add_argument("--raw-join-events", type=int, default=20_000, help="events of the no-prefetch run (0: skip)")
+    ap.add_argument("--out", default=str(ROOT / "out" / "trainer_bench"))
+    ap.add_argument("--work", default=None, help="work dir (default: a temp dir)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from trainer.assemble import tokenizer_info
+    from trainer.evaluate import evaluate_frame
+    from trainer.metrics import plot_curves, plot_results, results_table
+    from trm.data import load_movielens
+    from streams.feature_repo_tools import materialize_repo
+
+    console = Console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="trainer-bench-"))
+    ds = load_movielens(DATA)
+    cutoff = ds.time_quantile(CUTOFF_Q)
+    events = ds.interactions[: args.events] if args.events else ds.interactions
+    tok_dir = get_tokenizer(args, ds, cutoff)
+    tok = tokenizer_info(tok_dir, fit_cutoff=cutoff)
+    log(f"tokenizer {tok.version[:12]}: L={tok.num_levels} K={tok.codebook_size}, fit cutoff {cutoff}")
+
+    repo = work / "repo"
+    if not (repo / "feature_store.yaml").exists():
+        materialize_repo(repo)
+        feats = asyncio.run(build_features(ds, events, tok_dir, repo, work))
+    else:
+        feats = {"reused": str(repo)}
+
+    raw = None
+    if args.raw_join_events:
+        tr, n, wall = train(repo, tok, events, args, work, "no-prefetch", prefetch=False, max_events=args.raw_join_events)
+        raw = {"events": n, "wall_s": wall, "rate": n / wall, **tr.timings.shares()}
+        log(f"no prefetch: {n / wall:,.0f} events/s, join {raw['join_s']:.0%} of wall time")
+
+    tr, n, wall = train(repo, tok, events, args, work, "main", prefetch=True)
+    t = tr.timings
+    shares = t.shares()
+    log(f"prefetched: {n / wall:,.0f} events/s, join wait {shares['join_s']:.0%}, join busy {t.join_busy_s / wall:.0%}")
+
+    preds = tr.prediction_frame()
+    names = tr.learner.names
+    overall = evaluate_frame(preds, names, cutoff)
+    after = evaluate_frame(preds[preds["event_time"] >= cutoff], names, cutoff)
+    params = tr.learner.param_counts()
+
+    speed = Table(title=f"Trainer throughput ({len(names)} models, micro-batch {args.batch_size}, 1 torch thread)")
+    for c in ("run", "events", "events/s", "join wait", "join busy", "featurize", "predict", "train", "checkpoint"):
+        speed.add_column(c, justify="right")
+    rows = [("prefetched join", n, n / wall, shares["join_s"], t.join_busy_s / t.total_s, shares["featurize_s"],
+             shares["predict_s"], shares["train_s"], shares["checkpoint_s"])]
+    if raw:
+        rows.append(("no prefetch", raw["events"], raw["rate"], raw["join_s"], raw["join_busy_s"], raw["featurize_s"],
+                     raw["predict_s"], raw["train_s"], raw["checkpoint_s"]))
+    for r in rows:
+        speed.add_row(r[0], f"{r[1]:,}", f"{r[2]:,.0f}", *(f"{x:.0%}" for x in r[3:]))
+    console.print(speed)
+    ptab = Table(title="Parameters (embedding tables = sparse)")
+    for c in ("model", "dense", "sparse"):
+        ptab.add_column(c, justify="right")
+    for m, (d, s) in params.items():
+        ptab.add_row(m, f"{d:,}", f"{s:,}")
+    console.print(ptab)
+    console.print(results_table(overall, f"Prequential quality, all {n:,} events"))
+    console.print(results_table(after, f"Prequential quality, events after the tokenizer cutoff ({cutoff})"))
+    console.print(f"unknown-token rows: {tr.fstats.unknown_item:,} of {tr.fstats.rows:,}; "
+                  f"stale tokenizer version: {tr.fstats.stale_version:,}")
+
+    plot_results(after, str(out / "auc_by_age.png"), "Prequential AUC by item age (events after the tokenizer cutoff)")
+    plot_curves(str(work / "main" / "prequential.jsonl"), str(out / "prequential_auc.png"))
+    (out / "trainer_bench.json").write_text(json.dumps({
+        "events": n, "wall_s": wall, "events_per_s": n / wall, "timings": vars(t), "no_prefetch": raw,
+        "features": feats, "params": params, "tokenizer": vars(tok), "overall": overall, "after_cutoff": after,
+        "unknown_item_rows": tr.fstats.unknown_item, "args": vars(args)}, indent=1, default=str))
+    log(f"wrote {out}/trainer_bench.json, auc_by_age.png, prequential_auc.png (work dir {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
