@@ -115,12 +115,13 @@ def assemble_feature_repo(out_dir: str | os.PathLike, *, definitions: str | os.P
     also seeds each view's offline part-file directory (<repo>/data/offline/<view>/), which in
     production is the shared volume: seeding is idempotent, so the init job re-runs it safely.
     """
-    from streams.feature_repo_tools import SOURCE_REPO, materialize_repo
+    from streams.feature_repo_tools import materialize_repo
 
     store_yaml = Path(store_yaml or DEPLOY_DIR / "feature_repo_prod" / "feature_store.yaml")
     if not store_yaml.is_file():
         raise SystemExit(f"production feature_store.yaml not found at {store_yaml}")
-    repo = materialize_repo(out_dir, source=definitions or SOURCE_REPO, apply=False)
+    # Explicit source: in the image `streams` may be the site-packages copy, far from feature_repo/.
+    repo = materialize_repo(out_dir, source=definitions or ROOT / "feature_repo", apply=False)
     shutil.copy2(store_yaml, repo / "feature_store.yaml")  # replaces the embedded SQLite config
     # `feast apply` imports every .py under the repo; keep caches and the data volume out of its walk.
     (repo / ".feastignore").write_text("__pycache__/\ndata/\n")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: the shared fixture modules
 from services import (INSTALL_HINT, ServiceError, feast_prod_env, postgres_server,  # noqa: F401 (fixtures)
                       redis_server, start_postgres, start_redis)
 from trm import REPO_ROOT
@@ -39,6 +40,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.integration
 def test_native_services_start_listen_on_loopback_and_stop_by_pid():
     redis = start_redis()
     pg = start_postgres(dbname="trm_probe")
