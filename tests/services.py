@@ -188,7 +188,9 @@ def start_postgres(dbname: str = "feast_registry", timeout: float = 60.0) -> Pos
     """
     bindir = postgres_bindir()
     prefix = _run_as_prefix()
-    root = Path(tempfile.mkdtemp(prefix="trm-pg-"))  # under /tmp: reachable by the postgres user
+    # As root the cluster belongs to `postgres`, who must reach it: /tmp, not a private $TMPDIR.
+    # Short path too: the Unix socket lives here (sun_path is ~107 bytes).
+    root = Path(tempfile.mkdtemp(prefix="trm-pg-", dir="/tmp" if prefix else None))
     if prefix:
         import pwd
 
