@@ -189,6 +189,7 @@ async def bench_interactions(args, cfg, repo: Path, work: Path) -> dict:
 
     settings = WorkerSettings(repo_path=repo, kafka=cfg, agents=("interactions",), app_id="bench-inter",
                               interaction_batch=args.interaction_batch, state_dir=work / "state-inter",
+                              interaction_threaded=not args.inline,
                               pairs_dir=work / "pairs")
     async with StreamWorker(settings) as w:
         await w.wait_ready()
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load", type=float, default=0.5, help="freshness load as a share of the end-to-end rate")
     ap.add_argument("--interactions", type=int, default=100_000, help="interaction events to process")
     ap.add_argument("--interaction-batch", type=int, default=5000)
+    ap.add_argument("--inline", action="store_true", help="interaction processor inline in the event loop")
+    ap.add_argument("--profile", help="write a cProfile of the run here (use with --inline to see the worker)")
     ap.add_argument("--offline-batches", type=int, default=200)
     ap.add_argument("--offline-rows", type=int, default=1000)
     ap.add_argument("--sections", default="items,interactions,offline",
@@ -299,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.sections = set(args.sections.split(","))
     logging.basicConfig(level=logging.WARNING)
+    if args.profile:
+        import cProfile
+
+        with cProfile.Profile() as pr:
+            rc = asyncio.run(main_async(args))
+        pr.dump_stats(args.profile)
+        return rc
     return asyncio.run(main_async(args))
 
 

@@ -47,6 +47,7 @@ class WorkerSettings:
     park_timeout_s: float = 300.0
     item_batch: int = 256
     interaction_batch: int = 5000
+    interaction_threaded: bool = True
     kafka: KafkaConfig | None = None  # default KafkaConfig.from_env()
 
     def resolved(self) -> "WorkerSettings":
@@ -112,7 +113,8 @@ class StreamWorker:
             self._tasks.append(asyncio.create_task(self.tokens.run(), name="trm-token-cache"))
             self.loops[INTERACTIONS] = BatchLoop(
                 self.config, LoopSettings(INTERACTIONS, f"{self.s.app_id}-interactions",
-                                          max_records=self.s.interaction_batch),
+                                          max_records=self.s.interaction_batch,
+                                          threaded=self.s.interaction_threaded),
                 self._make_interaction_processor, on_batch=self.write_status, wake=self.tokens.wake)
         for name, lp in self.loops.items():
             self._tasks.append(asyncio.create_task(lp.run(), name=f"trm-{name}"))
@@ -201,14 +203,12 @@ def build_app(settings: WorkerSettings):
             self.add_future(self._watch(w))
 
         async def _watch(self, w: StreamWorker) -> None:
-            while True:  # a failed loop stops the worker (exit code 1): the supervisor restarts it
+            while True:  # a failed loop crashes the worker (exit code 1) so its supervisor restarts it
                 await asyncio.sleep(0.5)
                 try:
                     w.raise_if_failed()
-                except RuntimeError:
-                    log.exception("stream worker failed; stopping")
-                    self._crashed = True
-                    await app.stop()
+                except RuntimeError as exc:
+                    await self.crash(exc)
                     return
 
         async def on_stop(self) -> None:

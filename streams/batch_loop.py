@@ -33,6 +33,9 @@ class LoopSettings:
     output_topic: str | None = None
     max_records: int = 5000
     poll_timeout_ms: int = 200
+    # run the processor in a dedicated thread (heartbeats flow while a slow batch — the item
+    # encoder — runs) or inline in the event loop (no thread hand-off for fast batches)
+    threaded: bool = True
 
 
 class BatchLoop:
@@ -60,6 +63,8 @@ class BatchLoop:
         self.error: BaseException | None = None
 
     async def _in_thread(self, fn, *args):
+        if not self.s.threaded:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def run(self) -> None:

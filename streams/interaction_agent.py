@@ -23,6 +23,7 @@ or another partition lagging) re-stamps that item's later rows, so no row leaks 
 """
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,22 +228,25 @@ class InteractionProcessor:
         rows = []
         for iid, sources in self._item_sources(list(item_tmin)).items():
             tmin = item_tmin[iid]
-            if len(sources) == 1:
-                src = sources[0]
-                times = sorted(set(src.times_from(tmin)))
-                for t in times:
-                    n, npos = src.counts_at(t)
+            n = npos = 0
+            tail: list[tuple[int, int]] = []  # (event_time, label) of events at or after tmin
+            for src in sources:
+                k = bisect.bisect_left(src.times, tmin)
+                n += k
+                npos += src.cum_pos[k - 1] if k else 0
+                cum, times = src.cum_pos, src.times
+                prev = cum[k - 1] if k else 0
+                for j in range(k, len(times)):
+                    tail.append((times[j], cum[j] - prev))
+                    prev = cum[j]
+            if len(sources) > 1:
+                tail.sort()
+            for j, (t, lab) in enumerate(tail):  # running counts; one row per distinct time
+                n += 1
+                npos += lab
+                if j + 1 == len(tail) or tail[j + 1][0] != t:
                     rows.append({"item_id": iid, "event_timestamp": t, "item_n_interactions": n,
                                  "item_n_positives": npos})
-                continue
-            times = sorted({t for src in sources for t in src.times_from(tmin)})
-            for t in times:
-                n = npos = 0
-                for src in sources:
-                    a, b = src.counts_at(t)
-                    n += a
-                    npos += b
-                rows.append({"item_id": iid, "event_timestamp": t, "item_n_interactions": n, "item_n_positives": npos})
         return rows
 
     def _write(self, changes: "_Changes") -> None:

@@ -117,8 +117,9 @@ def events_from_file(path: str | Path, kind: str) -> list:
                 continue
             try:
                 rec = json.loads(line)
-                out.append(cls.from_record(rec) if kind == INTERACTIONS else cls.from_record(
-                    {"categories": [], "op": "upsert", **rec}))
+                if kind == ITEMS:
+                    rec = {"categories": [], "op": "upsert", **rec}
+                out.append(cls.from_record(rec))
             except (ValueError, KeyError) as exc:
                 raise PublishError(f"{path}:{n}: not a valid {cls.__name__} record: {exc}") from exc
     out.sort(key=lambda e: e.event_time)
