@@ -35,10 +35,17 @@ def log(msg: str) -> None:
 
 def get_tokenizer(args, ds, cutoff: int) -> Path:
     """The artifact to use: --tokenizer, else a cached fit in artifacts/, else fit one now."""
+    from tokenizer.hybrid import ArtifactError, HybridTokenizer, TokenizerConfig
+
     path = Path(args.tokenizer) if args.tokenizer else ROOT / "artifacts" / "bench-tokenizer"
     if (path / "manifest.json").exists():
-        return path
-    from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
+        try:
+            HybridTokenizer.load(path, verify_encoder=False)
+            return path
+        except ArtifactError as exc:
+            if args.tokenizer:
+                raise
+            log(f"cached tokenizer does not load with this code ({exc}); refitting")
 
     before, _ = ds.split(cutoff)
     log(f"fitting the tokenizer on {len(before.items):,} items / {len(before.interactions):,} interactions "

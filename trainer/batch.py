@@ -93,6 +93,7 @@ class Featurizer:
     tokenizer_version: str | None = None  # rows with another version are treated as unknown items
     ngrams: bool = True  # compute two_gram / prefix_ngram (tokenizer.ngrams) for those baselines
     _ngram_fns: tuple[Callable, Callable] | None = field(default=None, repr=False)
+    _ngram_cache: dict = field(default_factory=dict, repr=False)  # gen tuple -> (two_gram, prefix_ngram)
 
     @classmethod
     def for_config(cls, cfg: RankerConfig, tokenizer_version: str | None = None, ngrams: bool = True) -> "Featurizer":
@@ -153,7 +154,15 @@ class Featurizer:
             hist_ids=hist_ids,
         )
         if self.ngrams:
-            two, prefix = self._ngram_functions()
-            batch.two_gram = _pad([list(two(g)) if k else [] for g, k in zip(gens, known)], self.max_wide)
-            batch.prefix_ngram = _pad([list(prefix(g)) if k else [] for g, k in zip(gens, known)], self.max_wide)
+            grams = [self._ngrams(g) if k else ([], []) for g, k in zip(gens, known)]
+            batch.two_gram = _pad([g[0] for g in grams], self.max_wide)
+            batch.prefix_ngram = _pad([g[1] for g in grams], self.max_wide)
         return batch, st
+
+    def _ngrams(self, gen: list[int]) -> tuple[list[int], list[int]]:
+        key = tuple(gen)
+        hit = self._ngram_cache.get(key)
+        if hit is None:
+            two, prefix = self._ngram_functions()
+            hit = self._ngram_cache[key] = (list(two(gen)), list(prefix(gen)))
+        return hit
