@@ -91,6 +91,7 @@ class ContinuousTrainer:
         self.state.extra.setdefault("config", self.learner.cfg.to_dict())
         self.state.extra.setdefault("models", self.learner.names)
         self._pending = 0  # batches trained since the last checkpoint
+        self.checkpointed_offsets: dict[str, int] = dict(self.state.offsets)  # what Kafka may be told
 
     # --- restart ---------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -105,6 +106,7 @@ class ContinuousTrainer:
                 f"checkpoint was trained on tokenizer {st.tokenizer_version}, features now use "
                 f"{self.featurizer.tokenizer_version}: gen-token ids changed meaning; start a new checkpoint dir")
         self.state = st
+        self.checkpointed_offsets = dict(st.offsets)
         return True
 
     # --- one micro-batch ---------------------------------------------------------------------
@@ -154,6 +156,7 @@ class ContinuousTrainer:
         t = time.perf_counter()
         self._hook("checkpoint")
         path = save_checkpoint(self.checkpoint_dir, self.learner.models, self.learner.optimizers, self.state)
+        self.checkpointed_offsets = dict(self.state.offsets)
         self._pending = 0
         if self.publisher is not None:
             self.publisher.maybe_publish(path, self.state.step)
@@ -286,11 +289,36 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
     if feature_group:  # reads the workers' committed offsets; never joins their group
         gate = AIOKafkaConsumer(group_id=feature_group, enable_auto_commit=False, **kafka.aiokafka_kwargs())
         await gate.start()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="trm-join")
     done, buf = 0, []
+    inflight: tuple[list[Record], Future] | None = None  # joined (or joining) while the previous batch trains
+    last_commit: dict = {}
+
+    async def commit_checkpointed() -> None:
+        """Commit the offsets of the last durable checkpoint (never of a batch not yet in one)."""
+        nonlocal last_commit
+        offsets = {}
+        for key, off in trainer.checkpointed_offsets.items():
+            t, p = key.rsplit(":", 1)
+            if t == topic:
+                offsets[TopicPartition(t, int(p))] = off
+        if offsets and offsets != last_commit:
+            await consumer.commit(offsets)
+            last_commit = offsets
+
+    async def train_inflight() -> None:
+        nonlocal inflight, done
+        recs, fut = inflight
+        inflight = None
+        await asyncio.to_thread(trainer.process, recs, fut)  # heartbeats keep running meanwhile
+        done += len(recs)
+        await commit_checkpointed()
+
     last_msg = time.monotonic()
     try:
-        while max_events is None or done < max_events:
-            want = batch_size - len(buf) if max_events is None else min(batch_size - len(buf), max_events - done - len(buf))
+        while max_events is None or done + (len(inflight[0]) if inflight else 0) + len(buf) < max_events:
+            taken = done + (len(inflight[0]) if inflight else 0)
+            want = batch_size - len(buf) if max_events is None else min(batch_size - len(buf), max_events - taken - len(buf))
             data = await consumer.getmany(timeout_ms=int(linger_s * 1000), max_records=max(want, 1))
             for msgs in data.values():
                 for m in msgs:
@@ -299,25 +327,26 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
                         buf.append(rec)
             if data:
                 last_msg = time.monotonic()
-            idle = time.monotonic() - last_msg
-            full = len(buf) >= batch_size or (max_events is not None and done + len(buf) >= max_events)
+            full = len(buf) >= batch_size or (max_events is not None and taken + len(buf) >= max_events)
             if buf and (full or not data):
                 if gate is not None:
                     await _wait_for_features(gate, buf, feature_wait_s)
-                await asyncio.to_thread(trainer.process, buf)  # heartbeats keep running meanwhile
-                if trainer._pending:
-                    await asyncio.to_thread(trainer.checkpoint)
-                done += len(buf)
+                joining = (buf, pool.submit(trainer.join, buf))
                 buf = []
-                committed = {}
-                for key, off in trainer.state.offsets.items():  # only after the checkpoint holds them
-                    t, p = key.rsplit(":", 1)
-                    if t == topic:
-                        committed[TopicPartition(t, int(p))] = off
-                await consumer.commit(committed)
-            elif idle_timeout_s is not None and not buf and idle > idle_timeout_s:
+                if inflight is not None:
+                    await train_inflight()  # batch k trains while batch k+1 joins
+                inflight = joining
+            elif inflight is not None and not data:
+                await train_inflight()  # the stream paused: don't hold a joined batch back
+            elif idle_timeout_s is not None and not buf and time.monotonic() - last_msg > idle_timeout_s:
                 break
+        if inflight is not None:
+            await train_inflight()
+        if trainer._pending:
+            await asyncio.to_thread(trainer.checkpoint)
+            await commit_checkpointed()
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         await consumer.stop()
         if gate is not None:
             await gate.stop()
