@@ -202,3 +202,76 @@ def test_store_holds_exact_item_counters_across_workers(two_workers_run, ml_slic
     wrong = {iid: (online[iid], c) for iid, c in counts.items()
              if [online[iid]["item_n_interactions"], online[iid]["item_n_positives"]] != c}
     assert not wrong, f"{len(wrong)} of {len(counts)} items have wrong counters, e.g. {list(wrong.items())[:3]}"
+
+
+def test_compose_worker_command_runs_against_redis_and_postgres(tmp_path, redis_server, postgres_server,  # noqa: F811
+                                                                broker_module, ml_slice, tiny_tokenizer,
+                                                                monkeypatch):
+    """The worker service's own command line (docker-compose.yml), env-configured, as a process:
+    publish with `trm publish`, see the tokens in Redis, stop it with SIGTERM like `docker stop`."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    import yaml
+
+    from streams.feast_sink import FeastSink
+    from tokenizer.hybrid import HybridTokenizer
+
+    items, _ = ml_slice
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["worker"]
+    assert compose["entrypoint"] == ["sh", "-c"]
+    db = "reg_compose_worker"
+    postgres_server.psql(f'CREATE DATABASE "{db}"', db="postgres")
+    env = {k: str(v) for k, v in compose["environment"].items()}
+    env.update(os.environ)
+    env.update({  # the compose service names -> the native services and the embedded broker
+        "TRM_KAFKA_BOOTSTRAP": broker_module.bootstrap, "TRM_TOPIC_PREFIX": "cw.",
+        "TRM_KAFKA_SESSION_TIMEOUT_MS": "6000", "TRM_TOPIC_PARTITIONS": "items=2,interactions=2,item_tokens=2",
+        "REDIS_HOST": redis_server.host, "REDIS_PORT": str(redis_server.port),
+        "FEAST_REGISTRY_HOST": postgres_server.host, "FEAST_REGISTRY_PORT": str(postgres_server.port),
+        "FEAST_REGISTRY_USER": postgres_server.user, "FEAST_REGISTRY_PASSWORD": "", "FEAST_REGISTRY_DB": db,
+        "TRM_FEAST_REPO": str(tmp_path / "feature_repo_prod"), "TRM_TOKENIZER_ARTIFACT": str(tiny_tokenizer),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    })
+    # the init job's two steps, as its entrypoint runs them
+    init = subprocess.run([sys.executable, str(REPO_ROOT / "deploy" / "bootstrap.py"), "all",
+                           "--repo", env["TRM_FEAST_REPO"]], env=env, capture_output=True, text=True, timeout=300)
+    assert init.returncode == 0, init.stderr[-3000:]
+    assert "topic cw.interactions: 2 partitions (ok)" in init.stdout
+
+    items_file = tmp_path / "items.jsonl"
+    items_file.write_text("".join(json.dumps({"item_id": it.item_id, "title": it.title, "text": it.text(),
+                                              "categories": list(it.genres), "created_at": it.created_at,
+                                              "event_time": it.created_at}) + "\n" for it in items.values()))
+    pub = subprocess.run(["trm", "publish", "items", "--file", str(items_file), "--quiet"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert pub.returncode == 0 and f"published {len(items)} items events to cw.items" in pub.stdout, pub.stderr
+
+    for k in ("REDIS_HOST", "REDIS_PORT", "REDIS_OPTIONS") + tuple(k for k in env if k.startswith("FEAST_REGISTRY_")):
+        monkeypatch.setenv(k, env[k])  # this process reads the store too
+    # compose turns `$$` into a literal `$` for the container's shell
+    script = compose["command"][0].replace("$$", "$").replace("/var/lib/trm/state", str(tmp_path / "state"))
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen(["sh", "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT)
+    sink = FeastSink(env["TRM_FEAST_REPO"])
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            online = sink.read_online("item_tokens", list(items), ["gen_tokens", "tokenizer_version"])
+            if all(v["gen_tokens"] is not None for v in online.values()):
+                break
+            assert time.monotonic() < deadline, f"tokens never reached Redis: {(tmp_path / 'worker.log').read_text()[-3000:]}"
+            time.sleep(0.5)
+    finally:
+        worker.send_signal(signal.SIGTERM)  # what `docker stop` sends PID 1 (sh exec'd into trm)
+        rc = worker.wait(timeout=60)
+        log.close()
+    assert rc == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    tok = HybridTokenizer.load(tiny_tokenizer)
+    expected = dict(zip(items, tok.encode_texts([it.text() for it in items.values()])))
+    assert {i: v["gen_tokens"] for i, v in online.items()} == {i: t.gen_tokens for i, t in expected.items()}
+    assert {v["tokenizer_version"] for v in online.values()} == {tok.version}
+    assert (tmp_path / "state" / "stream").is_dir(), "the worker keeps its state on the state volume"
