@@ -44,7 +44,7 @@ class WorkerSettings:
     app_id: str = "trm-worker"
     history_len: int = 20
     pair_window: int = 5
-    park_timeout_s: float = 300.0
+    park_timeout_s: float = 900.0  # generous: a full catalogue replay tokenizes for minutes
     item_batch: int = 256
     interaction_batch: int = 20_000  # measured: ~1.2x the events per CPU-second of 5k batches
     interaction_threaded: bool = True

@@ -60,6 +60,7 @@ class BatchLoop:
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once partitions are assigned
+        self.committed: dict[int, int] = {}  # partition -> offset committed by this loop
         self.error: BaseException | None = None
 
     async def _in_thread(self, fn, *args):
@@ -108,10 +109,11 @@ class BatchLoop:
                                for tp, msgs in batches.items() for m in msgs]
                     if records:
                         await self._handle(records)
-                        await self.consumer.commit({TopicPartition(topic, tp.partition): msgs[-1].offset + 1
-                                                    for tp, msgs in batches.items() if msgs})
+                        ends = {tp.partition: msgs[-1].offset + 1 for tp, msgs in batches.items() if msgs}
+                        await self._commit(topic, ends)
                     if hasattr(self.processor, "retry_parked") and (not records or self._woken()):
-                        await self._handle(None)
+                        if await self._handle(None):
+                            await self._commit(topic, {})
                     if self.on_batch is not None:
                         self.on_batch()
         except asyncio.CancelledError:
@@ -123,13 +125,27 @@ class BatchLoop:
         finally:
             await self._close()
 
+    async def _commit(self, topic: str, ends: dict[int, int]) -> None:
+        """Step 5b. With a processor that parks events, commit only up to its first parked offset
+        per partition, so a committed offset means "everything before it is in Feast (or
+        dead-lettered)" — what a downstream reader gating on it (the trainer) needs."""
+        from aiokafka.structs import TopicPartition
+
+        if hasattr(self.processor, "commit_positions"):
+            ends = {p: off for p, off in self.processor.commit_positions().items()}
+        todo = {TopicPartition(topic, p): off for p, off in ends.items() if off > self.committed.get(p, -1)}
+        if todo:
+            await self.consumer.commit(todo)
+            for tp, off in todo.items():
+                self.committed[tp.partition] = off
+
     def _woken(self) -> bool:
         if self.wake is not None and self.wake.is_set():
             self.wake.clear()
             return True
         return False
 
-    async def _handle(self, records: list[SourceRecord] | None) -> None:
+    async def _handle(self, records: list[SourceRecord] | None) -> bool:
         """Steps 1-3 in the processor thread, 4 here (await acks), 5a state save; the caller commits."""
         if records is None:
             res = await self._in_thread(self.processor.retry_parked)
@@ -154,6 +170,7 @@ class BatchLoop:
         self.counters.parked = self.processor.n_parked() if hasattr(self.processor, "n_parked") else 0
         if records is not None:
             self.counters.batches += 1
+        return bool(res.applied or res.dead)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -61,7 +61,7 @@ def _worker(args) -> int:
 
     settings = WorkerSettings(repo_path=args.repo, tokenizer_dir=args.tokenizer, state_dir=args.state,
                               pairs_dir=args.pairs, agents=tuple(args.agents.split(",")),
-                              history_len=args.history_len)
+                              history_len=args.history_len, park_timeout_s=args.park_timeout)
     return run_worker(settings)
 
 
@@ -100,6 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", default=None, help="co-interaction pair parquet dir (default: <repo>/data/pairs)")
     p.add_argument("--agents", default="items,interactions", help="comma list of items,interactions")
     p.add_argument("--history-len", type=int, default=20, help="N: positives kept per user history")
+    p.add_argument("--park-timeout", type=float, default=900.0,
+                   help="seconds an interaction waits for its item's tokens before it is dead-lettered")
     p.set_defaults(func=_worker)
 
     p = subparsers.add_parser("feast-repo", help="copy feature_repo/ to a work directory and apply it")

@@ -11,7 +11,9 @@ Processing order of one batch (the worker loop in `batch_loop.py` drives it):
                  (offline: one row per (entity, event time); online: the entity's latest), and the
                  batch's co-like pairs; files are flushed (renamed into place) before returning
   4. produce   – dead letters to `interactions.dlq`, awaiting acks
-  5. commit    – save state + high-water mark (one SQLite transaction), then commit offsets
+  5. commit    – save state + high-water mark (one SQLite transaction), then commit offsets —
+                 per partition only up to its first parked interaction, so a committed offset
+                 means every earlier interaction is in Feast or dead-lettered
 A crash between 3 and 5 replays the batch from the saved state: the same values are written
 again (idempotent). A crash between the state save and the offset commit replays offsets that
 are <= hwm, which are skipped, so counters never double count.
@@ -84,6 +86,14 @@ class InteractionProcessor:
 
     def hwm(self, partition: int) -> int:
         return self.states[partition].hwm
+
+    def commit_positions(self) -> dict[int, int]:
+        """Per partition, the offset safe to commit: the first parked one, else past the hwm."""
+        out = {}
+        for p, st in self.states.items():
+            first_parked = min((q[0].offset for q in st.parked.values()), default=None)
+            out[p] = first_parked if first_parked is not None else st.hwm + 1
+        return out
 
     def n_parked(self) -> int:
         return sum(s.n_parked() for s in self.states.values())

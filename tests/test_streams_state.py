@@ -59,10 +59,12 @@ def test_parked_until_tokens_arrive_then_applied_in_order_and_overdue_dead_lette
     r = p.process([rec(0, 0, 1, 20, 1, 100), rec(0, 1, 1, 10, 1, 110), rec(0, 2, 2, 30, 1, 120)])
     assert r.parked == 3 and r.applied == 0  # user 1's second event waits behind the first
     p.save(r.hwm)
+    assert p.commit_positions()[0] == 0  # nothing before the first parked offset is left out of Feast
     tokens[20] = TOKENS[20]
     r = p.retry_parked()
     assert r.applied == 2 and not r.dead
     p.save(r.hwm)
+    assert p.commit_positions()[0] == 2
     u = p.sink.read_online("user_history", [1])[1]
     assert u["hist_item_ids"] == [20, 10] and u["hist_gen_tokens"] == TOKENS[20] + TOKENS[10]
     import time
@@ -72,7 +74,7 @@ def test_parked_until_tokens_arrive_then_applied_in_order_and_overdue_dead_lette
     assert [d.reason.split(":")[0] for d in r.dead] == ["no_tokens"] and r.dead[0].record.offset == 2
     assert r.dead[0].record.value == rec(0, 2, 2, 30, 1, 120).value
     p.save(r.hwm)
-    assert p.n_parked() == 0
+    assert p.n_parked() == 0 and p.commit_positions()[0] == 3
 
 
 def test_restart_skips_applied_offsets_and_keeps_state(feast_repo):  # noqa: F811
