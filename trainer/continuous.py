@@ -184,22 +184,33 @@ class ContinuousTrainer:
 
 # --- in-memory source ------------------------------------------------------------------------
 def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
-               max_events: int | None = None, resume: bool = True) -> int:
+               max_events: int | None = None, resume: bool = True, prefetch: bool = True) -> int:
     """Train over `events` (objects with user_id, item_id, label, event_time) as one partition.
 
-    Position = index in the list; a resumed trainer starts at its checkpoint's offset. Returns the
+    Position = index in the list; a resumed trainer starts at its checkpoint's offset. With
+    `prefetch`, the next micro-batch's join runs in a thread while this one trains (the join
+    reads only the feature store, never the model, so results are identical). Returns the
     number of events processed by this call.
     """
     if resume:
         trainer.resume()
     start = trainer.state.offsets.get(MEMORY_PARTITION, 0)
     end = len(events) if max_events is None else min(len(events), start + max_events)
+    chunks = [[Record(int(e.user_id), int(e.item_id), int(e.label), int(e.event_time), MEMORY_PARTITION, i)
+               for i, e in enumerate(events[s:min(s + batch_size, end)], start=s)]
+              for s in range(start, end, batch_size)]
     done = 0
-    for s in range(start, end, batch_size):
-        chunk = [Record(int(e.user_id), int(e.item_id), int(e.label), int(e.event_time), MEMORY_PARTITION, i)
-                 for i, e in enumerate(events[s:min(s + batch_size, end)], start=s)]
-        trainer.process(chunk)
-        done += len(chunk)
+    with ThreadPoolExecutor(1, thread_name_prefix="trm-join") as pool:
+        ahead = pool.submit(trainer.join, chunks[0]) if prefetch and chunks else None
+        try:
+            for k, chunk in enumerate(chunks):
+                current = ahead
+                ahead = pool.submit(trainer.join, chunks[k + 1]) if prefetch and k + 1 < len(chunks) else None
+                trainer.process(chunk, current)
+                done += len(chunk)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
     if trainer._pending:
         trainer.checkpoint()
     return done
