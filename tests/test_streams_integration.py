@@ -245,6 +245,15 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
     last = codec.decode(out[-1].value) if out[-1].key == str(rid).encode() else None
     assert any(codec.decode(r.value)["retired"] for r in out) and (last is None or last["retired"])
 
+    # -- committed offsets of the worker's group: everything (what a reader gating on them relies on)
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(**cfg.kafka_python_kwargs(), group_id="t-e2e-interactions", enable_auto_commit=False)
+    tps = [TopicPartition("interactions", p) for p in sorted(c.partitions_for_topic("interactions"))]
+    committed = sum(c.committed(tp) or 0 for tp in tps)  # explicit partitions: Tansu cannot list them all
+    c.close()
+    assert committed == len(inter) + 1 + len(bad_interactions)
+
     # -- co-interaction pairs for the tokenizer's alignment
     got = load_pairs(feast_repo / "data" / "pairs")
     got_set = set(zip(got["item_a"].to_pylist(), got["item_b"].to_pylist(), got["user_id"].to_pylist(),
