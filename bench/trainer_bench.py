@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     from trm.data import load_movielens
     from streams.feature_repo_tools import materialize_repo
 
-    console = Console()
+    console = Console(width=180)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="trainer-bench-"))
