@@ -9,6 +9,7 @@ Expected values come straight from the published records, not from the worker's 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -204,6 +205,14 @@ def test_store_holds_exact_item_counters_across_workers(two_workers_run, ml_slic
     assert not wrong, f"{len(wrong)} of {len(counts)} items have wrong counters, e.g. {list(wrong.items())[:3]}"
 
 
+def _catches_sigterm(pid: int) -> bool:
+    """Has the process installed a SIGTERM handler (SigCgt bit 15 in /proc/<pid>/status)?"""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
 def test_compose_worker_command_runs_against_redis_and_postgres(tmp_path, redis_server, postgres_server,  # noqa: F811
                                                                 broker_module, ml_slice, tiny_tokenizer,
                                                                 monkeypatch):
@@ -211,7 +220,6 @@ def test_compose_worker_command_runs_against_redis_and_postgres(tmp_path, redis_
     publish with `trm publish`, see the tokens in Redis, stop it with SIGTERM like `docker stop`."""
     import json
     import os
-    import signal
     import subprocess
 
     import yaml
@@ -265,6 +273,11 @@ def test_compose_worker_command_runs_against_redis_and_postgres(tmp_path, redis_
                 break
             assert time.monotonic() < deadline, f"tokens never reached Redis: {(tmp_path / 'worker.log').read_text()[-3000:]}"
             time.sleep(0.5)
+        # Faust installs its SIGTERM handler late in start-up (a stop before that kills the process
+        # outright: safe, offsets follow the Feast write, but not graceful); wait for it here.
+        while not _catches_sigterm(worker.pid):
+            assert time.monotonic() < deadline, "the worker never installed a SIGTERM handler"
+            time.sleep(0.2)
     finally:
         worker.send_signal(signal.SIGTERM)  # what `docker stop` sends PID 1 (sh exec'd into trm)
         rc = worker.wait(timeout=60)
