@@ -80,6 +80,8 @@ class BatchLoop:
         class Listener(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked):
                 async with loop_self._lock:  # never in the middle of a batch
+                    for tp in revoked:
+                        loop_self.committed.pop(tp.partition, None)
                     if hasattr(loop_self.processor, "revoke"):
                         await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
 
