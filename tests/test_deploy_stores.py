@@ -203,9 +203,14 @@ def test_bootstrap_creates_planned_topics_idempotently(monkeypatch):
     with EmbeddedBroker() as broker:
         monkeypatch.setenv("TRM_TOPIC_PARTITIONS", "interactions=5,items=3")
         cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, topic_prefix="boot.")
+        kafka_env = {"TRM_KAFKA_BOOTSTRAP": broker.bootstrap, "TRM_TOPIC_PREFIX": "boot."}
+        before = _healthcheck("kafka", env=kafka_env)  # the workers' probe: not healthy before init
+        assert before.returncode == 1 and "boot.interactions missing" in before.stderr
         first = bootstrap.create_topics(cfg, replication=1, wait_s=30)
         assert first["boot.interactions"] == 5 and first["boot.items"] == 3
         assert first["boot.item_tokens"] == bootstrap.DEFAULT_PARTITIONS["item_tokens"]
         assert first["boot.items.dlq"] == 1
         second = bootstrap.create_topics(cfg, replication=1, wait_s=30)  # re-run: no error, no change
         assert second == first
+        after = _healthcheck("kafka", env=kafka_env)
+        assert after.returncode == 0 and "kafka: ok" in after.stdout, after.stderr
