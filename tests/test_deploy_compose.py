@@ -353,3 +353,11 @@ def test_long_running_app_services_get_time_to_finish_a_batch(services):
 
     assert seconds(services["worker"]["stop_grace_period"]) >= 30, "the default 10 s can cut a Feast write"
     assert seconds(services["trainer"]["stop_grace_period"]) >= 60
+
+
+def test_processes_that_load_the_tokenizer_wait_for_it(services):
+    for name in ("worker", "trainer"):
+        assert services[name]["depends_on"]["tokenizer"]["condition"] == "service_completed_successfully", name
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        artifact = _env(services[name])["TRM_TOKENIZER_ARTIFACT"]
+        assert any(artifact.startswith(m + "/") and src == "artifacts" for m, src in mounts.items()), name
