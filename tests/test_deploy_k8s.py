@@ -216,3 +216,19 @@ def test_overlay_targets_exist(base):
         assert ("Deployment", r["name"]) in names
     kust_base = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     assert {i["name"] for i in kust["images"]} <= {i["name"] for i in kust_base["images"]}
+
+
+def test_shell_commands_are_valid_sh(base):
+    """`sh -n` every `sh -c` script in the manifests (and compose), as the image's /bin/sh would parse it."""
+    import shutil
+    import subprocess
+
+    scripts = [c["command"][2] for w in _workloads(base) for c in _containers(w)
+               if c.get("command", [])[:2] == ["sh", "-c"]]
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    scripts += [s["command"][0].replace("$$", "$") for s in compose.values() if s.get("entrypoint") == ["sh", "-c"]]
+    assert len(scripts) >= 4
+    sh = shutil.which("dash") or shutil.which("sh")  # python:3.11-slim's /bin/sh is dash
+    for script in scripts:
+        r = subprocess.run([sh, "-n", "-c", script], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script!r}: {r.stderr}"
