@@ -78,6 +78,7 @@ def test_base_has_the_workloads(base):
     assert ("Deployment", "trm-worker") in kinds
     assert ("StatefulSet", "trm-trainer") in kinds
     assert ("Job", "trm-init") in kinds
+    assert ("Job", "trm-tokenizer-fit") in kinds
     assert ("ConfigMap", "trm-config") in kinds
     trainer = _by_kind(base, "StatefulSet")["trm-trainer"]
     assert trainer["spec"]["replicas"] == 1, "one trainer owns the model and its offsets"
@@ -160,6 +161,8 @@ def test_offline_and_state_volumes_are_shared(base):
     cm = _by_kind(base, "ConfigMap")["trm-config"]["data"]
     target = str(offline_dir(cm["TRM_FEAST_REPO"], "x").parent)
     for w in _workloads(base):
+        if w["metadata"]["name"] == "trm-tokenizer-fit":  # reads the catalogue, not the feature store
+            continue
         pod = _pod(w)
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
@@ -184,6 +187,19 @@ def test_container_args_parse_with_the_real_cli(base, name):
         parser.parse_args(argv)
     except SystemExit as exc:
         pytest.fail(f"`trm {' '.join(argv)}` is rejected by the CLI (exit {exc.code}); fix {name}'s args")
+
+
+def test_tokenizer_job_writes_where_the_workers_read(base):
+    from trm.cli import build_parser
+
+    job = _by_kind(base, "Job")["trm-tokenizer-fit"]
+    cm = _by_kind(base, "ConfigMap")["trm-config"]["data"]
+    script = _pod(job)["containers"][0]["command"][2].replace('"$TRM_TOKENIZER_ARTIFACT"', cm["TRM_TOKENIZER_ARTIFACT"])
+    argv = script.split("||")[-1].split()
+    args = build_parser().parse_args(argv[1:])
+    assert args.out == cm["TRM_TOKENIZER_ARTIFACT"]
+    mount = next(m for m in _pod(job)["containers"][0]["volumeMounts"] if m["name"] == "artifacts")
+    assert args.out.startswith(mount["mountPath"] + "/") and not mount.get("readOnly")
 
 
 def test_init_job_and_probes_call_shipped_scripts(base):
