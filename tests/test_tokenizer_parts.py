@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tokenizer_fixtures import tok_embeddings, tok_subset  # noqa: F401 (fixtures)
+from tokenizer_fixtures import fitted_tokenizer, tok_embeddings, tok_subset  # noqa: F401 (fixtures)
 
 
 # --- RQ-Kmeans ---------------------------------------------------------------------------------
@@ -34,6 +34,19 @@ def test_rq_is_seeded_and_each_level_reduces_error(rq, tok_embeddings):
     assert errs[0] > errs[1] > errs[2] and 0 < stats.rel_mse < 0.5
     assert all(1.0 < p <= 32 for p in stats.perplexity)
     assert 0.0 <= stats.collision_rate < 0.6 and stats.unique_tuples > len(codes) // 2
+
+
+def test_direction_assignment_balances_deep_levels(rq, tok_embeddings):
+    """Plain L2 RQ collapses the last level onto a few near-origin centroids; cosine assignment does not."""
+    from tokenizer.rq_kmeans import ResidualKMeans
+
+    cos_q, cos_codes = rq
+    l2_q, l2_codes = ResidualKMeans.fit(tok_embeddings, levels=3, codebook_size=32, niter=15, seed=0, assign="l2")
+    np.testing.assert_array_equal(l2_q.encode(tok_embeddings), l2_codes)
+    cos, l2 = cos_q.stats(tok_embeddings, cos_codes), l2_q.stats(tok_embeddings, l2_codes)
+    assert cos.perplexity[-1] > l2.perplexity[-1] + 3
+    assert cos.collision_rate < l2.collision_rate
+    assert cos.rel_mse < l2.rel_mse * 1.05
 
 
 def test_rq_rejects_bad_input(rq):
@@ -168,21 +181,24 @@ def test_mined_pairs_are_co_liked_within_the_window(tok_subset):
     assert n == int(pairs.count[0])
 
 
-def test_alignment_improves_heldout_recall_and_keeps_content(tok_subset, tok_embeddings):
-    from tokenizer.alignment import item_rows, mine_pairs, recall_at_k, split_pairs, train_projector
+def test_alignment_improves_heldout_recall_and_keeps_content(tok_subset, tok_embeddings, fitted_tokenizer):
+    """Recomputed here from the fitted projector, independently of the fit report's figures."""
+    from tokenizer.alignment import item_rows, mine_pairs, recall_at_k, split_pairs
 
+    cfg = fitted_tokenizer.config
     items, inter, _ = tok_subset
-    pairs = mine_pairs(inter, item_rows([it.item_id for it in items]))
-    train, held = split_pairs(pairs, 0.1, seed=0)
+    pairs = mine_pairs(inter, item_rows([it.item_id for it in items]), cfg.align_window, cfg.align_min_count,
+                       cfg.align_max_pairs)
+    train, held = split_pairs(pairs, cfg.align_holdout, seed=cfg.seed)
     assert len(held) > 200 and not set(zip(train.a, train.b)) & set(zip(held.a, held.b))
-    res = train_projector(tok_embeddings, train, epochs=3, random_negatives=256, seed=0)
-    aligned = res.projector.project(tok_embeddings)
+    aligned = fitted_tokenizer.projector.project(tok_embeddings)
     before, after = recall_at_k(tok_embeddings, held), recall_at_k(aligned, held)
     assert after > 1.3 * before, (before, after)
-    assert res.losses[-1] < res.losses[0]
+    assert after == pytest.approx(fitted_tokenizer.fit_report["alignment"]["recall@10_after"])
+    losses = fitted_tokenizer.fit_report["alignment"]["loss_per_epoch"]
+    assert losses[-1] < losses[0]
     np.testing.assert_allclose(np.linalg.norm(aligned, axis=1), 1.0, atol=1e-5)
     assert float((aligned * tok_embeddings).sum(1).mean()) > 0.7  # still near the content embedding
-    # (seeded reproducibility of the whole fit, alignment included: test_tokenizer_hybrid::test_fit_is_reproducible)
 
 
 def test_projector_starts_as_identity(tok_embeddings):

