@@ -32,6 +32,8 @@ def _topics(args) -> int:
 
 
 def _publish(args) -> int:
+    from kafka.errors import KafkaError
+
     from trm.config import KafkaConfig
     from trm.data import DataError
 
@@ -48,7 +50,7 @@ def _publish(args) -> int:
             events = interaction_events(args.data, args.limit)
         create_topics(config)  # explicit partition counts; never let a metadata request auto-create
         res = publish_kind(config, args.kind, events, speedup=args.speedup, progress=not args.quiet)
-    except (DataError, PublishError, BrokerError) as exc:
+    except (DataError, PublishError, BrokerError, KafkaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"published {res.sent} {args.kind} events to {res.topic} in {res.seconds:.2f} s "

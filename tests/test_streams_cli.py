@@ -79,3 +79,24 @@ def test_publish_file_then_worker_subprocess(broker, feast_repo, tiny_tokenizer,
     first = list(items.values())[:20]
     online = FeastSink(feast_repo).read_online("item_tokens", [i.item_id for i in first])
     assert [online[i.item_id]["gen_tokens"] for i in first] == [t.gen_tokens for t in tok.encode_items(first)]
+
+
+def test_publisher_never_reports_success_for_unacknowledged_sends():
+    from streams.broker import EmbeddedBroker, create_topics
+    from streams.events import InteractionEvent
+    from streams.publisher import PublishError, make_producer, publish_kind
+    from trm.config import KafkaConfig
+
+    b = EmbeddedBroker().start()
+    cfg = KafkaConfig(bootstrap_servers=b.bootstrap)
+    create_topics(cfg)
+    prod = make_producer(cfg, request_timeout_ms=1500, max_block_ms=1500, delivery_timeout_ms=3000)
+    evs = [InteractionEvent(f"r{i}", 1, 2, 1, 100 + i) for i in range(20)]
+    try:
+        assert publish_kind(cfg, "interactions", evs[:5], progress=False, producer=prod).sent == 5
+        b.stop()  # the broker goes away: nothing more can be acknowledged
+        with pytest.raises(PublishError, match="20 of 20 records to interactions were not acknowledged"):
+            publish_kind(cfg, "interactions", evs, progress=False, producer=prod)
+    finally:
+        prod.close(timeout=1)
+        b.stop()
