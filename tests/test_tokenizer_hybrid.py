@@ -214,4 +214,6 @@ def test_cli_fit_writes_a_loadable_artifact(tmp_path, capsys):
     tok = HybridTokenizer.load(out)
     assert (tok.num_levels, tok.codebook_size, tok.mem_vocab_size) == (2, 8, 64)
     assert tok.fit_report["n_items"] < len(movies)  # the cutoff dropped items first rated later
+    cutoff = tok.fit_report["fit_cutoff"]
+    assert cutoff is not None and tok.fit_report["data_end"] < cutoff
     assert main(["tokenizer", "fit", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2

@@ -91,6 +91,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     except DataError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    cutoff = None
     if args.cutoff_quantile is not None:
         if not 0.0 < args.cutoff_quantile <= 1.0:
             console.print("[red]error:[/red] --cutoff-quantile must be in (0, 1]")
@@ -101,7 +102,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       f"{len(ds.items)} items, {len(ds.interactions)} interactions")
     try:
         tok = HybridTokenizer.fit(list(ds.items.values()), ds.interactions, _config_from_args(args),
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, fit_cutoff=cutoff)
     except TokenizerError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

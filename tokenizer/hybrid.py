@@ -170,11 +170,13 @@ class HybridTokenizer:
     @classmethod
     def fit(cls, items: Iterable | dict, interactions: Iterable, config: TokenizerConfig | None = None,
             progress: bool = True, *, embeddings: np.ndarray | None = None,
-            encoder: ContentEncoder | None = None) -> "HybridTokenizer":
+            encoder: ContentEncoder | None = None, fit_cutoff: int | None = None) -> "HybridTokenizer":
         """Learn projection, codebooks and merges from items (list[Item]) and their interactions.
 
         `embeddings` (raw encoder output, rows in the order of `items`) skips the encoder pass —
-        tests and benchmarks reuse one; `encoder` reuses a loaded model.
+        tests and benchmarks reuse one; `encoder` reuses a loaded model. `fit_cutoff` (epoch s), when
+        the data was cut on the timeline, is recorded in `fit_report["fit_cutoff"]` so evaluation can
+        tell items the fit saw from items created after it.
         """
         from tokenizer import alignment
         from tokenizer.bpe import GenBPE
@@ -197,7 +199,9 @@ class HybridTokenizer:
             raise TokenizerError("duplicate item_id in items")
         t_start = time.perf_counter()
         report: dict[str, Any] = {"n_items": len(items), "n_interactions": len(interactions),
-                                  "n_positives": sum(1 for i in interactions if i.label == 1)}
+                                  "n_positives": sum(1 for i in interactions if i.label == 1),
+                                  "fit_cutoff": None if fit_cutoff is None else int(fit_cutoff),
+                                  "data_end": max((i.event_time for i in interactions), default=None)}
         timings: dict[str, float] = {}
 
         encoder = encoder or ContentEncoder(batch_size=config.encoder_batch_size, threads=config.threads)
