@@ -38,7 +38,7 @@ def make_producer(config: KafkaConfig, **overrides):
     # delivery_timeout_ms bounds how long an unacknowledged record may wait (kafka-python's default
     # is 2 min); after it, its future fails and publish_events raises instead of reporting success
     kw = dict(acks="all", retries=5, linger_ms=5, batch_size=256 * 1024, max_in_flight_requests_per_connection=1,
-              delivery_timeout_ms=30_000, client_id="trm-publisher")
+              request_timeout_ms=15_000, delivery_timeout_ms=45_000, client_id="trm-publisher")
     kw.update(overrides)
     return KafkaProducer(**config.kafka_python_kwargs(), **kw)
 
