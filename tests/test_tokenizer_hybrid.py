@@ -217,3 +217,20 @@ def test_cli_fit_writes_a_loadable_artifact(tmp_path, capsys):
     cutoff = tok.fit_report["fit_cutoff"]
     assert cutoff is not None and tok.fit_report["data_end"] < cutoff
     assert main(["tokenizer", "fit", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_version_does_not_depend_on_global_torch_rng(tok_subset, tok_embeddings):
+    """Without alignment the projection is the seeded identity: two fits agree whatever torch's RNG did."""
+    import torch
+
+    from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
+
+    items, inter, _ = tok_subset
+    cfg = TokenizerConfig(levels=3, codebook_size=8, mem_vocab_size=64, kmeans_niter=10, align=False, threads=2)
+    versions = set()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        tok = HybridTokenizer.fit(items[:300], inter, cfg, progress=False, embeddings=tok_embeddings[:300])
+        versions.add(tok.version)
+        np.testing.assert_allclose(tok.projector.project(tok_embeddings[:5]), tok_embeddings[:5], atol=1e-6)
+    assert len(versions) == 1

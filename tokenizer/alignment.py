@@ -128,6 +128,16 @@ class ResidualProjector(nn.Module):
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
+def new_projector(dim: int, hidden: int, seed: int) -> ResidualProjector:
+    """An identity-at-init projector whose (unused until trained) first layer is seeded: the artifact
+    bytes, and so the tokenizer version, must not depend on the caller's global torch RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        proj = ResidualProjector(dim, hidden)
+    proj.eval()
+    return proj
+
+
 @dataclass
 class AlignResult:
     projector: ResidualProjector
@@ -163,9 +173,8 @@ def train_projector(emb: np.ndarray, pairs: PairSet, hidden: int = 512, epochs: 
     retrieval among all items barely improves. Seeded, so a fit is reproducible on the same machine
     and thread count.
     """
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    proj = ResidualProjector(emb.shape[1], hidden)
+    proj = new_projector(emb.shape[1], hidden, seed)
     x = torch.from_numpy(np.array(emb, dtype=np.float32))  # a copy: emb may be read-only
     a = torch.from_numpy(pairs.a)
     b = torch.from_numpy(pairs.b)

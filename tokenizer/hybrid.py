@@ -220,8 +220,7 @@ class HybridTokenizer:
         t = time.perf_counter()
         rows = alignment.item_rows(ids)
         align_rep: dict[str, Any] = {"enabled": config.align}
-        projector = alignment.ResidualProjector(EMBED_DIM, config.align_hidden)  # identity at init
-        projector.eval()
+        projector = alignment.new_projector(EMBED_DIM, config.align_hidden, config.seed)  # identity at init
         if config.align:
             pairs = alignment.mine_pairs(interactions, rows, config.align_window, config.align_min_count,
                                          config.align_max_pairs)
