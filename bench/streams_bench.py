@@ -37,17 +37,28 @@ def log(msg: str) -> None:
 def get_tokenizer(args, work: Path) -> Path:
     if args.tokenizer:
         return Path(args.tokenizer)
+    out = work / "tokenizer"
+    log("fitting a small tokenizer (2000 items, L=3, K=32) for the benchmark; pass --tokenizer to use yours")
+    # in a subprocess: faiss/OpenMP threads left spinning after a fit would slow this process's
+    # encoder timings for a while
+    import subprocess
+
+    subprocess.run([sys.executable, "-W", "ignore", __file__, "--_fit-tokenizer", str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+def fit_tokenizer(out: Path) -> None:
     from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
     from trm.data import load_movielens
 
     ds = load_movielens(DATA)
     items = sorted(ds.items.values(), key=lambda i: i.item_id)[:2000]
     keep = {i.item_id for i in items}
-    log("fitting a small tokenizer (2000 items, L=3, K=32) for the benchmark; pass --tokenizer to use yours")
     tok = HybridTokenizer.fit(items, [i for i in ds.interactions if i.item_id in keep],
                               TokenizerConfig(levels=3, codebook_size=32, mem_vocab_size=512, align=False,
                                               kmeans_niter=10), progress=False)
-    return tok.save(work / "tokenizer") or work / "tokenizer"
+    tok.save(out)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -312,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="items,interactions,offline",
                     help="comma list of items,interactions,offline (default: all)")
     ap.add_argument("--work", help="work directory (default: a new temp dir)")
+    ap.add_argument("--_fit-tokenizer", dest="fit_out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.fit_out:
+        fit_tokenizer(Path(args.fit_out))
+        return 0
     args.sections = set(args.sections.split(","))
     logging.basicConfig(level=logging.WARNING)
     if args.profile:
