@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     al, rq, bpe, tm = rep["alignment"], rep["rq"], rep["bpe"], rep["timings_s"]
 
     def row(name: str, value: str) -> None:
-        print(f"  {name:<44}{value}")
+        print(f"  {name:<56}{value}")
 
     print(f"tokenizer bench — {args.data}: {n} items, {len(inter)} interactions; "
           f"L={cfg.levels} K={cfg.codebook_size} mem_vocab={cfg.mem_vocab_size}; threads={args.threads}")

@@ -112,7 +112,8 @@ class ResidualKMeans:
         for lvl in rng:
             q = cls._query(residual, assign)
             km = faiss.Kmeans(d, codebook_size, niter=niter, seed=seed + lvl, verbose=False,
-                              spherical=(assign == "cosine"), max_points_per_centroid=1_000_000)
+                              spherical=(assign == "cosine"), max_points_per_centroid=1_000_000,
+                              min_points_per_centroid=1)  # ~38/code is by design (see above)
             km.train(q)
             dirs[lvl] = km.centroids
             index = faiss.IndexFlatL2(d)  # on unit vectors, nearest in L2 = highest cosine
