@@ -87,13 +87,29 @@ async def build_features(ds, events, tok_dir: Path, repo: Path, work: Path) -> d
     return {"items": len(items), "items_s": t_items, "interactions_s": t_all - t_items, "status": status}
 
 
-def train(repo: Path, tok, events, args, work: Path, name: str, prefetch: bool, max_events=None):
+def mean_results(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per model, the mean over seeds of every metric (and of every item-age bucket's AUC)."""
+    import numpy as np
+
+    out = {}
+    for m in runs[0]:
+        rs = [r[m] for r in runs]
+        avg = {k: float(np.mean([r[k] for r in rs])) for k in ("auc", "gauc", "logloss")}
+        avg["n"] = rs[0]["n"]
+        avg["auc_seeds"] = [r["auc"] for r in rs]
+        avg["by_age"] = {b: {"n": c["n"], "auc": float(np.mean([r["by_age"][b]["auc"] for r in rs]))}
+                         for b, c in rs[0]["by_age"].items()}
+        out[m] = avg
+    return out
+
+
+def train(repo: Path, tok, events, args, work: Path, name: str, prefetch: bool, max_events=None, seed: int = 0):
     from trainer.assemble import build_trainer
     from trainer.continuous import run_events
 
     tr = build_trainer(repo, tok, work / name / "ckpt", args.models.split(","),
                        config=dict(d_model=args.d_model, n_blocks=args.blocks),
-                       learner=dict(minibatch=args.minibatch, lr=args.lr),
+                       learner=dict(minibatch=args.minibatch, lr=args.lr, seed=seed),
                        log_path=work / name / "prequential.jsonl", checkpoint_every=args.checkpoint_every,
                        keep_predictions=True)
     (work / name).mkdir(parents=True, exist_ok=True)
@@ -107,13 +123,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=None, help="interactions to replay (default: all 100,836)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer artifact (default: artifacts/bench-tokenizer, fitted if absent)")
-    ap.add_argument("--models", default="trm,id,gen_only,two_gram,prefix_ngram")
+    ap.add_argument("--models", default="trm,id,gen_only,two_gram,prefix_ngram,trm_no_ntp",
+                    help="comma list; trm_no_ntp is the NTP ablation")
     ap.add_argument("--batch-size", type=int, default=2048, help="events per micro-batch (one PIT join)")
     ap.add_argument("--minibatch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--checkpoint-every", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=2, help="prequential runs (seeds) averaged in the quality table")
     ap.add_argument("--raw-join-events", type=int, default=20_000, help="events of the no-prefetch run (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "out" / "trainer_bench"))
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir)")
@@ -153,15 +171,21 @@ def main(argv=None) -> int:
         raw = {"events": n, "wall_s": wall, "rate": n / wall, **tr.timings.shares()}
         log(f"no prefetch: {n / wall:,.0f} events/s, join {raw['join_s']:.0%} of wall time")
 
-    tr, n, wall = train(repo, tok, events, args, work, "main", prefetch=True)
+    runs_all, runs_after = [], []
+    for seed in range(args.seeds):
+        tr_s, n_s, wall_s = train(repo, tok, events, args, work, f"seed{seed}", prefetch=True, seed=seed)
+        if seed == 0:
+            tr, n, wall = tr_s, n_s, wall_s
+        t_s = tr_s.timings
+        log(f"seed {seed}: {n_s / wall_s:,.0f} events/s, join wait {t_s.join_s / t_s.total_s:.0%}, "
+            f"join busy {t_s.join_busy_s / t_s.total_s:.0%}")
+        preds = tr_s.prediction_frame()
+        names = tr_s.learner.names
+        runs_all.append(evaluate_frame(preds, names, cutoff))
+        runs_after.append(evaluate_frame(preds[preds["event_time"] >= cutoff], names, cutoff))
     t = tr.timings
     shares = t.shares()
-    log(f"prefetched: {n / wall:,.0f} events/s, join wait {shares['join_s']:.0%}, join busy {t.join_busy_s / wall:.0%}")
-
-    preds = tr.prediction_frame()
-    names = tr.learner.names
-    overall = evaluate_frame(preds, names, cutoff)
-    after = evaluate_frame(preds[preds["event_time"] >= cutoff], names, cutoff)
+    overall, after = mean_results(runs_all), mean_results(runs_after)
     params = tr.learner.param_counts()
 
     speed = Table(title=f"Trainer throughput ({len(names)} models, micro-batch {args.batch_size}, 1 torch thread)")
@@ -181,13 +205,21 @@ def main(argv=None) -> int:
     for m, (d, s) in params.items():
         ptab.add_row(m, f"{d:,}", f"{s:,}")
     console.print(ptab)
-    console.print(results_table(overall, f"Prequential quality, all {n:,} events"))
-    console.print(results_table(after, f"Prequential quality, events after the tokenizer cutoff ({cutoff})"))
+    console.print(results_table(overall, f"Prequential quality, all {n:,} events (mean of {args.seeds} seeds)"))
+    console.print(results_table(after, f"Prequential quality, events after the tokenizer cutoff ({cutoff}), "
+                                       f"mean of {args.seeds} seeds"))
+    seeds = Table(title="Prequential AUC per seed (after the cutoff) - the spread is the noise floor")
+    seeds.add_column("model")
+    for k in range(args.seeds):
+        seeds.add_column(f"seed {k}", justify="right")
+    for m, r in after.items():
+        seeds.add_row(m, *(f"{a:.4f}" for a in r["auc_seeds"]))
+    console.print(seeds)
     console.print(f"unknown-token rows: {tr.fstats.unknown_item:,} of {tr.fstats.rows:,}; "
                   f"stale tokenizer version: {tr.fstats.stale_version:,}")
 
     plot_results(after, str(out / "auc_by_age.png"), "Prequential AUC by item age (events after the tokenizer cutoff)")
-    plot_curves(str(work / "main" / "prequential.jsonl"), str(out / "prequential_auc.png"))
+    plot_curves(str(work / "seed0" / "prequential.jsonl"), str(out / "prequential_auc.png"))
     (out / "trainer_bench.json").write_text(json.dumps({
         "events": n, "wall_s": wall, "events_per_s": n / wall, "timings": vars(t), "no_prefetch": raw,
         "features": feats, "params": params, "tokenizer": vars(tok), "overall": overall, "after_cutoff": after,
