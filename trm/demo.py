@@ -96,14 +96,15 @@ def _handled(st: dict, loop: str) -> int:
     return int(c.get("processed", 0) + c.get("skipped", 0) + c.get("dead_lettered", 0))
 
 
-def fit_tokenizer(cfg: DemoConfig, before, console):
+def fit_tokenizer(cfg: DemoConfig, before, cutoff: int, console):
     from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
 
     tcfg = TokenizerConfig(levels=cfg.levels, codebook_size=cfg.codebook, mem_vocab_size=cfg.mem_vocab,
                            threads=cfg.threads)
     console.print(f"[bold]2/6[/] fitting the tokenizer on {len(before.items):,} items and "
                   f"{len(before.interactions):,} interactions before the cutoff")
-    tok = HybridTokenizer.fit(list(before.items.values()), before.interactions, tcfg, progress=True)
+    tok = HybridTokenizer.fit(list(before.items.values()), before.interactions, tcfg, progress=True,
+                              fit_cutoff=cutoff)
     tok.save(cfg.out / "tokenizer")
     return tok
 
@@ -208,7 +209,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                   f"cutoff {time.strftime('%Y-%m-%d', time.gmtime(cutoff))} (q={cfg.cutoff_quantile})")
 
     # 2. tokenizer
-    tok = fit_tokenizer(cfg, before, console)
+    tok = fit_tokenizer(cfg, before, cutoff, console)
     rep = tok.fit_report
 
     # 3. feature store + broker
