@@ -90,11 +90,19 @@ async def bench_items(args, cfg, repo: Path, tok_dir: Path, work: Path) -> dict:
         cpu_rates.append(n / (time.process_time() - c))  # items per CPU-second (all threads)
         return n / (time.perf_counter() - t)
 
-    # warm-up pass, untimed: torch builds kernels per padded shape once per process (measured:
-    # the first pass runs at ~40 % of later ones); the worker below runs in this process too
-    bare_rate()
+    # Every bare pass runs in a fresh thread, as the worker's item agent does: measured, torch
+    # called from the main thread here ran at ~40-70 % of the same calls from a thread (its
+    # OpenMP team spins on this 2-core box), which would flatter the end-to-end ratio.
+    def in_thread(fn):
+        box = {}
+        th = threading.Thread(target=lambda: box.setdefault("r", fn()))
+        th.start()
+        th.join()
+        return box["r"]
+
+    in_thread(bare_rate)  # warm-up, untimed
     cpu_rates.clear()
-    bare1 = bare_rate()
+    bare1 = in_thread(bare_rate)
     log(f"bare encoder: {bare1:,.0f} items/s")
 
     settings = WorkerSettings(repo_path=repo, tokenizer_dir=tok_dir, kafka=cfg, agents=("items",),
