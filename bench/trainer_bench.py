@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -159,11 +160,14 @@ def main(argv=None) -> int:
     log(f"tokenizer {tok.version[:12]}: L={tok.num_levels} K={tok.codebook_size}, fit cutoff {cutoff}")
 
     repo = work / "repo"
-    if not (repo / "feature_store.yaml").exists():
+    stamp = work / "features.tokenizer_version"  # features in a reused repo must be this tokenizer's
+    if (repo / "feature_store.yaml").exists() and stamp.exists() and stamp.read_text() == tok.version:
+        feats = {"reused": str(repo)}
+    else:
+        shutil.rmtree(repo, ignore_errors=True)
         materialize_repo(repo)
         feats = asyncio.run(build_features(ds, events, tok_dir, repo, work))
-    else:
-        feats = {"reused": str(repo)}
+        stamp.write_text(tok.version)
 
     raw = None
     if args.raw_join_events:
