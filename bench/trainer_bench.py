@@ -52,7 +52,7 @@ def get_tokenizer(args, ds, cutoff: int) -> Path:
     log(f"fitting the tokenizer on {len(before.items):,} items / {len(before.interactions):,} interactions "
         f"before {cutoff} (q={CUTOFF_Q})")
     tok = HybridTokenizer.fit(list(before.items.values()), before.interactions, TokenizerConfig(threads=2),
-                              progress=False)
+                              progress=False, fit_cutoff=cutoff)
     tok.save(path)
     return path
 
