@@ -240,22 +240,20 @@ def run_demo(cfg: DemoConfig) -> dict:
         inters = [InteractionEvent.from_interaction(i) for i in ds.interactions]
         console.print(f"[bold]5/6[/] replaying {len(items):,} item and {len(inters):,} interaction events")
         t_pub = time.perf_counter()
-        pub_items = publish_kind(kafka, "items", items, progress=False)
-        pub_inter = publish_kind(kafka, "interactions", inters, progress=False)
         status_path = repo / "stream_state" / "status.json"
         marks: dict[str, float] = {}
+        pub: dict = {}
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
                       TimeElapsedColumn(), console=console) as bar:
             b_items = bar.add_task("items tokenized → Feast", total=len(items))
             b_inter = bar.add_task("interactions → Feast", total=len(inters))
             b_train = bar.add_task("trainer events", total=len(inters))
-            deadline = time.monotonic() + cfg.timeout_s
-            while not result["done"].is_set():
+
+            def refresh() -> bool:
+                """Update the bars; True once the trainer has consumed everything."""
                 procs.check()
                 if "error" in result:
                     raise DemoError(f"trainer failed: {result['error']!r}")
-                if time.monotonic() > deadline:
-                    raise DemoError(f"the stream did not finish in {cfg.timeout_s:.0f} s; see {out}/logs")
                 st = _read_status(status_path)
                 hi, hn = _handled(st, "items"), _handled(st, "interactions")
                 if hi >= len(items):
@@ -264,12 +262,24 @@ def run_demo(cfg: DemoConfig) -> dict:
                     marks.setdefault("interactions", time.perf_counter())
                 bar.update(b_items, completed=hi)
                 bar.update(b_inter, completed=hn)
-                bar.update(b_train, completed=result["trainer"].state.events_seen if "trainer" in result else 0)
-                time.sleep(0.5)
-            st = _read_status(status_path)
-            bar.update(b_items, completed=_handled(st, "items"))
-            bar.update(b_inter, completed=_handled(st, "interactions"))
-            bar.update(b_train, completed=result["trainer"].state.events_seen)
+                bar.update(b_train, completed=result["trainer"].state.events_seen)
+                return result["done"].is_set()
+
+            def wait(until, what: str) -> None:
+                deadline = time.monotonic() + cfg.timeout_s
+                while not refresh() and not until():
+                    if time.monotonic() > deadline:
+                        raise DemoError(f"{what} did not finish in {cfg.timeout_s:.0f} s; see {out}/logs")
+                    time.sleep(0.5)
+
+            # The back catalogue and new items go first: a catalogue knows an item before anyone
+            # rates it. Interactions then stream while the trainer follows them.
+            pub["items"] = publish_kind(kafka, "items", items, progress=False)
+            wait(lambda: "items" in marks, "tokenizing the items")
+            t_inter = time.perf_counter()
+            pub["interactions"] = publish_kind(kafka, "interactions", inters, progress=False)
+            wait(lambda: False, "the interaction stream and the trainer")
+            refresh()
         if "error" in result:
             raise DemoError(f"trainer failed: {result['error']!r}")
         t_stream = time.perf_counter() - t_pub
@@ -280,8 +290,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         raw = raw_consume_rate(kafka, "interactions", len(inters))
         st = _read_status(status_path)
         tr = result["trainer"]
-        report = build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_stream, fresh, raw,
-                              pub_items, pub_inter, out)
+        report = build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, fresh, raw,
+                              pub["items"], pub["interactions"], out)
         report["wall_s"] = round(time.perf_counter() - t_start, 1)
         (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
         write_markdown(report, out / "report.md")
@@ -314,7 +324,7 @@ def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int,
             t = time.perf_counter()
             result["events"] = follow_sync(tr, kafka, group_id="trm-demo-trainer", batch_size=cfg.batch_size,
                                            max_events=n_events, idle_timeout_s=None,
-                                           feature_group="trm-worker-interactions")
+                                           feature_group="trm-worker-interactions", feature_wait_s=cfg.timeout_s)
             result["wall_s"] = time.perf_counter() - t
         except BaseException as exc:  # surfaced by the main thread
             result["error"] = exc
@@ -325,13 +335,14 @@ def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int,
     return result
 
 
-def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_stream, fresh, raw, pub_items, pub_inter,
+def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, fresh, raw, pub_items, pub_inter,
                  out: Path) -> dict:
     import numpy as np
 
     from trainer.metrics import plot_curves, plot_results, summarize
 
     preds = tr.prediction_frame()
+    preds.to_parquet(out / "trainer" / "predictions.parquet")  # every prequential score, for re-analysis
     after = preds[preds["event_time"] >= cutoff]
     counts = tr.learner.param_counts()
     models, summ = {}, {}
@@ -343,7 +354,7 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_stream, fresh, ra
     plot_results(summ, str(out / "auc_by_item_age.png"))
     plot_curves(str(out / "trainer" / "prequential.jsonl"), str(out / "prequential_auc.png"))
     items_s = len(ds.items) / (marks["items"] - t_pub) if "items" in marks else None
-    inter_s = len(ds.interactions) / (marks["interactions"] - t_pub) if "interactions" in marks else None
+    inter_s = len(ds.interactions) / (marks["interactions"] - t_inter) if "interactions" in marks else None
     t = tr.timings
     return {
         "data": str(cfg.data), "cutoff": cutoff, "tokenizer_version": tok.version,
@@ -360,7 +371,7 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_stream, fresh, ra
         "freshness_ms": {"p50": float(np.percentile(fresh, 50)), "p99": float(np.percentile(fresh, 99)),
                          "n": len(fresh)},
         "events": {
-            "items_published": pub_items.count, "interactions_published": pub_inter.count,
+            "items_published": pub_items.sent, "interactions_published": pub_inter.sent,
             "items_in_fit": sum(1 for i in ds.items.values() if i.created_at < cutoff),
             "worker": {k: st.get(k) for k in ("items", "interactions")},
             "trainer_events": tr.state.events_seen, "evaluated_events": len(after),
@@ -452,6 +463,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb/faust chatter, not ours
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # and the worker's
     cfg = DemoConfig(data=args.data, out=args.out, cutoff_quantile=args.cutoff_quantile, port=args.port,
                      models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                      batch_size=args.batch_size, levels=args.levels, codebook=args.codebook,
