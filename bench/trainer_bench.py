@@ -108,6 +108,7 @@ def train(repo: Path, tok, events, args, work: Path, name: str, prefetch: bool, 
     from trainer.assemble import build_trainer
     from trainer.continuous import run_events
 
+    shutil.rmtree(work / name, ignore_errors=True)  # a fresh run, never a resume of an earlier one
     tr = build_trainer(repo, tok, work / name / "ckpt", args.models.split(","),
                        config=dict(d_model=args.d_model, n_blocks=args.blocks),
                        learner=dict(minibatch=args.minibatch, lr=args.lr, seed=seed),
