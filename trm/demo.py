@@ -188,7 +188,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from trm.config import KafkaConfig
     from trm.data import DataError, load_movielens
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # a log file gets the whole table
     t_start = time.perf_counter()
     out = cfg.out.resolve()
     if cfg.port is not None and port_in_use(cfg.port):
