@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                     help="comma list; trm_no_ntp is the NTP ablation")
     ap.add_argument("--batch-size", type=int, default=2048, help="events per micro-batch (one PIT join)")
     ap.add_argument("--minibatch", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--checkpoint-every", type=int, default=5)

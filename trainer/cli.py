@@ -109,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=2048, help="events per micro-batch (one PIT join)")
     t.add_argument("--minibatch", type=int, default=256, help="rows per optimizer step")
     t.add_argument("--epochs-per-batch", type=int, default=1)
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--threads", type=int, default=1, help="torch threads")
     t.add_argument("--d-model", type=int, default=None)
     t.add_argument("--blocks", type=int, default=None)
