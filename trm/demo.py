@@ -30,7 +30,7 @@ from pathlib import Path
 
 from trm import DEFAULT_DATA_DIR
 
-MODELS = ("trm", "id", "gen_only", "two_gram", "prefix_ngram")
+MODELS = ("trm", "id", "gen_only", "two_gram", "prefix_ngram", "trm_no_ntp")  # last: the NTP ablation
 
 
 @dataclass
