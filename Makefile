@@ -42,6 +42,8 @@ test-fast: install
 
 bench: install
 	$(PY) bench/tokenizer_bench.py
+	$(PY) bench/streams_bench.py
+	$(PY) bench/trainer_bench.py
 
 clean:
 	rm -rf out artifacts runs .pytest_cache
