@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from tests.streams_fixtures import ROOT, broker, feast_repo, ml_slice, tiny_tokenizer  # noqa: F401
-from tests.test_streams_integration import HISTORY_LEN, consume_all, reference, state_before
+from tests.test_streams_integration import HISTORY_LEN, assert_pit_row, consume_all, reference
 
 pytestmark = pytest.mark.integration
 CHUNK = 100
@@ -144,19 +144,7 @@ def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(broker, fea
     assert len(hist) == len(edf)
     checked = 0
     for row in hist.itertuples(index=False):
-        t = int(round((row.event_timestamp + timedelta(microseconds=1)).timestamp()))
-        u = state_before(users_tl.get(row.user_id, []), t)
-        i = state_before(items_tl.get(row.item_id, []), t)
-        if u is None:
-            assert pd.isna(row.user_n_events)
-        else:
-            checked += 1
-            assert (list(row.hist_item_ids), list(row.hist_gen_tokens), row.user_n_events, row.user_n_positives) == \
-                (u["hist_item_ids"], u["hist_gen_tokens"], u["user_n_events"], u["user_n_positives"])
-        if i is None:
-            assert pd.isna(row.item_n_interactions)
-        else:
-            assert (row.item_n_interactions, row.item_n_positives) == (i["item_n_interactions"], i["item_n_positives"])
+        checked += assert_pit_row(row, users_tl, items_tl)
         assert list(row.gen_tokens) == gen_of[row.item_id]
     assert checked > len(sample) // 2
     print(f"\nkilled at {got}/{m} interactions processed; after restart: {st}")

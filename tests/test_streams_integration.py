@@ -63,6 +63,23 @@ def state_before(timeline, t):
     return last
 
 
+def assert_pit_row(row, users_tl, items_tl) -> bool:
+    """A joined row equals the from-scratch state strictly before its event; True if the user had history."""
+    t = int(round((row.event_timestamp + timedelta(microseconds=1)).timestamp()))
+    u = state_before(users_tl.get(row.user_id, []), t)
+    i = state_before(items_tl.get(row.item_id, []), t)
+    if u is None:
+        assert pd.isna(row.user_n_events)
+    else:
+        assert (list(row.hist_item_ids), list(row.hist_gen_tokens), row.user_n_events, row.user_n_positives) == \
+            (u["hist_item_ids"], u["hist_gen_tokens"], u["user_n_events"], u["user_n_positives"])
+    if i is None:
+        assert pd.isna(row.item_n_interactions)
+    else:
+        assert (row.item_n_interactions, row.item_n_positives) == (i["item_n_interactions"], i["item_n_positives"])
+    return u is not None
+
+
 def reference_pairs(interactions, gen_of, window=5):
     per_user = defaultdict(list)
     pairs = set()
@@ -201,22 +218,10 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
     hist = hist.sort_values("event_timestamp", kind="stable")
     n_with_history = 0
     for row in hist.itertuples(index=False):
-        t = int(round((row.event_timestamp + timedelta(microseconds=1)).timestamp()))
         if row.user_id == UNKNOWN_USER:
             assert pd.isna(row.user_n_events) and pd.isna(row.item_n_interactions) and row.gen_tokens is None
             continue
-        u = state_before(users_tl.get(row.user_id, []), t)
-        i = state_before(items_tl.get(row.item_id, []), t)
-        if u is None:
-            assert pd.isna(row.user_n_events)
-        else:
-            n_with_history += 1
-            assert (list(row.hist_item_ids), list(row.hist_gen_tokens), row.user_n_events, row.user_n_positives) == \
-                (u["hist_item_ids"], u["hist_gen_tokens"], u["user_n_events"], u["user_n_positives"])
-        if i is None:
-            assert pd.isna(row.item_n_interactions)
-        else:
-            assert (row.item_n_interactions, row.item_n_positives) == (i["item_n_interactions"], i["item_n_positives"])
+        n_with_history += assert_pit_row(row, users_tl, items_tl)
         # items are published 60 s before their first rating: tokens are there, not yet retired
         assert list(row.gen_tokens) == gen_of[row.item_id] and not row.retired
     assert n_with_history > len(sample) // 2
