@@ -48,6 +48,10 @@ class WorkerSettings:
     item_batch: int = 256
     interaction_batch: int = 20_000  # measured: ~1.2x the events per CPU-second of 5k batches
     interaction_threaded: bool = True
+    # a failing batch (Feast or Kafka down) is retried in place with backoff (batch_loop.py)
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 15.0
+    retry_budget_s: float = 240.0
     kafka: KafkaConfig | None = None  # default KafkaConfig.from_env()
 
     def resolved(self) -> "WorkerSettings":
@@ -96,6 +100,10 @@ class StreamWorker:
                                     self.config.topic(INTERACTIONS), history_len=self.s.history_len,
                                     pair_window=self.s.pair_window, park_timeout_s=self.s.park_timeout_s)
 
+    def _retry(self) -> dict:
+        return {"retry_initial_s": self.s.retry_initial_s, "retry_max_s": self.s.retry_max_s,
+                "retry_budget_s": self.s.retry_budget_s}
+
     async def start(self) -> "StreamWorker":
         from .broker import create_topics
         from .token_cache import TokenCache
@@ -106,7 +114,7 @@ class StreamWorker:
         if ITEMS in self.s.agents:
             self.loops[ITEMS] = BatchLoop(
                 self.config, LoopSettings(ITEMS, f"{self.s.app_id}-items", output_topic=ITEM_TOKENS,
-                                          max_records=self.s.item_batch, poll_timeout_ms=50),
+                                          max_records=self.s.item_batch, poll_timeout_ms=50, **self._retry()),
                 self._make_item_processor, on_batch=self.write_status)
         if INTERACTIONS in self.s.agents:
             self.tokens = TokenCache(self.config, ITEM_TOKENS)
@@ -114,7 +122,7 @@ class StreamWorker:
             self.loops[INTERACTIONS] = BatchLoop(
                 self.config, LoopSettings(INTERACTIONS, f"{self.s.app_id}-interactions",
                                           max_records=self.s.interaction_batch,
-                                          threaded=self.s.interaction_threaded),
+                                          threaded=self.s.interaction_threaded, **self._retry()),
                 self._make_interaction_processor, on_batch=self.write_status, wake=self.tokens.wake)
         for name, lp in self.loops.items():
             self._tasks.append(asyncio.create_task(lp.run(), name=f"trm-{name}"))
@@ -146,7 +154,8 @@ class StreamWorker:
                 raise RuntimeError(f"worker task {t.get_name()} failed: {t.exception()!r}") from t.exception()
 
     def status(self) -> dict:
-        st = {name: asdict(lp.counters) for name, lp in self.loops.items()}
+        st = {name: {**asdict(lp.counters), "retries": lp.retries, "failing_since": lp.failing_since}
+              for name, lp in self.loops.items()}
         if self.tokens is not None:
             st["token_cache"] = {"items": len(self.tokens.gen), "received": self.tokens.received}
         st["uptime_s"] = round(time.time() - self.started_at, 3)

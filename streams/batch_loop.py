@@ -9,16 +9,29 @@ parquet part per batch. So Faust hosts and supervises the worker (lifecycle, sig
 (so heartbeats keep flowing while the encoder or Feast run) -> produce outputs/dead letters and
 await their acks -> save state -> commit the batch's offsets explicitly (enable_auto_commit off).
 Nothing is committed that has not been written to Feast: at-least-once.
+
+A failing batch (Feast's online store down, the broker gone while producing or committing) is
+retried in place, with exponential backoff, until `retry_budget_s`:
+  1. nothing of the failed attempt is committed (its offsets stay where they were);
+  2. the processor drops its in-memory state and reopens what it last saved (`_reset_processor`),
+     so the retry recomputes the batch from the same starting point — values written twice are
+     identical, offsets <= a saved high-water mark are skipped;
+  3. the same records are processed again (they stay in memory; the consumer does not re-fetch).
+Past the budget the loop fails and the worker exits non-zero for its supervisor to restart; the
+budget stays below `max_poll_interval_ms`, after which Kafka would hand the partitions to another
+member anyway.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from trm.config import KafkaConfig
+from trm.failpoints import failpoint
 
 from .dlq import SourceRecord
 from .events import Counters
@@ -36,6 +49,15 @@ class LoopSettings:
     # run the processor in a dedicated thread (heartbeats flow while a slow batch — the item
     # encoder — runs) or inline in the event loop (no thread hand-off for fast batches)
     threaded: bool = True
+    # retry a failing batch in place: backoff doubles from retry_initial_s up to retry_max_s; give up
+    # (fail the loop) once retry_budget_s has passed — below max_poll_interval_ms (300 s)
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 15.0
+    retry_budget_s: float = 240.0
+
+
+class RetryBudgetExceeded(RuntimeError):
+    """A batch kept failing for longer than the retry budget; its offsets were not committed."""
 
 
 class BatchLoop:
@@ -62,6 +84,8 @@ class BatchLoop:
         self.ready = asyncio.Event()  # set once partitions are assigned
         self.committed: dict[int, int] = {}  # partition -> offset committed by this loop
         self.error: BaseException | None = None
+        self.retries = 0  # failed attempts retried so far (all batches)
+        self.failing_since: float | None = None  # wall clock of the first failure of the current batch
 
     async def _in_thread(self, fn, *args):
         if not self.s.threaded:
@@ -110,12 +134,14 @@ class BatchLoop:
                     records = [SourceRecord(topic, tp.partition, m.offset, m.key, m.value)
                                for tp, msgs in batches.items() for m in msgs]
                     if records:
-                        await self._handle(records)
                         ends = {tp.partition: msgs[-1].offset + 1 for tp, msgs in batches.items() if msgs}
-                        await self._commit(topic, ends)
+                        span = ", ".join(f"p{tp.partition}@{msgs[0].offset}-{msgs[-1].offset}"
+                                         for tp, msgs in batches.items() if msgs)
+                        await self._retrying(lambda: self._handle_and_commit(topic, records, ends),
+                                             f"batch of {len(records)} records from {topic} ({span})")
                     if hasattr(self.processor, "retry_parked") and (not records or self._woken()):
-                        if await self._handle(None):
-                            await self._commit(topic, {})
+                        await self._retrying(lambda: self._handle_and_commit(topic, None, {}),
+                                             f"retry of parked records from {topic}")
                     if self.on_batch is not None:
                         self.on_batch()
         except asyncio.CancelledError:
@@ -126,6 +152,50 @@ class BatchLoop:
             raise
         finally:
             await self._close()
+
+    async def _handle_and_commit(self, topic: str, records: list[SourceRecord] | None, ends: dict[int, int]) -> None:
+        if await self._handle(records) or records is not None:
+            await self._commit(topic, ends)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[None]], what: str) -> None:
+        """Run `attempt` until it succeeds, with backoff; see the module docstring for the ordering."""
+        delay, start, n = self.s.retry_initial_s, time.monotonic(), 0
+        while True:
+            try:
+                await attempt()
+                if n:
+                    log.warning("%s succeeded after %d retries (%.1f s)", what, n, time.monotonic() - start)
+                self.failing_since = None
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                n += 1
+                elapsed = time.monotonic() - start
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                if self._stopping.is_set() or elapsed + delay > self.s.retry_budget_s:
+                    raise RetryBudgetExceeded(
+                        f"{what} still failing after {n} attempts in {elapsed:.0f} s (last error: {exc!r}); "
+                        f"its offsets were not committed, a restarted worker replays it") from exc
+                self.retries += 1
+                log.warning("%s failed (attempt %d: %r); offsets not committed; retrying in %.1f s",
+                            what, n, exc, delay)
+                if self.on_batch is not None:
+                    self.on_batch()  # the status file shows the retries while the outage lasts
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.s.retry_max_s)
+                await self._in_thread(self._reset_processor)
+
+    def _reset_processor(self) -> None:
+        """Step 2 of a retry: forget unsaved in-memory state, reopen the last saved state."""
+        p = self.processor
+        if hasattr(p, "reset"):
+            p.reset()
+        elif hasattr(p, "states") and hasattr(p, "revoke") and hasattr(p, "assign"):
+            parts = list(p.states)
+            p.revoke(parts)
+            p.assign(parts)
 
     async def _commit(self, topic: str, ends: dict[int, int]) -> None:
         """Step 5b. With a processor that parks events, commit only up to its first parked offset
@@ -153,6 +223,7 @@ class BatchLoop:
             res = await self._in_thread(self.processor.retry_parked)
         else:
             res = await self._in_thread(self.processor.process, records)
+        failpoint(f"worker.{self.s.topic}.after_feast_write")  # Feast written, nothing produced/saved/committed
         futs = []
         if res.outputs and self.s.output_topic:
             out_topic = self.config.topic(self.s.output_topic)
