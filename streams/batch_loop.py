@@ -240,6 +240,7 @@ class BatchLoop:
         self.counters.processed += res.applied
         self.counters.dead_lettered += len(res.dead)
         self.counters.skipped += res.skipped
+        self.counters.duplicates += res.duplicates
         self.counters.parked = self.processor.n_parked() if hasattr(self.processor, "n_parked") else 0
         if records is not None:
             self.counters.batches += 1

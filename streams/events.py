@@ -107,5 +107,6 @@ class Counters:
     dead_lettered: int = 0
     parked: int = 0
     skipped: int = 0  # offsets <= the saved high-water mark: applied before a restart
+    duplicates: int = 0  # interactions already applied (same user, item, event time, label): no-ops
     batches: int = 0
     dlq_reasons: dict[str, int] = field(default_factory=dict)

@@ -45,6 +45,7 @@ class BatchResult:
     applied: int = 0
     parked: int = 0
     skipped: int = 0  # <= hwm: already applied before a restart
+    duplicates: int = 0  # an interaction already applied (same user, item, event time, label): a no-op
     hwm: dict[int, int] = field(default_factory=dict)  # partition -> last offset seen in this batch
 
 
