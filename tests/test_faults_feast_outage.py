@@ -1,0 +1,143 @@
+"""Fault injection, feature store down: the worker's online store (a real Redis, with an
+append-only file as production runs it) is killed with SIGKILL while interactions keep arriving,
+and restarted on the same port a few seconds later.
+
+Promise under test (streams/batch_loop.py): a batch whose Feast write fails commits nothing; the
+worker retries it in place with backoff from its last saved state, never dies, and once the store
+is back the end state equals a from-scratch computation.
+"""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fault_checks import assert_recovered, committed_total
+from tests.services import free_port, redis_binary
+from tests.streams_fixtures import broker, kafka_config, ml_slice, tiny_tokenizer  # noqa: F401
+from tests.test_streams_integration import HISTORY_LEN
+
+pytestmark = pytest.mark.integration
+
+
+class PersistentRedis:
+    """redis-server with `appendfsync always` in `workdir`: a kill -9 and restart keeps the data."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.port, self.proc = workdir, free_port(), None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> "PersistentRedis":
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--daemonize", "no", "--dir", str(self.workdir)],
+            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        import socket
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError((self.workdir / "redis.log").read_text()[-2000:])
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def redis_repo(work: Path, redis: PersistentRedis) -> Path:
+    """The embedded feature repo with its online store switched to `redis` (registry stays local)."""
+    import shutil
+
+    from streams.feature_repo_tools import SOURCE_REPO, materialize_repo
+
+    src = work.parent / f"{work.name}-source"
+    shutil.copytree(SOURCE_REPO, src, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    yaml = (src / "feature_store.yaml").read_text()
+    yaml = yaml.replace("online_store:\n  type: sqlite\n  path: data/online.db",
+                        f"online_store:\n  type: redis\n  connection_string: 127.0.0.1:{redis.port}")
+    assert "type: redis" in yaml
+    (src / "feature_store.yaml").write_text(yaml)
+    return materialize_repo(work, source=src)
+
+
+def test_online_store_outage_commits_nothing_and_the_batch_is_retried(kafka_config, tiny_tokenizer, ml_slice,  # noqa: F811
+                                                                    tmp_path):
+    from streams.app import StreamWorker, WorkerSettings
+    from streams.events import INTERACTIONS, InteractionEvent, ItemEvent
+    from streams.publisher import publish_kind
+    from tokenizer.hybrid import HybridTokenizer
+
+    cfg = kafka_config
+    items, its = ml_slice
+    n, m = len(items), len(its)
+    half = m // 2
+    redis = PersistentRedis(tmp_path / "redis").start()
+    seen: dict = {}
+    try:
+        repo = redis_repo(tmp_path / "repo", redis)
+        inter = [InteractionEvent.from_interaction(i) for i in its]
+
+        async def scenario():
+            settings = WorkerSettings(repo_path=repo, tokenizer_dir=tiny_tokenizer, kafka=cfg, history_len=HISTORY_LEN,
+                                      retry_initial_s=0.2, retry_max_s=1.0, retry_budget_s=120)
+            async with StreamWorker(settings) as w:
+                await w.wait_ready(60)
+                await asyncio.to_thread(publish_kind, cfg, "items",
+                                        [ItemEvent.from_item(i) for i in items.values()], progress=False)
+                await asyncio.to_thread(publish_kind, cfg, "interactions", inter[:half], progress=False)
+                await w.wait_for(items=n, interactions=half, timeout=120)
+                seen["before"] = await _until(lambda: committed_total(cfg, "trm-worker-interactions", INTERACTIONS),
+                                              half)
+                redis.kill()  # the online store goes away mid-stream
+                t_down = time.monotonic()
+                await asyncio.to_thread(publish_kind, cfg, "interactions", inter[half:], progress=False)
+                loop = w.loops[INTERACTIONS]
+                while loop.retries < 3:  # the worker keeps failing the batch and backing off
+                    w.raise_if_failed()
+                    assert time.monotonic() - t_down < 60, w.status()
+                    await asyncio.sleep(0.1)
+                seen["during"] = await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS)
+                seen["status_during"] = w.status()[INTERACTIONS]
+                await asyncio.sleep(2)
+                await asyncio.to_thread(redis.start)  # back, same port, data from its append-only file
+                seen["down_s"] = time.monotonic() - t_down
+                seen["after"] = await _until(lambda: committed_total(cfg, "trm-worker-interactions", INTERACTIONS), m,
+                                             timeout=120, check=w.raise_if_failed)
+                seen["recovered_s"] = time.monotonic() - t_down - seen["down_s"]
+                seen["status"] = w.status()[INTERACTIONS]
+
+        asyncio.run(scenario())
+        during = seen["status_during"]
+        assert seen["before"] == half
+        assert seen["during"] == half, "offsets of the failed batch must not be committed"
+        assert during["retries"] >= 3 and during["failing_since"] is not None
+        assert seen["after"] == m
+        st = seen["status"]
+        assert st["dead_lettered"] == 0 and st["parked"] == 0 and st["failing_since"] is None
+        checked = assert_recovered(cfg, repo, items, its, HybridTokenizer.load(tiny_tokenizer))
+        print(f"\nRedis down {seen['down_s']:.1f} s; {during['retries']} retries while down, committed stayed at "
+              f"{seen['during']}/{m}; caught up {seen['recovered_s']:.1f} s after Redis came back; "
+              f"{checked} PIT rows checked")
+    finally:
+        redis.kill()
+
+
+async def _until(get, want: int, timeout: float = 60.0, check=None) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await asyncio.to_thread(get)
+        if got == want or time.monotonic() > deadline:
+            return got
+        if check is not None:
+            check()
+        await asyncio.sleep(0.3)
