@@ -45,6 +45,9 @@ class WorkerSettings:
     history_len: int = 20
     pair_window: int = 5
     park_timeout_s: float = 900.0  # generous: a full catalogue replay tokenizes for minutes
+    # event-time seconds an interaction may lag the newest one of its partition and still be placed
+    # exactly; later ones are dead-lettered (`late`); older state is compacted (streams/state.py)
+    allowed_lateness_s: float = 7 * 86_400.0
     item_batch: int = 256
     interaction_batch: int = 20_000  # measured: ~1.2x the events per CPU-second of 5k batches
     interaction_threaded: bool = True
@@ -98,7 +101,8 @@ class StreamWorker:
         return InteractionProcessor(FeastSink(self.s.repo_path, writer_id=f"interactions-{os.getpid()}"),
                                     self.s.state_dir, self.s.pairs_dir, self.tokens.get,
                                     self.config.topic(INTERACTIONS), history_len=self.s.history_len,
-                                    pair_window=self.s.pair_window, park_timeout_s=self.s.park_timeout_s)
+                                    pair_window=self.s.pair_window, park_timeout_s=self.s.park_timeout_s,
+                                    allowed_lateness_s=self.s.allowed_lateness_s)
 
     def _retry(self) -> dict:
         return {"retry_initial_s": self.s.retry_initial_s, "retry_max_s": self.s.retry_max_s,

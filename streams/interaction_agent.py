@@ -3,30 +3,45 @@
 Processing order of one batch (the worker loop in `batch_loop.py` drives it):
   1. decode    – framed Avro -> InteractionEvent; bad bytes/content become dead letters
   2. compute   – skip offsets <= the partition's high-water mark (already applied); apply the
-                 rest in event-time order to the in-memory state. Item counters count every
-                 valid interaction at once. User features need the item's gen-tokens: an
-                 interaction whose item has no tokens yet is *parked* (with its original bytes)
-                 and so is every later one of the same user, keeping each history in order
+                 rest in event-time order to the in-memory state:
+                 a. *late*: an event older than the partition's watermark (newest event time
+                    accepted) minus `allowed_lateness_s` is dead-lettered (`late: ...`): state that
+                    old is compacted, it cannot be placed exactly (state.py)
+                 b. *duplicate*: the same (user_id, item_id, event_time, label) as an accepted
+                    event is a no-op (counted in `duplicates`): not in item counters, user
+                    features or pairs, parked or not; the dedup set is part of the saved state
+                 c. item counters count every accepted interaction at once. User features need
+                    the item's gen-tokens: an interaction whose item has no tokens yet is
+                    *parked* (with its original bytes), and so is every later one of the same
+                    user, keeping each history in order
   3. write     – Feast online + offline rows, each stamped with the event time that produced it
                  (offline: one row per (entity, event time); online: the entity's latest), and the
                  batch's co-like pairs; files are flushed (renamed into place) before returning
   4. produce   – dead letters to `interactions.dlq`, awaiting acks
-  5. commit    – save state + high-water mark (one SQLite transaction), then commit offsets —
-                 per partition only up to its first parked interaction, so a committed offset
-                 means every earlier interaction is in Feast or dead-lettered
+  5. commit    – compact state older than the horizon, save state + watermark + high-water mark
+                 (one SQLite transaction), then commit offsets — per partition only up to its
+                 first parked interaction, so a committed offset means every earlier interaction
+                 is in Feast or dead-lettered
 A crash between 3 and 5 replays the batch from the saved state: the same values are written
 again (idempotent). A crash between the state save and the offset commit replays offsets that
 are <= hwm, which are skipped, so counters never double count.
 
 Parked interactions retry whenever new item tokens arrive and on idle polls; one parked longer
 than `park_timeout_s` is dead-lettered with the reason, and the user's queue moves on.
-Item counter rows at t count interactions with event_time <= t; an event applied late (parked,
-or another partition lagging) re-stamps that item's later rows, so no row leaks its future.
+
+Point in time: a row stamped at t reflects exactly the events with event_time <= t. Item counter
+rows at t count interactions with event_time <= t over all partitions; a user row at t is the
+state after the user's events <= t. An event applied late (out of order for its user, parked, or
+another partition lagging) is inserted at its event-time position and re-stamps the entity's rows
+at every event time >= its own; a re-stamped row has a later `created`, which wins the offline
+point-in-time join (latest event_timestamp, then latest created). Pairs of a late positive are
+added with the positives around it in event time; pairs already written are not retracted.
 """
 from __future__ import annotations
 
 import bisect
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,7 +50,7 @@ from .codec import AvroCodec, DecodeError
 from .dlq import DeadLetter, SourceRecord
 from .events import InteractionEvent, InvalidEvent
 from .pairs import PairWriter
-from .state import Parked, PartitionState, read_item_events
+from .state import DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState, read_item_events, read_watermark
 
 
 @dataclass
@@ -54,7 +69,8 @@ class InteractionProcessor:
 
     def __init__(self, sink, state_dir: str | Path, pairs_dir: str | Path | None,
                  tokens_of: Callable[[int], list[int] | None], topic: str, history_len: int = 20,
-                 pair_window: int = 5, park_timeout_s: float = 300.0, codec: AvroCodec | None = None):
+                 pair_window: int = 5, park_timeout_s: float = 300.0, codec: AvroCodec | None = None,
+                 allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S):
         self.sink = sink
         self.state_dir = Path(state_dir)
         self.pairs = PairWriter(pairs_dir) if pairs_dir else None
@@ -63,6 +79,7 @@ class InteractionProcessor:
         self.history_len = history_len
         self.pair_window = pair_window
         self.park_timeout_s = park_timeout_s
+        self.allowed_lateness_s = allowed_lateness_s
         self.codec = codec or AvroCodec()
         self._schema_check = "InteractionEvent"
         self.states: dict[int, PartitionState] = {}
@@ -74,7 +91,7 @@ class InteractionProcessor:
     def assign(self, partitions: list[int]) -> None:
         for p in partitions:
             if p not in self.states:
-                self.states[p] = PartitionState(self.state_path(p), self.history_len)
+                self.states[p] = PartitionState(self.state_path(p), self.history_len, self.allowed_lateness_s)
         import gc
 
         gc.freeze()  # loaded state is long-lived: keep the collector from rescanning it (see app.tune_gc)
@@ -127,17 +144,24 @@ class InteractionProcessor:
         changes = _Changes()
         for _, part, off, ev, r in todo:
             st = self.states[part]
-            # item counters need no tokens: counted at once, in event-time order
-            st.add_item_event(ev.item_id, ev.event_time, ev.label)
+            t = ev.event_time
+            why = st.late(t)
+            if why is not None:
+                res.dead.append(DeadLetter(r, why))
+                continue
+            # item counters need no tokens: counted at once, in event-time order (not a duplicate)
+            if not st.accept(ev.user_id, ev.item_id, t, ev.label):
+                res.duplicates += 1
+                continue
             tmin = changes.item_tmin.get(ev.item_id)
-            if tmin is None or ev.event_time < tmin:
-                changes.item_tmin[ev.item_id] = ev.event_time
+            if tmin is None or t < tmin:
+                changes.item_tmin[ev.item_id] = t
             # user features need the item's tokens, and each user's events in order
             if ev.user_id in st.parked or self.tokens_of(ev.item_id) is None:
-                st.park(Parked(off, r.key, r.value, ev.user_id, ev.item_id, ev.label, ev.event_time, now))
+                st.park(Parked(off, r.key, r.value, ev.user_id, ev.item_id, ev.label, t, now))
                 res.parked += 1
                 continue
-            self._apply_user(st, ev.user_id, ev.item_id, ev.label, ev.event_time, changes)
+            self._apply_user(st, ev.user_id, ev.item_id, ev.label, t, changes)
             res.applied += 1
         res.applied += self._drain(changes, res, now)
         self._write(changes)
@@ -154,9 +178,24 @@ class InteractionProcessor:
         return res
 
     def save(self, hwm: dict[int, int]) -> None:
-        """Step 5a: make the state and high-water marks durable (before the offset commit)."""
+        """Step 5a: compact what is older than the horizon, then make the state, watermarks and
+        high-water marks durable (before the offset commit)."""
+        low = self._low_watermark()
         for p, st in self.states.items():
+            st.compact(low)
             st.save(hwm.get(p))
+
+    def _low_watermark(self) -> int | None:
+        """The lowest watermark of every partition of the topic this state directory knows (ours in
+        memory, others' as saved): item detail is compacted only below it minus the horizon, so
+        a lagging partition's accepted events still find every other partition's detail. None if
+        some partition has accepted nothing yet."""
+        wms = [st.watermark for st in self.states.values()]
+        for f in self.state_dir.glob(f"{self.topic}-p*.sqlite"):
+            if int(f.stem.rsplit("-p", 1)[1]) not in self.states:
+                wms.append(read_watermark(f))
+        low = min(wms, default=-1)
+        return low if low >= 0 else None
 
     # -- internals --
     def _drain(self, changes: "_Changes", res: BatchResult, now: float) -> int:
@@ -186,9 +225,19 @@ class InteractionProcessor:
         return applied
 
     def _apply_user(self, st: PartitionState, uid: int, iid: int, label: int, t: int, changes: "_Changes") -> None:
+        """Apply one (accepted, non-duplicate) event to the user's features and emit the user's rows:
+        at t in order; at every event time >= t when it is older than the user's newest event."""
         u = st.user(uid)
-        if label and u.history and u.history[-1][1] >= t and _in_history(u.history, iid, t):
-            return  # the same positive (item_id, event_time) twice: a duplicate event, not a new one
+        toks = tuple(self.tokens_of(iid)) if label else None
+        st.log_user_event(uid, t, iid, label, toks)
+        evs = u.events
+        if evs is None:  # the first event within the horizon: the base is the state before it
+            u.base = (u.n_events, u.n_positives, tuple(u.history))
+            evs = u.events = []
+        if evs and evs[-1][0] > t:
+            self._insert_late(u, uid, (t, iid, label, toks), changes)
+            return
+        evs.append((t, iid, label, toks))
         u.n_events += 1
         if label:
             u.n_positives += 1
@@ -206,14 +255,40 @@ class InteractionProcessor:
                             pb.append(prev_iid)
                         pu.append(uid)
                         pt.append(t)
-            u.history.append((iid, t, tuple(self.tokens_of(iid))))
+            u.history.append((iid, t, toks))
             while len(u.history) > self.history_len:
                 u.history.popleft()
-        changes.users[(uid, t)] = {
-            "user_id": uid, "event_timestamp": t,
-            "hist_gen_tokens": [x for h in u.history for x in h[2]],
-            "hist_item_ids": [h[0] for h in u.history],
-            "user_n_events": u.n_events, "user_n_positives": u.n_positives}
+        changes.users[(uid, t)] = _user_row(uid, t, u.history, u.n_events, u.n_positives)
+
+    def _insert_late(self, u, uid: int, ev: tuple, changes: "_Changes") -> None:
+        """An event older than the user's newest: insert it at its event-time position and
+        recompute the user's state from the base, re-stamping the row of every event time >= it."""
+        evs = u.events
+        t, iid, label, _ = ev
+        k = bisect.bisect_right(evs, t, key=_t)
+        evs.insert(k, ev)
+        n, npos, hist = u.base
+        hist = deque(hist)
+        nh, window = self.history_len, min(self.pair_window, self.history_len)
+        pairs = changes.pairs if self.pairs is not None and label else None
+        after = 0  # positives after the late one (it is in the pair window of the next `window`)
+        for j, (tj, ij, lj, gj) in enumerate(evs):
+            n += 1
+            if lj:
+                npos += 1
+                if pairs is not None:
+                    if j == k:  # the late positive with the positives before it
+                        for h in list(hist)[len(hist) - min(window, len(hist)):]:
+                            _add_pair(pairs, h[0], iid, uid, t)
+                    elif j > k and after < window:
+                        after += 1
+                        _add_pair(pairs, iid, ij, uid, tj)
+                hist.append((ij, tj, gj))
+                if len(hist) > nh:
+                    hist.popleft()
+            if j >= k and (j + 1 == len(evs) or evs[j + 1][0] != tj):
+                changes.users[(uid, tj)] = _user_row(uid, tj, hist, n, npos)
+        u.n_events, u.n_positives, u.history = n, npos, hist
 
     def _item_sources(self, item_ids: list[int]) -> dict[int, list]:
         """Each item's ItemEvents in every partition: ours in memory, others' from their saved state."""
@@ -241,12 +316,12 @@ class InteractionProcessor:
             tmin = item_tmin[iid]
             n = npos = 0
             tail: list[tuple[int, int]] = []  # (event_time, label) of events at or after tmin
-            for src in sources:
-                k = bisect.bisect_left(src.times, tmin)
-                n += k
-                npos += src.cum_pos[k - 1] if k else 0
+            for src in sources:  # tmin is never older than a source's detail (state.py: compaction)
                 cum, times = src.cum_pos, src.times
-                prev = cum[k - 1] if k else 0
+                k = bisect.bisect_left(times, tmin)
+                prev = cum[k - 1] if k else src.base_pos
+                n += src.base_n + k
+                npos += prev
                 for j in range(k, len(times)):
                     tail.append((times[j], cum[j] - prev))
                     prev = cum[j]
@@ -269,13 +344,22 @@ class InteractionProcessor:
             self.pairs.write(*changes.pairs)
 
 
-def _in_history(history, iid: int, t: int) -> bool:
-    for h in reversed(history):  # newest first; events of one user arrive in time order
-        if h[1] < t:
-            return False
-        if h[0] == iid and h[1] == t:
-            return True
-    return False
+def _t(e: tuple) -> int:
+    return e[0]
+
+
+def _user_row(uid: int, t: int, hist, n: int, npos: int) -> dict:
+    return {"user_id": uid, "event_timestamp": t, "hist_gen_tokens": [x for h in hist for x in h[2]],
+            "hist_item_ids": [h[0] for h in hist], "user_n_events": n, "user_n_positives": npos}
+
+
+def _add_pair(pairs: tuple, a: int, b: int, uid: int, t: int) -> None:
+    if a != b:
+        pa_, pb, pu, pt = pairs
+        pa_.append(min(a, b))
+        pb.append(max(a, b))
+        pu.append(uid)
+        pt.append(t)
 
 
 class _Changes:

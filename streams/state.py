@@ -6,52 +6,95 @@ effects are in this state; it is saved in the same transaction as the state, *af
 write and before the Kafka commit, so a replay skips offsets <= hwm instead of counting them
 twice, and a replay of offsets > hwm recomputes the same values from the same saved state.
 Only rows changed by a batch are written: O(batch), not O(state).
+
+Allowed lateness (`allowed_lateness_s`, the horizon H): the partition's *watermark* is the newest
+event time it accepted. Exact detail is kept only for events within H of it; older detail is
+compacted into base values, so memory and the SQLite tables stay bounded by the events of one
+horizon (plus the base values: one row per user and per item):
+  - per item (`ItemEvents`): the sorted times of the detail events and running positives, on top
+    of `base_n`/`base_pos` (the interactions compacted away, all older than the item cutoff);
+  - per user (`UserState`): the applied events of the detail in event-time order, on top of
+    `base` = (n_events, n_positives, last-N history) before them; the `users` table holds the
+    base, the `user_events` table the detail, so the current state is base + detail;
+  - the dedup set (`seen`): (user_id, item_id, event_time, label) of every accepted event of the
+    detail; the same keys are the rows of `item_events`, so it survives a restart.
+An event with event_time < watermark - H cannot be placed exactly any more and is refused
+(`PartitionState.late`: the processor dead-letters it). User detail is compacted below
+watermark - H (not for a user with parked events: those are placed first), item detail below the
+*lowest* watermark of all the topic's partitions minus H, so an event accepted by a lagging
+partition still finds every other partition's detail at its time (cross-partition item counts
+stay exact). A partition that has accepted nothing yet holds item compaction back.
 """
 from __future__ import annotations
 
 import bisect
 import json
 import sqlite3
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEFAULT_ALLOWED_LATENESS_S = 7 * 86_400  # event-time seconds: a week
 
-@dataclass
+
+def _t(e: tuple) -> int:
+    return e[0]
+
+
+@dataclass(slots=True)
 class UserState:
+    # current state: every applied event (base + detail)
     n_events: int = 0
     n_positives: int = 0
     # last N positives, oldest first: (item_id, event_time, gen_tokens)
     history: deque = field(default_factory=deque)
+    # detail within the horizon, in event-time order: (event_time, item_id, label, gen_tokens|None);
+    # None when empty (then the base is the current state)
+    events: list | None = None
+    # (n_events, n_positives, history tuple) before the first detail event; None when `events` is
+    base: tuple | None = None
 
 
 class ItemEvents:
-    """Sorted event times of one item's interactions and the cumulative positives at each."""
-    __slots__ = ("times", "cum_pos")
+    """One item's interactions in one partition: sorted event times of the detail, the running
+    count of positives at each (including the base), and the compacted base counts."""
+    __slots__ = ("times", "cum_pos", "base_n", "base_pos")
 
-    def __init__(self):
+    def __init__(self, base_n: int = 0, base_pos: int = 0):
         self.times: list[int] = []
         self.cum_pos: list[int] = []
+        self.base_n = base_n  # interactions compacted away (all older than every time in `times`)
+        self.base_pos = base_pos
 
     def add(self, t: int, label: int) -> None:
         times, cum = self.times, self.cum_pos
         if not times or times[-1] <= t:  # the usual case: in event-time order, O(1)
             times.append(t)
-            cum.append((cum[-1] if cum else 0) + label)
+            cum.append((cum[-1] if cum else self.base_pos) + label)
             return
         k = bisect.bisect_right(times, t)  # late: insert and shift the running count after it
         times.insert(k, t)
-        cum.insert(k, (cum[k - 1] if k else 0) + label)
-        for j in range(k + 1, len(cum)):
-            cum[j] += label
+        cum.insert(k, (cum[k - 1] if k else self.base_pos) + label)
+        if label:
+            for j in range(k + 1, len(cum)):
+                cum[j] += 1
 
     def counts_at(self, t: int) -> tuple[int, int]:
-        """(interactions, positives) with event_time <= t."""
+        """(interactions, positives) with event_time <= t (t not older than the detail)."""
         k = bisect.bisect_right(self.times, t)
-        return k, (self.cum_pos[k - 1] if k else 0)
+        return self.base_n + k, (self.cum_pos[k - 1] if k else self.base_pos)
 
-    def times_from(self, t: int) -> list[int]:
-        return self.times[bisect.bisect_left(self.times, t):]
+    def compact(self, cutoff: int) -> bool:
+        """Fold the detail older than `cutoff` into the base; True if anything moved."""
+        k = bisect.bisect_left(self.times, cutoff)
+        if not k:
+            return False
+        self.base_n += k
+        self.base_pos = self.cum_pos[k - 1]
+        del self.times[:k]
+        del self.cum_pos[:k]
+        return True
 
 
 @dataclass
@@ -67,55 +110,148 @@ class Parked:
     parked_at: float  # wall clock, for the dead-letter bound
 
 
+def _tokens_blob(toks: tuple | None) -> bytes | None:
+    return None if toks is None else array("q", toks).tobytes()
+
+
+def _blob_tokens(b: bytes | None) -> tuple | None:
+    if b is None:
+        return None
+    a = array("q")
+    a.frombytes(b)
+    return tuple(a)
+
+
 class PartitionState:
-    def __init__(self, path: str | Path, history_len: int):
+    def __init__(self, path: str | Path, history_len: int,
+                 allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S):
         self.path = Path(path)
         self.history_len = history_len
+        self.allowed_lateness_s = int(allowed_lateness_s)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.executescript("""
             PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
             CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
             CREATE TABLE IF NOT EXISTS users (user_id INTEGER PRIMARY KEY, n_events INTEGER, n_positives INTEGER, history TEXT);
+            CREATE TABLE IF NOT EXISTS user_events (user_id INTEGER, t INTEGER, item_id INTEGER, label INTEGER, tokens BLOB);
+            CREATE INDEX IF NOT EXISTS user_events_ut ON user_events (user_id, t);
             CREATE TABLE IF NOT EXISTS item_events (item_id INTEGER, t INTEGER, label INTEGER);
-            CREATE INDEX IF NOT EXISTS item_events_id ON item_events (item_id);
+            CREATE TABLE IF NOT EXISTS item_base (item_id INTEGER PRIMARY KEY, n INTEGER, npos INTEGER);
             CREATE TABLE IF NOT EXISTS parked (off INTEGER PRIMARY KEY, key BLOB, value BLOB, user_id INTEGER,
                 item_id INTEGER, label INTEGER, event_time INTEGER, parked_at REAL);
         """)
-        row = self.db.execute("SELECT v FROM meta WHERE k='hwm'").fetchone()
-        self.hwm: int = row[0] if row else -1
+        # item_events rows double as the dedup keys: a file written before dedup lacks user_id
+        if "user_id" not in {r[1] for r in self.db.execute("PRAGMA table_info(item_events)")}:
+            self.db.execute("ALTER TABLE item_events ADD COLUMN user_id INTEGER")
+        self.db.executescript("""
+            DROP INDEX IF EXISTS item_events_id;
+            CREATE INDEX IF NOT EXISTS item_events_it ON item_events (item_id, t);
+        """)
+        meta = dict(self.db.execute("SELECT k, v FROM meta"))
+        self.hwm: int = meta.get("hwm", -1)
+        self.watermark: int = meta.get("watermark", -1)  # newest accepted event time; -1: none yet
+        # compaction points reached so far (never lowered, even if the allowed lateness grows)
+        self.user_cutoff: int = meta.get("user_cutoff", -1)
+        self.item_cutoff: int = meta.get("item_cutoff", -1)
+        hl = history_len
         self.users: dict[int, UserState] = {}
         for uid, n, npos, hist in self.db.execute("SELECT user_id, n_events, n_positives, history FROM users"):
             self.users[uid] = UserState(n, npos, deque((i, t, tuple(g)) for i, t, g in json.loads(hist)))
-        # per item: event times of every interaction in this partition (sorted) and the running count
-        # of positives; item counters at time t are counts over them, so a late event re-stamps
-        # exactly the rows after it
+        for uid, t, iid, lab, tok in self.db.execute(
+                "SELECT user_id, t, item_id, label, tokens FROM user_events ORDER BY t, rowid"):
+            u = self.users.get(uid)
+            if u is None:
+                u = self.users[uid] = UserState()
+            if u.events is None:
+                u.base = (u.n_events, u.n_positives, tuple(u.history))
+                u.events = []
+            toks = _blob_tokens(tok)
+            u.events.append((t, iid, lab, toks))
+            u.n_events += 1
+            if lab:
+                u.n_positives += 1
+                u.history.append((iid, t, toks))
+                if len(u.history) > hl:
+                    u.history.popleft()
+        # per item: the detail's event times (sorted) and running positives over the base counts;
+        # item counters at time t are counts over them, so a late event re-stamps exactly the
+        # rows after it
         self.items: dict[int, ItemEvents] = {}
-        for i, t, lab in self.db.execute("SELECT item_id, t, label FROM item_events ORDER BY t, rowid"):
-            self.items.setdefault(i, ItemEvents()).add(t, lab)
+        for iid, n, npos in self.db.execute("SELECT item_id, n, npos FROM item_base"):
+            self.items[iid] = ItemEvents(n, npos)
+        # the dedup set and the expiry queues (oldest first) of the accepted events' keys
+        self.seen: set[tuple[int, int, int, int]] = set()
+        self._exp_users: deque = deque()  # keys, expire below the user cutoff
+        self._exp_items: deque = deque()  # keys, expire below the item cutoff
+        floor = self.floor()
+        for iid, t, lab, uid in self.db.execute("SELECT item_id, t, label, user_id FROM item_events ORDER BY t, rowid"):
+            evs = self.items.get(iid)
+            if evs is None:
+                evs = self.items[iid] = ItemEvents()
+            evs.add(t, lab)
+            key = (uid, iid, t, lab)
+            self._exp_items.append(key)
+            if uid is not None and t >= floor:
+                self.seen.add(key)
+                self._exp_users.append(key)
         self.parked: dict[int, deque[Parked]] = {}
         for r in self.db.execute("SELECT * FROM parked ORDER BY off"):
             p = Parked(*r)
             self.parked.setdefault(p.user_id, deque()).append(p)
-        self._dirty_users: set[int] = set()
-        self._new_item_events: list[tuple[int, int, int]] = []
+        # users whose compaction waited for their parked events (or a restart): tried every save
+        self._compact_later: set[int] = {uid for uid, u in self.users.items()
+                                         if u.events and u.events[0][0] < self.user_cutoff}
+        self._new_item_events: list[tuple[int, int, int, int]] = []
+        self._new_user_events: list[tuple] = []
+        self._compacted_users: dict[int, int] = {}  # user -> cutoff of its last compaction (unsaved)
+        self._compacted_items: dict[int, int] = {}
         self._parked_new: list[Parked] = []
         self._parked_done: list[int] = []
+
+    # -- acceptance --
+    def floor(self) -> int:
+        """The oldest event time still placed exactly: older is late (dead-lettered)."""
+        if self.watermark < 0:
+            return self.user_cutoff
+        return max(self.watermark - self.allowed_lateness_s, self.user_cutoff)
+
+    def late(self, t: int) -> str | None:
+        """Why an event at `t` is too late to place exactly, or None if it is not."""
+        floor = self.floor()
+        if t >= floor:
+            return None
+        return (f"late: event_time={t} is {self.watermark - t} s older than the watermark {self.watermark} "
+                f"(the newest event time of partition {self.path.stem.rsplit('-p', 1)[-1]}); allowed lateness is "
+                f"{self.allowed_lateness_s} s and older state is compacted, so it cannot be placed exactly: "
+                f"not counted (item counters, user features and pairs skip it)")
+
+    def accept(self, uid: int, iid: int, t: int, label: int) -> bool:
+        """Count an interaction in the item counters (and the dedup set); False if it is a duplicate."""
+        key = (uid, iid, t, label)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        self._exp_users.append(key)
+        self._exp_items.append(key)
+        if t > self.watermark:
+            self.watermark = t
+        evs = self.items.get(iid)
+        if evs is None:
+            evs = self.items[iid] = ItemEvents()
+        evs.add(t, label)
+        self._new_item_events.append((iid, t, label, uid))
+        return True
 
     # -- mutation (in memory; `save` makes it durable) --
     def user(self, uid: int) -> UserState:
         st = self.users.get(uid)
         if st is None:
             st = self.users[uid] = UserState()
-        self._dirty_users.add(uid)
         return st
 
-    def add_item_event(self, iid: int, t: int, label: int) -> None:
-        evs = self.items.get(iid)
-        if evs is None:
-            evs = self.items[iid] = ItemEvents()
-        evs.add(t, label)
-        self._new_item_events.append((iid, t, label))
+    def log_user_event(self, uid: int, t: int, iid: int, label: int, toks: tuple | None) -> None:
+        self._new_user_events.append((uid, t, iid, label, _tokens_blob(toks)))
 
     def park(self, p: Parked) -> None:
         self.parked.setdefault(p.user_id, deque()).append(p)
@@ -132,16 +268,97 @@ class PartitionState:
     def n_parked(self) -> int:
         return sum(len(q) for q in self.parked.values())
 
+    def n_detail(self) -> tuple[int, int, int]:
+        """(item detail times, user detail events, dedup keys) held in memory: bounded by the horizon."""
+        return (sum(len(e.times) for e in self.items.values()),
+                sum(len(u.events) for u in self.users.values() if u.events), len(self.seen))
+
+    # -- compaction (in memory; `save` writes it in the same transaction as the hwm) --
+    def compact(self, item_low_watermark: int | None) -> None:
+        """Fold detail older than the horizon into the base values. Users and the dedup set: below
+        watermark - H. Items: below the lowest watermark of every partition minus H (None: some
+        partition has accepted nothing yet, so item detail is kept)."""
+        if self.watermark < 0:
+            return
+        H = self.allowed_lateness_s
+        cut = self.watermark - H
+        if cut > self.user_cutoff:
+            self.user_cutoff = cut
+            q, seen, todo = self._exp_users, self.seen, self._compact_later
+            while q and q[0][2] < cut:
+                key = q.popleft()
+                seen.discard(key)
+                todo.add(key[0])
+        if self._compact_later:
+            cut = self.user_cutoff
+            parked = self.parked
+            for uid in list(self._compact_later):
+                if uid in parked:
+                    continue  # its parked events are placed first (they may be older than the cutoff)
+                self._compact_later.discard(uid)
+                u = self.users.get(uid)
+                if u is not None and u.events and u.events[0][0] < cut:
+                    self._compact_user(u, cut)
+                    self._compacted_users[uid] = cut
+        if item_low_watermark is not None and item_low_watermark >= 0:
+            cut = min(item_low_watermark, self.watermark) - H
+            if cut > self.item_cutoff:
+                self.item_cutoff = cut
+                q, done, items, visited = self._exp_items, self._compacted_items, self.items, set()
+                while q and q[0][2] < cut:
+                    iid = q.popleft()[1]
+                    if iid not in visited:
+                        visited.add(iid)
+                        if items[iid].compact(cut):
+                            done[iid] = cut
+
+    def _compact_user(self, u: UserState, cut: int) -> None:
+        evs = u.events
+        k = bisect.bisect_left(evs, cut, key=_t)
+        n, npos, hist = u.base
+        hist = list(hist)
+        for t, iid, lab, toks in evs[:k]:
+            n += 1
+            if lab:
+                npos += 1
+                hist.append((iid, t, toks))
+        hist = hist[-self.history_len:] if self.history_len else []
+        del evs[:k]
+        if evs:
+            u.base = (n, npos, tuple(hist))
+        else:
+            u.events = u.base = None  # the base is the current state
+            assert (n, npos) == (u.n_events, u.n_positives)
+
+    def _user_base(self, uid: int) -> tuple[int, int, list]:
+        u = self.users[uid]
+        if u.events is None:
+            return u.n_events, u.n_positives, list(u.history)
+        n, npos, hist = u.base
+        return n, npos, list(hist)
+
     def save(self, hwm: int | None = None) -> None:
-        """One transaction: changed users/items, parking changes, high-water mark."""
+        """One transaction: new detail rows, compactions, parking changes, watermark, high-water mark."""
         with self.db:
-            if self._dirty_users:
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO users VALUES (?,?,?,?)",
-                    [(u, s.n_events, s.n_positives, json.dumps([[i, t, list(g)] for i, t, g in s.history]))
-                     for u in self._dirty_users for s in (self.users[u],)])
             if self._new_item_events:
-                self.db.executemany("INSERT INTO item_events VALUES (?,?,?)", self._new_item_events)
+                self.db.executemany("INSERT INTO item_events (item_id, t, label, user_id) VALUES (?,?,?,?)",
+                                    self._new_item_events)
+            if self._new_user_events:
+                self.db.executemany("INSERT INTO user_events VALUES (?,?,?,?,?)", self._new_user_events)
+            if self._compacted_users:
+                rows = []
+                for uid in self._compacted_users:
+                    n, npos, hist = self._user_base(uid)
+                    rows.append((uid, n, npos, json.dumps([[i, t, list(g)] for i, t, g in hist])))
+                self.db.executemany("INSERT OR REPLACE INTO users VALUES (?,?,?,?)", rows)
+                self.db.executemany("DELETE FROM user_events WHERE user_id=? AND t<?",
+                                    list(self._compacted_users.items()))
+            if self._compacted_items:
+                items = self.items
+                self.db.executemany("INSERT OR REPLACE INTO item_base VALUES (?,?,?)",
+                                    [(i, items[i].base_n, items[i].base_pos) for i in self._compacted_items])
+                self.db.executemany("DELETE FROM item_events WHERE item_id=? AND t<?",
+                                    list(self._compacted_items.items()))
             done = set(self._parked_done)
             new = [p for p in self._parked_new if p.offset not in done]
             if new:
@@ -151,11 +368,15 @@ class PartitionState:
             stale = done - {p.offset for p in self._parked_new}
             if stale:
                 self.db.executemany("DELETE FROM parked WHERE off=?", [(o,) for o in stale])
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+                ("watermark", self.watermark), ("user_cutoff", self.user_cutoff), ("item_cutoff", self.item_cutoff)])
             if hwm is not None and hwm > self.hwm:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
                 self.hwm = hwm
-        self._dirty_users.clear()
         self._new_item_events.clear()
+        self._new_user_events.clear()
+        self._compacted_users.clear()
+        self._compacted_items.clear()
         self._parked_new.clear()
         self._parked_done.clear()
 
@@ -163,19 +384,47 @@ class PartitionState:
         self.db.close()
 
 
+def _ro(path: Path):
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def read_watermark(path: str | Path) -> int:
+    """The watermark another partition's owner saved (-1: none yet, or no such file)."""
+    p = Path(path)
+    if not p.exists():
+        return -1
+    db = _ro(p)
+    try:
+        row = db.execute("SELECT v FROM meta WHERE k='watermark'").fetchone()
+        return row[0] if row else -1
+    except sqlite3.OperationalError:  # not initialised yet
+        return -1
+    finally:
+        db.close()
+
+
 def read_item_events(path: str | Path, item_ids: list[int]) -> dict[int, ItemEvents]:
     """Item events saved by another partition's owner (read-only; for multi-worker sums)."""
     p = Path(path)
     if not p.exists() or not item_ids:
         return {}
-    db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    db = _ro(p)
     try:
-        out = {}
+        out: dict[int, ItemEvents] = {}
         for chunk in range(0, len(item_ids), 500):
             ids = item_ids[chunk:chunk + 500]
-            q = f"SELECT item_id, t, label FROM item_events WHERE item_id IN ({','.join('?' * len(ids))}) ORDER BY t"
+            marks = ','.join('?' * len(ids))
+            try:
+                for i, n, npos in db.execute(f"SELECT item_id, n, npos FROM item_base WHERE item_id IN ({marks})", ids):
+                    out[i] = ItemEvents(n, npos)
+            except sqlite3.OperationalError:  # a file from before compaction: no base table
+                pass
+            q = f"SELECT item_id, t, label FROM item_events WHERE item_id IN ({marks}) ORDER BY t"
             for i, t, lab in db.execute(q, ids):
-                out.setdefault(i, ItemEvents()).add(t, lab)
+                evs = out.get(i)
+                if evs is None:
+                    evs = out[i] = ItemEvents()
+                evs.add(t, lab)
         return out
     finally:
         db.close()
