@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from trm.failpoints import failpoint
+
 MANIFEST, STATE, POINTER = "manifest.json", "state.json", "LATEST"
 
 
@@ -63,6 +65,24 @@ def write_pointer(root: Path, target: str) -> None:
     _fsync_file(tmp)
     os.replace(tmp, root / POINTER)
     _fsync_dir(root)
+
+
+def remove_stale_temps(root: str | Path) -> list[str]:
+    """Delete what a killed writer left in `root`: `.tmp-*` directories (a checkpoint or version being
+    written) and `.LATEST.*.tmp` pointer files. Call only where one process owns `root` (at start-up);
+    returns the names removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    gone = []
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+        elif p.name.startswith(f".{POINTER}.") and p.name.endswith(".tmp") and p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone
 
 
 def read_pointer(root: str | Path) -> Path | None:
@@ -117,6 +137,7 @@ def save_checkpoint(root: str | Path, models: dict[str, torch.nn.Module],
         for name, opt in optimizers.items():
             torch.save(opt.state_dict(), tmp / f"optim.{name}.pt")
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        failpoint("trainer.mid_checkpoint")  # weights written, state and manifest not yet
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=1, sort_keys=True))
         _seal(tmp)
         final = root / f"ckpt-{state.step:09d}"
@@ -124,6 +145,7 @@ def save_checkpoint(root: str | Path, models: dict[str, torch.nn.Module],
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
+        failpoint("trainer.before_pointer")  # complete checkpoint in place, LATEST still names the previous one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,6 +200,7 @@ class ModelPublisher:
 
     def __init__(self, models_dir: str | Path, every: int, keep: int = 5):
         self.root, self.every, self.keep = Path(models_dir), every, keep
+        remove_stale_temps(self.root)  # a version copy cut short by a crash
         latest = read_pointer(self.root)  # a restarted trainer continues the version sequence
         self.last_published = int(latest.name[1:]) if latest is not None else 0
 
@@ -196,6 +219,7 @@ class ModelPublisher:
                 if f.name.startswith("optim."):  # readers need weights, not optimizer moments
                     continue
                 shutil.copy2(f, tmp / f.name)
+            failpoint("trainer.mid_publish")  # version copied under its temporary name, not renamed
             manifest = json.loads((tmp / MANIFEST).read_text())
             manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("optim.")}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))

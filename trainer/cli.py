@@ -46,7 +46,8 @@ def _train(args) -> int:
                             threads=args.threads),
                        models_dir=args.models_dir or ck.parent / "models", publish_every=args.publish_every,
                        log_path=args.metrics_log or ck.parent / "prequential.jsonl",
-                       checkpoint_every=args.checkpoint_every)
+                       checkpoint_every=args.checkpoint_every,
+                       journal_path=None if args.journal == "" else (args.journal or ck.parent / "journal.jsonl"))
     for n, (dense, sparse) in tr.learner.param_counts().items():
         console.print(f"{n}: dense {dense:,} / sparse {sparse:,} parameters")
     if args.follow:
@@ -106,6 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--publish-every", type=int, default=50, help="steps between published model versions (0: never)")
     t.add_argument("--checkpoint-every", type=int, default=1, help="micro-batches between checkpoints/commits")
     t.add_argument("--metrics-log", default=None, help="prequential JSONL (default: <checkpoint-dir>/../prequential.jsonl)")
+    t.add_argument("--journal", default=None,
+                   help="progress JSONL, a line per trained batch (its offsets) and per checkpoint "
+                        "(default: <checkpoint-dir>/../journal.jsonl; '': none)")
     t.add_argument("--batch-size", type=int, default=2048, help="events per micro-batch (one PIT join)")
     t.add_argument("--minibatch", type=int, default=256, help="rows per optimizer step")
     t.add_argument("--epochs-per-batch", type=int, default=1)

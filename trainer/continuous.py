@@ -4,13 +4,15 @@ Offsets live in the checkpoint, next to the weights they produced. Kafka offsets
 only after the checkpoint is durable, and a restart seeks to the checkpoint's offsets, so a
 crash replays at most the batch that was trained but not yet checkpointed, and skips nothing.
 The same `ContinuousTrainer.process` runs under Kafka (`follow`) and over an in-memory list of
-events (`run_events`, for tests and benchmarks).
+events (`run_events`, for tests and benchmarks). With `journal_path` every trained batch (its
+offsets) and every checkpoint is appended to a JSON-lines progress journal (`trm train --journal`).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from .batch import Featurizer, FeaturizeStats
-from .checkpoint import CheckpointError, ModelPublisher, TrainState, load_latest, save_checkpoint
+from .checkpoint import (CheckpointError, ModelPublisher, TrainState, load_latest, remove_stale_temps,
+                         save_checkpoint)
 from .learner import Learner
 from .metrics import auc, logloss
 
@@ -60,6 +63,23 @@ class Timings:
         return {k: v / tot for k, v in vars(self).items() if k != "total_s"}
 
 
+def offset_runs(records: Sequence[Record]) -> dict[str, list[list[int]]]:
+    """{"topic:partition": [[first, end), ...]}: the offsets of `records` as half-open runs."""
+    by_part: dict[str, list[int]] = {}
+    for r in records:
+        by_part.setdefault(r.partition, []).append(r.offset)
+    out: dict[str, list[list[int]]] = {}
+    for key, offs in sorted(by_part.items()):
+        runs: list[list[int]] = []
+        for o in sorted(offs):
+            if runs and o == runs[-1][1]:
+                runs[-1][1] = o + 1
+            else:
+                runs.append([o, o + 1])
+        out[key] = runs
+    return out
+
+
 def records_frame(records: Sequence[Record]) -> pd.DataFrame:
     return pd.DataFrame([(r.user_id, r.item_id, r.label, r.event_time) for r in records],
                         columns=["user_id", "item_id", "label", "event_time"])
@@ -77,6 +97,7 @@ class ContinuousTrainer:
     checkpoint_dir: Path
     publisher: ModelPublisher | None = None
     log_path: Path | None = None  # prequential metrics, one JSON line per (batch, model)
+    journal_path: Path | None = None  # progress journal: one JSON line per trained batch and per checkpoint
     checkpoint_every: int = 1  # batches between checkpoints (offsets advance only with them)
     keep_predictions: bool = False
     fail_at: Callable[[str, int], None] | None = None  # test hook: (phase, step) -> may raise TrainerCrash
@@ -95,7 +116,11 @@ class ContinuousTrainer:
 
     # --- restart ---------------------------------------------------------------------------
     def resume(self) -> bool:
-        """Load the latest checkpoint if there is one; True if resumed."""
+        """Load the latest checkpoint if there is one; True if resumed. Partial writes a crash left
+        behind (never named by LATEST) are deleted first."""
+        gone = remove_stale_temps(self.checkpoint_dir)
+        if gone:
+            log.warning("removed %d partial checkpoint file(s) left by a crash: %s", len(gone), gone[:3])
         st = load_latest(self.checkpoint_dir, self.learner.models, self.learner.optimizers)
         if st is None:
             return False
@@ -137,6 +162,7 @@ class ContinuousTrainer:
             key = r.partition
             self.state.offsets[key] = max(self.state.offsets.get(key, 0), r.offset + 1)
         self._pending += 1
+        self._journal({"kind": "trained", "step": self.state.step, "n": len(records), "offsets": offset_runs(records)})
         ckpt_s = 0.0
         if self._pending >= self.checkpoint_every:
             ckpt_s = self.checkpoint()
@@ -158,14 +184,31 @@ class ContinuousTrainer:
         path = save_checkpoint(self.checkpoint_dir, self.learner.models, self.learner.optimizers, self.state)
         self.checkpointed_offsets = dict(self.state.offsets)
         self._pending = 0
+        self._journal({"kind": "checkpoint", "step": self.state.step, "events_seen": self.state.events_seen,
+                       "path": path.name, "offsets": dict(self.state.offsets)})
         if self.publisher is not None:
-            self.publisher.maybe_publish(path, self.state.step)
+            version = self.publisher.maybe_publish(path, self.state.step)
+            if version is not None:
+                self._journal({"kind": "published", "step": self.state.step, "version": version.name})
         self._hook("checkpointed")
         return time.perf_counter() - t
 
     def _hook(self, phase: str) -> None:
         if self.fail_at is not None:
             self.fail_at(phase, self.state.step)
+
+    def _journal(self, entry: dict) -> None:
+        """Append one line to the progress journal (see docs/faults.md, "Trainer crash").
+
+        One write() per line, flushed on close: a line survives a kill -9 of the process once this
+        returns (not a power loss; the journal is a progress record, not the source of truth:
+        the checkpoint is). A kill during the write can leave a truncated last line."""
+        if self.journal_path is None:
+            return
+        line = json.dumps({**entry, "pid": os.getpid(), "time": round(time.time(), 3)}) + "\n"
+        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal_path, "a") as f:
+            f.write(line)
 
     def _log(self, n: int, metrics: dict, fst: FeaturizeStats, join_s: float, total_s: float) -> None:
         if self.log_path is None:
