@@ -50,7 +50,8 @@ from .codec import AvroCodec, DecodeError
 from .dlq import DeadLetter, SourceRecord
 from .events import InteractionEvent, InvalidEvent
 from .pairs import PairWriter
-from .state import DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState, read_item_events, read_watermark
+from .state import (DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState, read_item_events, read_watermark,
+                    tokens_blob)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class InteractionProcessor:
         self.codec = codec or AvroCodec()
         self._schema_check = "InteractionEvent"
         self.states: dict[int, PartitionState] = {}
+        self._tok_cache: dict[int, tuple] = {}  # item -> (token list seen, tuple, blob)
 
     # -- partitions --
     def state_path(self, partition: int) -> Path:
@@ -142,12 +144,14 @@ class InteractionProcessor:
         todo.sort(key=lambda x: x[:3])
         now = time.time()
         changes = _Changes()
+        # the oldest event time each partition can still place exactly: in event-time order, the
+        # watermark moving within the batch never makes a later event of the batch late
+        floors = {p: st.floor() for p, st in self.states.items()}
         for _, part, off, ev, r in todo:
             st = self.states[part]
             t = ev.event_time
-            why = st.late(t)
-            if why is not None:
-                res.dead.append(DeadLetter(r, why))
+            if t < floors[part]:
+                res.dead.append(DeadLetter(r, st.late(t)))
                 continue
             # item counters need no tokens: counted at once, in event-time order (not a duplicate)
             if not st.accept(ev.user_id, ev.item_id, t, ev.label):
@@ -228,8 +232,11 @@ class InteractionProcessor:
         """Apply one (accepted, non-duplicate) event to the user's features and emit the user's rows:
         at t in order; at every event time >= t when it is older than the user's newest event."""
         u = st.user(uid)
-        toks = tuple(self.tokens_of(iid)) if label else None
-        st.log_user_event(uid, t, iid, label, toks)
+        if label:
+            toks, blob = self._tokens(iid)
+        else:
+            toks = blob = None
+        st.new_user_events.append((uid, t, iid, label, blob))
         evs = u.events
         if evs is None:  # the first event within the horizon: the base is the state before it
             u.base = (u.n_events, u.n_positives, tuple(u.history))
@@ -259,6 +266,14 @@ class InteractionProcessor:
             while len(u.history) > self.history_len:
                 u.history.popleft()
         changes.users[(uid, t)] = _user_row(uid, t, u.history, u.n_events, u.n_positives)
+
+    def _tokens(self, iid: int) -> tuple[tuple, bytes]:
+        """The item's gen-tokens as a tuple and as the saved blob, made once per token list."""
+        cur = self.tokens_of(iid)
+        c = self._tok_cache.get(iid)
+        if c is None or c[0] is not cur:
+            c = self._tok_cache[iid] = (cur, tuple(cur), tokens_blob(cur))
+        return c[1], c[2]
 
     def _insert_late(self, u, uid: int, ev: tuple, changes: "_Changes") -> None:
         """An event older than the user's newest: insert it at its event-time position and

@@ -110,8 +110,8 @@ class Parked:
     parked_at: float  # wall clock, for the dead-letter bound
 
 
-def _tokens_blob(toks: tuple | None) -> bytes | None:
-    return None if toks is None else array("q", toks).tobytes()
+def tokens_blob(toks) -> bytes:
+    return array("q", toks).tobytes()
 
 
 def _blob_tokens(b: bytes | None) -> tuple | None:
@@ -180,21 +180,29 @@ class PartitionState:
         self.items: dict[int, ItemEvents] = {}
         for iid, n, npos in self.db.execute("SELECT item_id, n, npos FROM item_base"):
             self.items[iid] = ItemEvents(n, npos)
-        # the dedup set and the expiry queues (oldest first) of the accepted events' keys
-        self.seen: set[tuple[int, int, int, int]] = set()
-        self._exp_users: deque = deque()  # keys, expire below the user cutoff
-        self._exp_items: deque = deque()  # keys, expire below the item cutoff
-        floor = self.floor()
+        # the dedup set, by event-time bucket (width H/16, so expiry drops whole sets): per bucket the
+        # keys (user_id, item_id, event_time, label) of the accepted events and their users; and,
+        # for item compaction (a lower cutoff), the items of each bucket
+        self.bucket_s = max(1, self.allowed_lateness_s // 16)
+        self._ubuckets: dict[int, tuple[set, set]] = {}
+        self._ibuckets: dict[int, set] = {}
+        B, floor = self.bucket_s, self.floor()
         for iid, t, lab, uid in self.db.execute("SELECT item_id, t, label, user_id FROM item_events ORDER BY t, rowid"):
             evs = self.items.get(iid)
             if evs is None:
                 evs = self.items[iid] = ItemEvents()
             evs.add(t, lab)
-            key = (uid, iid, t, lab)
-            self._exp_items.append(key)
+            b = t // B
+            ib = self._ibuckets.get(b)
+            if ib is None:
+                ib = self._ibuckets[b] = set()
+            ib.add(iid)
             if uid is not None and t >= floor:
-                self.seen.add(key)
-                self._exp_users.append(key)
+                ub = self._ubuckets.get(b)
+                if ub is None:
+                    ub = self._ubuckets[b] = (set(), set())
+                ub[0].add((uid, iid, t, lab))
+                ub[1].add(uid)
         self.parked: dict[int, deque[Parked]] = {}
         for r in self.db.execute("SELECT * FROM parked ORDER BY off"):
             p = Parked(*r)
@@ -203,7 +211,7 @@ class PartitionState:
         self._compact_later: set[int] = {uid for uid, u in self.users.items()
                                          if u.events and u.events[0][0] < self.user_cutoff}
         self._new_item_events: list[tuple[int, int, int, int]] = []
-        self._new_user_events: list[tuple] = []
+        self.new_user_events: list[tuple] = []  # (user_id, t, item_id, label, tokens blob): the caller appends
         self._compacted_users: dict[int, int] = {}  # user -> cutoff of its last compaction (unsaved)
         self._compacted_items: dict[int, int] = {}
         self._parked_new: list[Parked] = []
@@ -229,11 +237,18 @@ class PartitionState:
     def accept(self, uid: int, iid: int, t: int, label: int) -> bool:
         """Count an interaction in the item counters (and the dedup set); False if it is a duplicate."""
         key = (uid, iid, t, label)
-        if key in self.seen:
+        b = t // self.bucket_s
+        ub = self._ubuckets.get(b)
+        if ub is None:
+            ub = self._ubuckets[b] = (set(), set())
+        elif key in ub[0]:
             return False
-        self.seen.add(key)
-        self._exp_users.append(key)
-        self._exp_items.append(key)
+        ub[0].add(key)
+        ub[1].add(uid)
+        ib = self._ibuckets.get(b)
+        if ib is None:
+            ib = self._ibuckets[b] = set()
+        ib.add(iid)
         if t > self.watermark:
             self.watermark = t
         evs = self.items.get(iid)
@@ -250,17 +265,16 @@ class PartitionState:
             st = self.users[uid] = UserState()
         return st
 
-    def log_user_event(self, uid: int, t: int, iid: int, label: int, toks: tuple | None) -> None:
-        self._new_user_events.append((uid, t, iid, label, _tokens_blob(toks)))
-
     def park(self, p: Parked) -> None:
         self.parked.setdefault(p.user_id, deque()).append(p)
         self._parked_new.append(p)
 
     def unpark(self, p: Parked) -> None:
         q = self.parked[p.user_id]
-        assert q[0] is p
-        q.popleft()
+        if q[0] is p:
+            q.popleft()
+        else:  # a ready prefix is unparked in event-time order, which need not be arrival order
+            q.remove(p)
         if not q:
             del self.parked[p.user_id]
         self._parked_done.append(p.offset)
@@ -271,24 +285,24 @@ class PartitionState:
     def n_detail(self) -> tuple[int, int, int]:
         """(item detail times, user detail events, dedup keys) held in memory: bounded by the horizon."""
         return (sum(len(e.times) for e in self.items.values()),
-                sum(len(u.events) for u in self.users.values() if u.events), len(self.seen))
+                sum(len(u.events) for u in self.users.values() if u.events),
+                sum(len(k) for k, _ in self._ubuckets.values()))
 
     # -- compaction (in memory; `save` writes it in the same transaction as the hwm) --
     def compact(self, item_low_watermark: int | None) -> None:
         """Fold detail older than the horizon into the base values. Users and the dedup set: below
         watermark - H. Items: below the lowest watermark of every partition minus H (None: some
-        partition has accepted nothing yet, so item detail is kept)."""
+        partition has accepted nothing yet, so item detail is kept). Whole buckets of the dedup set
+        expire once they are entirely older than the cutoff."""
         if self.watermark < 0:
             return
-        H = self.allowed_lateness_s
+        H, B = self.allowed_lateness_s, self.bucket_s
         cut = self.watermark - H
         if cut > self.user_cutoff:
             self.user_cutoff = cut
-            q, seen, todo = self._exp_users, self.seen, self._compact_later
-            while q and q[0][2] < cut:
-                key = q.popleft()
-                seen.discard(key)
-                todo.add(key[0])
+            todo = self._compact_later
+            for b in [b for b in self._ubuckets if (b + 1) * B <= cut]:
+                todo.update(self._ubuckets.pop(b)[1])
         if self._compact_later:
             cut = self.user_cutoff
             parked = self.parked
@@ -304,13 +318,13 @@ class PartitionState:
             cut = min(item_low_watermark, self.watermark) - H
             if cut > self.item_cutoff:
                 self.item_cutoff = cut
-                q, done, items, visited = self._exp_items, self._compacted_items, self.items, set()
-                while q and q[0][2] < cut:
-                    iid = q.popleft()[1]
-                    if iid not in visited:
-                        visited.add(iid)
-                        if items[iid].compact(cut):
-                            done[iid] = cut
+                todo_items: set[int] = set()
+                for b in [b for b in self._ibuckets if (b + 1) * B <= cut]:
+                    todo_items.update(self._ibuckets.pop(b))
+                done, items = self._compacted_items, self.items
+                for iid in todo_items:
+                    if items[iid].compact(cut):
+                        done[iid] = cut
 
     def _compact_user(self, u: UserState, cut: int) -> None:
         evs = u.events
@@ -328,7 +342,6 @@ class PartitionState:
             u.base = (n, npos, tuple(hist))
         else:
             u.events = u.base = None  # the base is the current state
-            assert (n, npos) == (u.n_events, u.n_positives)
 
     def _user_base(self, uid: int) -> tuple[int, int, list]:
         u = self.users[uid]
@@ -343,8 +356,8 @@ class PartitionState:
             if self._new_item_events:
                 self.db.executemany("INSERT INTO item_events (item_id, t, label, user_id) VALUES (?,?,?,?)",
                                     self._new_item_events)
-            if self._new_user_events:
-                self.db.executemany("INSERT INTO user_events VALUES (?,?,?,?,?)", self._new_user_events)
+            if self.new_user_events:
+                self.db.executemany("INSERT INTO user_events VALUES (?,?,?,?,?)", self.new_user_events)
             if self._compacted_users:
                 rows = []
                 for uid in self._compacted_users:
@@ -374,7 +387,7 @@ class PartitionState:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
                 self.hwm = hwm
         self._new_item_events.clear()
-        self._new_user_events.clear()
+        self.new_user_events.clear()
         self._compacted_users.clear()
         self._compacted_items.clear()
         self._parked_new.clear()

@@ -93,3 +93,250 @@ def test_restart_skips_applied_offsets_and_keeps_state(feast_repo):  # noqa: F81
              [(1, 100), (1, 101), (1, 201), (1, 301)])
     assert h["user_n_events"].fillna(-1).tolist() == [-1, 1, 2, 3]
     assert [list(x) if x is not None else None for x in h["hist_item_ids"]] == [None, [10], [10, 20], [20, 30]]
+
+
+# -- duplicates, out-of-order users, allowed lateness (compaction) ------------------------------
+class RowStore:
+    """A stand-in sink: the offline store's view of the rows, one per (view, entity, event time);
+    a later write of the same (entity, event time) wins, as the point-in-time join resolves it
+    (latest event_timestamp, then latest `created`)."""
+
+    KEYS = {"user_history": "user_id", "item_stats": "item_id"}
+
+    def __init__(self):
+        self.rows: dict[tuple[str, int, int], dict] = {}
+
+    def write(self, view, rows):
+        for r in rows:
+            self.rows[(view, r[self.KEYS[view]], r["event_timestamp"])] = r
+
+    def latest(self, view, eid):
+        ts = max(t for v, e, t in self.rows if v == view and e == eid)
+        return self.rows[(view, eid, ts)]
+
+
+def make_fake(state_dir, tokens, allowed_lateness_s, sink=None, history_len=3, parts=(0, 1)):
+    from streams.interaction_agent import InteractionProcessor
+
+    p = InteractionProcessor(sink or RowStore(), state_dir, None, tokens.get, "interactions", history_len=history_len,
+                             park_timeout_s=1e9, allowed_lateness_s=allowed_lateness_s)
+    p.assign(list(parts))
+    return p
+
+
+def step(p, records):
+    r = p.process(records)
+    p.save(r.hwm)
+    return r
+
+
+def expected_rows(applied, tokens, history_len):
+    """From scratch: every (view, entity, event time) row the accepted events must leave in the store.
+    `applied`: (user, item, label, t) in any order; a user's events have distinct times here."""
+    from collections import defaultdict
+
+    out = {}
+    by_user, by_item = defaultdict(list), defaultdict(list)
+    for u, i, lab, t in applied:
+        by_user[u].append((t, i, lab))
+        by_item[i].append((t, lab))
+    for u, evs in by_user.items():
+        evs.sort()
+        n = npos = 0
+        hist: list[int] = []
+        for t, i, lab in evs:
+            n += 1
+            if lab:
+                npos += 1
+                hist = (hist + [i])[-history_len:]
+            out[("user_history", u, t)] = {"user_id": u, "event_timestamp": t, "hist_item_ids": hist,
+                                           "hist_gen_tokens": [x for j in hist for x in tokens[j]],
+                                           "user_n_events": n, "user_n_positives": npos}
+    for i, evs in by_item.items():
+        evs.sort()
+        for k, (t, _) in enumerate(evs):
+            if k + 1 == len(evs) or evs[k + 1][0] != t:
+                out[("item_stats", i, t)] = {"item_id": i, "event_timestamp": t, "item_n_interactions": k + 1,
+                                             "item_n_positives": sum(lab for _, lab in evs[:k + 1])}
+    return out
+
+
+def test_duplicates_are_no_ops_everywhere_across_a_restart_and_while_parked(feast_repo):  # noqa: F811
+    tokens = dict(TOKENS)
+    p = make(feast_repo, tokens)
+    r = p.process([rec(0, 0, 1, 10, 1, 100), rec(0, 1, 1, 20, 0, 200), rec(0, 2, 1, 10, 1, 100)])  # a copy in-batch
+    assert (r.applied, r.duplicates) == (2, 1)
+    p.save(r.hwm)
+    p.revoke([0, 1])
+    p = make(feast_repo, tokens)  # restarted: the dedup set comes back from the saved state
+    r = p.process([rec(0, 3, 1, 10, 1, 100), rec(0, 4, 1, 20, 0, 200),  # a positive and a negative again
+                   rec(0, 5, 2, 10, 1, 100),  # another user, same item and time: not a duplicate
+                   rec(0, 6, 1, 20, 1, 200),  # same user, item, time, other label: not a duplicate
+                   rec(0, 7, 3, 40, 1, 400), rec(0, 8, 3, 40, 1, 400)])  # no tokens for 40: parked once
+    assert (r.applied, r.duplicates, r.parked, r.dead) == (2, 3, 1, [])
+    p.save(r.hwm)
+    p.revoke([0, 1])
+    p = make(feast_repo, tokens)
+    r = p.process([rec(0, 9, 3, 40, 1, 400)])  # a copy of the parked one, after a restart
+    assert (r.duplicates, r.parked) == (1, 0)
+    p.save(r.hwm)
+    tokens[40] = [4, 12, 20]
+    r = p.retry_parked()
+    assert r.applied == 1
+    p.save(r.hwm)
+    u = p.sink.read_online("user_history", [1, 3])
+    assert (u[1]["user_n_events"], u[1]["user_n_positives"], u[1]["hist_item_ids"]) == (3, 2, [10, 20])
+    assert (u[3]["user_n_events"], u[3]["hist_item_ids"]) == (1, [40])
+    items = p.sink.read_online("item_stats", [10, 20, 40])
+    assert items == {10: {"item_n_interactions": 2, "item_n_positives": 2},
+                     20: {"item_n_interactions": 2, "item_n_positives": 1},
+                     40: {"item_n_interactions": 1, "item_n_positives": 1}}
+    from streams.pairs import load_pairs
+
+    pairs = load_pairs(feast_repo / "pairs").to_pylist()
+    assert pairs == [{"item_a": 10, "item_b": 20, "user_id": 1, "event_time": 200}]  # once, not per copy
+
+
+def test_out_of_order_user_event_is_inserted_and_later_rows_are_restamped(feast_repo):  # noqa: F811
+    p = make(feast_repo, TOKENS)  # history_len=2
+    step(p, [rec(0, 0, 1, 10, 1, 100), rec(0, 1, 1, 20, 1, 300)])
+    r = step(p, [rec(0, 2, 1, 30, 1, 200)])  # older than the user's newest event, within the horizon
+    assert r.applied == 1 and not r.dead
+    h = hist(p.sink, ["user_history:user_n_events", "user_history:hist_item_ids", "user_history:hist_gen_tokens"],
+             "user_id", [(1, 101), (1, 201), (1, 301)])
+    assert h["user_n_events"].tolist() == [1, 2, 3]
+    assert [list(x) for x in h["hist_item_ids"]] == [[10], [10, 30], [30, 20]]  # event-time order
+    assert list(h["hist_gen_tokens"].iloc[2]) == TOKENS[30] + TOKENS[20]
+    u = p.sink.read_online("user_history", [1])[1]
+    assert (u["user_n_events"], u["hist_item_ids"]) == (3, [30, 20])
+    # the restamped rows survive a restart: the saved detail rebuilds the same state
+    p.revoke([0, 1])
+    p = make(feast_repo, TOKENS)
+    step(p, [rec(0, 3, 1, 10, 0, 250)])
+    h = hist(p.sink, ["user_history:user_n_events", "user_history:hist_item_ids"], "user_id",
+             [(1, 251), (1, 301)])
+    assert h["user_n_events"].tolist() == [3, 4] and [list(x) for x in h["hist_item_ids"]] == [[10, 30], [30, 20]]
+    from streams.pairs import load_pairs
+
+    got = {(r["item_a"], r["item_b"], r["event_time"]) for r in load_pairs(feast_repo / "pairs").to_pylist()}
+    assert got == {(10, 20, 300), (10, 30, 200), (20, 30, 300)}  # the late positive's pairs both ways
+
+
+def test_events_beyond_the_allowed_lateness_are_dead_lettered(tmp_path):
+    p = make_fake(tmp_path, TOKENS, allowed_lateness_s=1000)
+    step(p, [rec(0, 0, 1, 10, 1, 10_000)])
+    r = step(p, [rec(0, 1, 2, 20, 1, 8_000),  # 2000 s behind the watermark: late
+                 rec(0, 2, 1, 10, 1, 10_000 - 2000),  # same, also for a would-be duplicate
+                 rec(0, 3, 1, 30, 1, 9_500),  # 500 s behind: placed exactly
+                 rec(1, 0, 3, 20, 1, 8_000)])  # partition 1 has its own watermark: not late
+    assert r.applied == 2 and len(r.dead) == 2
+    assert [d.record.offset for d in r.dead] == [1, 2]
+    reason = r.dead[0].reason
+    assert reason.startswith("late: event_time=8000 is 2000 s older than the watermark 10000") and \
+        "allowed lateness is 1000 s" in reason
+    assert p.sink.latest("item_stats", 20) == {"item_id": 20, "event_timestamp": 8000, "item_n_interactions": 1,
+                                               "item_n_positives": 1}
+    assert p.sink.latest("user_history", 1)["hist_item_ids"] == [30, 10]
+    p.revoke([0, 1])
+    p = make_fake(tmp_path, TOKENS, allowed_lateness_s=1000)  # the watermark is part of the saved state
+    r = step(p, [rec(0, 4, 4, 10, 0, 8_999)])
+    assert [d.reason.split(":")[0] for d in r.dead] == ["late"]
+
+
+def test_compaction_keeps_memory_and_sqlite_bounded_and_values_exact(tmp_path):
+    import random
+    import sqlite3
+
+    rnd = random.Random(7)
+    H, step_s, n_batches, per_batch = 2_000, 10, 40, 250  # 100k s of event time, 10k events, ~200 in H
+    tokens = {i: [i, i + 100] for i in range(1, 31)}
+    p = make_fake(tmp_path / "state", tokens, allowed_lateness_s=H)
+    applied, off, t, peak = [], [0, 0], 1_000, []
+    for b in range(n_batches):
+        recs = []
+        for _ in range(per_batch):
+            t += step_s
+            u = rnd.randint(1, 40)
+            part = u % 2
+            ev = (u, rnd.randint(1, 30), rnd.randint(0, 1), t - rnd.randint(0, H // 2))  # some out of order
+            recs.append(rec(part, off[part], *ev))
+            off[part] += 1
+            applied.append(ev)
+        r = step(p, recs)
+        assert not r.dead and r.duplicates == 0
+        peak.append(max(sum(st.n_detail()[k] for st in p.states.values()) for k in range(3)))
+        if b == n_batches // 2:  # a restart half-way: the compacted state is what is saved
+            sink = p.sink
+            p.revoke([0, 1])
+            p = make_fake(tmp_path / "state", tokens, allowed_lateness_s=H, sink=sink)
+    # memory: the detail holds the events of about one horizon (+ a batch), not all 10k
+    assert max(peak) < 3 * (H // step_s + per_batch), peak
+    for part in (0, 1):
+        db = sqlite3.connect(tmp_path / "state" / f"interactions-p{part}.sqlite")
+        n_rows = [db.execute(f"SELECT count(*) FROM {tb}").fetchone()[0] for tb in ("item_events", "user_events")]
+        db.close()
+        assert max(n_rows) < 3 * (H // step_s + per_batch), n_rows
+    # values: every row ever written (restamped ones superseding) == the from-scratch computation
+    assert p.sink.rows == expected_rows(applied, tokens, history_len=3)
+
+
+def test_random_duplicates_late_and_parked_events_leave_exact_rows(tmp_path):
+    """Property check: shuffled (bounded) arrival, copies, events beyond the horizon, items
+    whose tokens come late, a restart; the rows left in the store == the from-scratch ones."""
+    import random
+
+    rnd = random.Random(11)
+    H = 500
+    all_tokens = {i: [i, 50 + i] for i in range(1, 21)}
+    tokens = {i: all_tokens[i] for i in range(1, 16)}  # items 16..20 get theirs later
+    p = make_fake(tmp_path / "state", tokens, allowed_lateness_s=H)
+    wm = {0: -1, 1: -1}
+    accepted, seen_keys, used_times = [], set(), set()
+    off = [0, 0]
+    n_dead = n_dup = 0
+    t = 10_000
+    for b in range(30):
+        recs, evs = [], []
+        for _ in range(rnd.randint(1, 60)):
+            t += rnd.randint(0, 20)
+            u = rnd.randint(1, 12)
+            if evs and rnd.random() < 0.1:
+                ev = rnd.choice(evs)  # a copy in the same batch
+            elif accepted and rnd.random() < 0.1:
+                ev = rnd.choice(accepted[-50:])  # a copy of an earlier one
+            else:
+                lag = rnd.choice([0, 0, 0, rnd.randint(0, H), rnd.randint(H, 3 * H)])
+                te = t - lag
+                while (u, te) in used_times:  # one event per user and time: histories have one order
+                    te += 1
+                used_times.add((u, te))
+                ev = (u, rnd.randint(1, 20), rnd.randint(0, 1), te)
+            evs.append(ev)
+            part = ev[0] % 2
+            recs.append(rec(part, off[part], *ev))
+            off[part] += 1
+        # what must happen, simulated independently: event-time order within the batch, late if
+        # older than the partition's newest accepted time minus H, a copy of an accepted key is a no-op
+        for part, ev in sorted(((ev[0] % 2, ev) for ev in evs), key=lambda x: (x[1][3], x[0])):
+            if wm[part] >= 0 and ev[3] < wm[part] - H:
+                n_dead += 1
+            elif ev in seen_keys:
+                n_dup += 1
+            else:
+                seen_keys.add(ev)
+                accepted.append(ev)
+                wm[part] = max(wm[part], ev[3])
+        r = step(p, recs)
+        assert (len(r.dead), r.duplicates) == (n_dead, n_dup), b
+        assert all(d.reason.startswith("late: ") for d in r.dead)
+        n_dead = n_dup = 0
+        if b == 12:
+            tokens.update(all_tokens)  # the missing tokens arrive; parked events are placed
+            r = p.retry_parked()
+            p.save(r.hwm)
+        if b == 20:
+            sink = p.sink
+            p.revoke([0, 1])
+            p = make_fake(tmp_path / "state", tokens, allowed_lateness_s=H, sink=sink)
+    assert p.n_parked() == 0
+    assert p.sink.rows == expected_rows(accepted, all_tokens, history_len=3)
