@@ -223,7 +223,8 @@ class BatchLoop:
             res = await self._in_thread(self.processor.retry_parked)
         else:
             res = await self._in_thread(self.processor.process, records)
-        failpoint(f"worker.{self.s.topic}.after_feast_write")  # Feast written, nothing produced/saved/committed
+        if res.applied or res.dead:  # Feast written; nothing produced, saved or committed yet
+            failpoint(f"worker.{self.s.topic}.after_feast_write")
         futs = []
         if res.outputs and self.s.output_topic:
             out_topic = self.config.topic(self.s.output_topic)

@@ -11,13 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
-
-import pandas as pd
 import pytest
 
 from tests.streams_fixtures import ROOT, broker, feast_repo, ml_slice, tiny_tokenizer  # noqa: F401
-from tests.test_streams_integration import HISTORY_LEN, assert_pit_row, consume_all, reference
+from tests.fault_checks import assert_recovered
+from tests.test_streams_integration import HISTORY_LEN
 
 pytestmark = pytest.mark.integration
 CHUNK = 100
@@ -35,6 +33,7 @@ def _committed(cfg, group, topic):
 
 
 def _start_worker(env, repo, tokenizer, log_path):
+    """`trm worker` as a subprocess we can SIGKILL by PID; its output goes to `log_path`."""
     log = open(log_path, "a")
     p = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "trm.cli", "worker", "--repo", str(repo),
                           "--tokenizer", str(tokenizer), "--history-len", str(HISTORY_LEN)],
@@ -55,7 +54,6 @@ def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(broker, fea
                                                                      ml_slice, tmp_path):
     from streams.broker import create_topics
     from streams.events import InteractionEvent, ItemEvent
-    from streams.feast_sink import FeastSink, to_utc
     from streams.publisher import publish_kind
     from tokenizer.hybrid import HybridTokenizer
     from trm.config import KafkaConfig
@@ -65,7 +63,6 @@ def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(broker, fea
     items, its = ml_slice
     n, m = len(items), len(its)
     tok = HybridTokenizer.load(tiny_tokenizer)
-    gen_of = {iid: t.gen_tokens for iid, t in zip(items, tok.encode_texts([i.text() for i in items.values()]))}
     env = dict(os.environ, TRM_KAFKA_BOOTSTRAP=broker.bootstrap, TRM_KAFKA_SESSION_TIMEOUT_MS="6000")
     log_path = tmp_path / "worker.log"
 
@@ -114,37 +111,85 @@ def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(broker, fea
         w._log.close()
     assert w.returncode == 0, log_path.read_text()[-3000:]
 
-    # -- 0 lost: nothing dead-lettered, the restart handled exactly what was not committed
-    assert consume_all(cfg, "interactions.dlq", 1, timeout=3) == []
-    assert consume_all(cfg, "items.dlq", 1, timeout=3) == []
+    # -- 0 lost: the restart handled exactly what was not committed; stores == from scratch
     st = after["interactions"]
     assert st["dead_lettered"] == 0 and st["parked"] == 0
     assert st["processed"] + st["skipped"] >= m - got  # the rest, plus any replayed (skipped) offsets
-
-    sink = FeastSink(feast_repo)
-    # -- tokens online: exactly the tokenizer's
-    online = sink.read_online("item_tokens", list(items))
-    assert {iid: online[iid]["gen_tokens"] for iid in items} == gen_of
-    assert all(online[i]["mem_tokens"] == t.mem_tokens for i, t in zip(items, tok.encode_items(list(items.values()))))
-    # -- user histories and item counters online == from scratch
-    users_tl, items_tl = reference(its, gen_of)
-    online_u = sink.read_online("user_history", list(users_tl))
-    assert {u: online_u[u] for u in users_tl} == {u: tl[-1][1] for u, tl in users_tl.items()}
-    online_i = sink.read_online("item_stats", list(items_tl))
-    assert {i: online_i[i] for i in items_tl} == {i: tl[-1][1] for i, tl in items_tl.items()}
-
-    # -- point in time (offline, where a replayed batch wrote its rows twice): same answers
-    sample = its[::11]
-    edf = pd.DataFrame({"user_id": [i.user_id for i in sample], "item_id": [i.item_id for i in sample],
-                        "event_timestamp": [to_utc(i.event_time) - timedelta(microseconds=1) for i in sample]})
-    feats = ["user_history:hist_item_ids", "user_history:hist_gen_tokens", "user_history:user_n_events",
-             "user_history:user_n_positives", "item_stats:item_n_interactions", "item_stats:item_n_positives",
-             "item_tokens:gen_tokens"]
-    hist = sink.store.get_historical_features(entity_df=edf, features=feats).to_df()
-    assert len(hist) == len(edf)
-    checked = 0
-    for row in hist.itertuples(index=False):
-        checked += assert_pit_row(row, users_tl, items_tl)
-        assert list(row.gen_tokens) == gen_of[row.item_id]
-    assert checked > len(sample) // 2
+    assert_recovered(cfg, feast_repo, items, its, tok)
     print(f"\nkilled at {got}/{m} interactions processed; after restart: {st}")
+
+
+def _wait_file(path, proc, log_path, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{path.name} never appeared: {log_path.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+def test_kill_9_between_the_feast_write_and_the_commit(broker, feast_repo, tiny_tokenizer, ml_slice,  # noqa: F811
+                                                       tmp_path):
+    """The narrow window: rows are in Feast, nothing is produced, saved or committed yet. A failpoint
+    (trm/failpoints.py) pauses the worker exactly there and the test kills it -9 by PID — first in
+    the item agent, then (restarted) in the interaction agent. The replays must rewrite identical
+    values: no loss, no double count, no duplicate row that changes a point-in-time answer."""
+    from streams.broker import create_topics
+    from streams.events import InteractionEvent, ItemEvent
+    from streams.publisher import publish_kind
+    from tokenizer.hybrid import HybridTokenizer
+    from trm.config import KafkaConfig
+
+    cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
+    create_topics(cfg)
+    items, its = ml_slice
+    n, m = len(items), len(its)
+    inter = [InteractionEvent.from_interaction(i) for i in its]
+    fp_dir = tmp_path / "failpoints"
+    base = dict(os.environ, TRM_KAFKA_BOOTSTRAP=broker.bootstrap, TRM_KAFKA_SESSION_TIMEOUT_MS="6000",
+                TRM_FAILPOINT_DIR=str(fp_dir))
+    log_path = tmp_path / "worker.log"
+    kills = []
+    publish_kind(cfg, "items", [ItemEvent.from_item(i) for i in items.values()], progress=False)
+    w = None
+    try:
+        for point, publish in (("worker.items.after_feast_write", inter[:m // 2]),
+                               ("worker.interactions.after_feast_write", inter[m // 2:])):
+            w = _start_worker(dict(base, TRM_FAILPOINT=point), feast_repo, tiny_tokenizer, log_path)
+            _wait_file(fp_dir / f"{point}.paused", w, log_path)
+            kills.append((point, _status(feast_repo)))
+            os.kill(w.pid, signal.SIGKILL)
+            assert w.wait(timeout=10) == -signal.SIGKILL
+            w._log.close()
+            publish_kind(cfg, "interactions", publish, progress=False)  # arrives while the worker is down
+
+        w = _start_worker(base, feast_repo, tiny_tokenizer, log_path)
+        deadline = time.monotonic() + 120
+        while _committed(cfg, "trm-worker-interactions", "interactions") != m or \
+                _committed(cfg, "trm-worker-items", "items") != n:
+            assert w.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not caught up: {_status(feast_repo)}"
+            time.sleep(0.5)
+        after = _status(feast_repo)
+    finally:
+        if w is not None and w.poll() is None:
+            w.send_signal(signal.SIGTERM)
+            w.wait(timeout=30)
+            w._log.close()
+    assert w.returncode == 0, log_path.read_text()[-3000:]
+    # the item kill landed before anything was committed; the interaction kill after the items
+    assert kills[0][1].get("items", {}).get("processed", 0) == 0
+    assert kills[1][1].get("interactions", {}).get("processed", 0) == 0
+    st = after["interactions"]
+    assert st["dead_lettered"] == 0 and st["parked"] == 0
+    # the killed batches' rows really are in the offline store twice (written, killed, replayed) ...
+    import pyarrow.dataset as ds
+
+    from streams.feast_sink import offline_dir
+
+    hist = ds.dataset(offline_dir(feast_repo, "user_history")).to_table(columns=["user_id", "event_timestamp"])
+    rows, distinct = hist.num_rows, hist.group_by(["user_id", "event_timestamp"]).aggregate([]).num_rows
+    assert rows > distinct, "the replay should have rewritten the killed batch's rows"
+    # ... and yet every answer equals the from-scratch one
+    checked = assert_recovered(cfg, feast_repo, items, its, HybridTokenizer.load(tiny_tokenizer))
+    print(f"\nkilled -9 at {[k for k, _ in kills]}; after the last restart: {st}; offline user_history rows "
+          f"{rows} ({rows - distinct} rewritten by the replay); {checked} PIT rows checked")
