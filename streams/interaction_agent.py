@@ -50,8 +50,7 @@ from .codec import AvroCodec, DecodeError
 from .dlq import DeadLetter, SourceRecord
 from .events import InteractionEvent, InvalidEvent
 from .pairs import PairWriter
-from .state import (DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState, read_item_events, read_watermark,
-                    tokens_blob)
+from .state import DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState, read_item_events, read_watermark
 
 
 @dataclass
@@ -84,7 +83,6 @@ class InteractionProcessor:
         self.codec = codec or AvroCodec()
         self._schema_check = "InteractionEvent"
         self.states: dict[int, PartitionState] = {}
-        self._tok_cache: dict[int, tuple] = {}  # item -> (token list seen, tuple, blob)
 
     # -- partitions --
     def state_path(self, partition: int) -> Path:
@@ -162,6 +160,7 @@ class InteractionProcessor:
                 changes.item_tmin[ev.item_id] = t
             # user features need the item's tokens, and each user's events in order
             if ev.user_id in st.parked or self.tokens_of(ev.item_id) is None:
+                st.new_rows.append((ev.item_id, t, ev.label, ev.user_id, None))  # not applied to the user yet
                 st.park(Parked(off, r.key, r.value, ev.user_id, ev.item_id, ev.label, t, now))
                 res.parked += 1
                 continue
@@ -224,19 +223,23 @@ class InteractionProcessor:
                                            f"after the interaction arrived; user history skipped it "
                                            f"(item counters include it)"))
                 continue
-            self._apply_user(st, p.user_id, p.item_id, p.label, p.event_time, changes)
+            self._apply_user(st, p.user_id, p.item_id, p.label, p.event_time, changes, parked=True)
             applied += 1
         return applied
 
-    def _apply_user(self, st: PartitionState, uid: int, iid: int, label: int, t: int, changes: "_Changes") -> None:
+    def _apply_user(self, st: PartitionState, uid: int, iid: int, label: int, t: int, changes: "_Changes",
+                    parked: bool = False) -> None:
         """Apply one (accepted, non-duplicate) event to the user's features and emit the user's rows:
         at t in order; at every event time >= t when it is older than the user's newest event."""
         u = st.user(uid)
         if label:
-            toks, blob = self._tokens(iid)
+            toks, tok = st.token_ref(iid, self.tokens_of(iid))
         else:
-            toks = blob = None
-        st.new_user_events.append((uid, t, iid, label, blob))
+            toks, tok = None, 0
+        if parked:  # its row was saved when it was accepted
+            st.applied_later.append((tok, iid, t, uid, label))
+        else:
+            st.new_rows.append((iid, t, label, uid, tok))
         evs = u.events
         if evs is None:  # the first event within the horizon: the base is the state before it
             u.base = (u.n_events, u.n_positives, tuple(u.history))
@@ -266,14 +269,6 @@ class InteractionProcessor:
             while len(u.history) > self.history_len:
                 u.history.popleft()
         changes.users[(uid, t)] = _user_row(uid, t, u.history, u.n_events, u.n_positives)
-
-    def _tokens(self, iid: int) -> tuple[tuple, bytes]:
-        """The item's gen-tokens as a tuple and as the saved blob, made once per token list."""
-        cur = self.tokens_of(iid)
-        c = self._tok_cache.get(iid)
-        if c is None or c[0] is not cur:
-            c = self._tok_cache[iid] = (cur, tuple(cur), tokens_blob(cur))
-        return c[1], c[2]
 
     def _insert_late(self, u, uid: int, ev: tuple, changes: "_Changes") -> None:
         """An event older than the user's newest: insert it at its event-time position and

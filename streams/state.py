@@ -8,22 +8,30 @@ twice, and a replay of offsets > hwm recomputes the same values from the same sa
 Only rows changed by a batch are written: O(batch), not O(state).
 
 Allowed lateness (`allowed_lateness_s`, the horizon H): the partition's *watermark* is the newest
-event time it accepted. Exact detail is kept only for events within H of it; older detail is
-compacted into base values, so memory and the SQLite tables stay bounded by the events of one
+event time it accepted. Exact detail is kept only for events within about H of it; older detail
+is compacted into base values, so memory and the SQLite tables stay bounded by the events of one
 horizon (plus the base values: one row per user and per item):
   - per item (`ItemEvents`): the sorted times of the detail events and running positives, on top
     of `base_n`/`base_pos` (the interactions compacted away, all older than the item cutoff);
   - per user (`UserState`): the applied events of the detail in event-time order, on top of
-    `base` = (n_events, n_positives, last-N history) before them; the `users` table holds the
-    base, the `user_events` table the detail, so the current state is base + detail;
-  - the dedup set (`seen`): (user_id, item_id, event_time, label) of every accepted event of the
-    detail; the same keys are the rows of `item_events`, so it survives a restart.
+    `base` = (n_events, n_positives, last-N history) before them; current state = base + detail;
+  - the dedup set: keys (user_id, item_id, event_time, label) of the accepted events, by
+    event-time bucket (H/16 wide: expiry drops whole buckets).
+SQLite: one `item_events` row per accepted event (item detail, dedup key, and user detail once
+applied to the user: `tok` = 0 for a negative, the id of its gen-tokens in `tokens` for a
+positive, NULL while parked or if never applied), `item_base` and `users` (the user's base and
+`tc`, the time it was compacted up to) for the compacted part, `meta` for hwm, watermark and
+cutoffs. A batch inserts its rows; a compaction upserts the bases of the entities it compacted
+and deletes their rows: O(batch + compacted entities), all in the hwm's transaction.
+
 An event with event_time < watermark - H cannot be placed exactly any more and is refused
 (`PartitionState.late`: the processor dead-letters it). User detail is compacted below
-watermark - H (not for a user with parked events: those are placed first), item detail below the
-*lowest* watermark of all the topic's partitions minus H, so an event accepted by a lagging
-partition still finds every other partition's detail at its time (cross-partition item counts
-stay exact). A partition that has accepted nothing yet holds item compaction back.
+watermark - H (rounded down to a bucket; not for a user with parked events: those are placed
+first, however old), item detail below the *lowest* watermark of all the topic's partitions
+minus H, so an event accepted by a lagging partition still finds every other partition's detail
+at its time (cross-partition item counts stay exact). A partition that has accepted nothing yet
+holds item compaction back. If H is raised later, what was already compacted stays compacted:
+events older than that stay late (`floor`).
 """
 from __future__ import annotations
 
@@ -128,94 +136,131 @@ class PartitionState:
         self.path = Path(path)
         self.history_len = history_len
         self.allowed_lateness_s = int(allowed_lateness_s)
+        self.bucket_s = max(1, self.allowed_lateness_s // 16)  # compaction granularity (event time)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.executescript("""
             PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
             CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
             CREATE TABLE IF NOT EXISTS users (user_id INTEGER PRIMARY KEY, n_events INTEGER, n_positives INTEGER, history TEXT);
-            CREATE TABLE IF NOT EXISTS user_events (user_id INTEGER, t INTEGER, item_id INTEGER, label INTEGER, tokens BLOB);
-            CREATE INDEX IF NOT EXISTS user_events_ut ON user_events (user_id, t);
             CREATE TABLE IF NOT EXISTS item_events (item_id INTEGER, t INTEGER, label INTEGER);
             CREATE TABLE IF NOT EXISTS item_base (item_id INTEGER PRIMARY KEY, n INTEGER, npos INTEGER);
+            CREATE TABLE IF NOT EXISTS tokens (vid INTEGER PRIMARY KEY, item_id INTEGER, gen BLOB);
             CREATE TABLE IF NOT EXISTS parked (off INTEGER PRIMARY KEY, key BLOB, value BLOB, user_id INTEGER,
                 item_id INTEGER, label INTEGER, event_time INTEGER, parked_at REAL);
+            CREATE INDEX IF NOT EXISTS parked_user ON parked (user_id);
         """)
-        # item_events rows double as the dedup keys: a file written before dedup lacks user_id
-        if "user_id" not in {r[1] for r in self.db.execute("PRAGMA table_info(item_events)")}:
-            self.db.execute("ALTER TABLE item_events ADD COLUMN user_id INTEGER")
+        # files written before dedup/compaction: add the columns (old rows: not user detail)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(item_events)")}
+        for c in ("user_id", "tok"):
+            if c not in cols:
+                self.db.execute(f"ALTER TABLE item_events ADD COLUMN {c} INTEGER")
+        if "tc" not in {r[1] for r in self.db.execute("PRAGMA table_info(users)")}:
+            self.db.execute("ALTER TABLE users ADD COLUMN tc INTEGER")
         self.db.executescript("""
             DROP INDEX IF EXISTS item_events_id;
             CREATE INDEX IF NOT EXISTS item_events_it ON item_events (item_id, t);
         """)
+        self.db.commit()
         meta = dict(self.db.execute("SELECT k, v FROM meta"))
         self.hwm: int = meta.get("hwm", -1)
         self.watermark: int = meta.get("watermark", -1)  # newest accepted event time; -1: none yet
-        # compaction points reached so far (never lowered, even if the allowed lateness grows)
+        # compaction points reached so far (multiples of bucket_s; never lowered, even if the
+        # allowed lateness grows): every item's detail older than item_cutoff is in its base,
+        # every user's older than user_cutoff too, except users with parked events (their `tc`)
         self.user_cutoff: int = meta.get("user_cutoff", -1)
         self.item_cutoff: int = meta.get("item_cutoff", -1)
+        # gen-token lists of the user detail's positives, saved once per (item, token list)
+        vids: dict[int, tuple] = {}
+        self._tok: dict[int, tuple] = {}  # item -> (token list seen, tuple, vid)
+        for vid, iid, gen in self.db.execute("SELECT vid, item_id, gen FROM tokens ORDER BY vid"):
+            vids[vid] = _blob_tokens(gen)
+            self._tok[iid] = (None, vids[vid], vid)
+        self._next_vid = max(vids, default=0) + 1
         hl = history_len
         self.users: dict[int, UserState] = {}
-        for uid, n, npos, hist in self.db.execute("SELECT user_id, n_events, n_positives, history FROM users"):
+        tcs: dict[int, int] = {}
+        for uid, n, npos, hist, tc in self.db.execute("SELECT user_id, n_events, n_positives, history, tc FROM users"):
             self.users[uid] = UserState(n, npos, deque((i, t, tuple(g)) for i, t, g in json.loads(hist)))
-        for uid, t, iid, lab, tok in self.db.execute(
-                "SELECT user_id, t, item_id, label, tokens FROM user_events ORDER BY t, rowid"):
-            u = self.users.get(uid)
-            if u is None:
-                u = self.users[uid] = UserState()
-            if u.events is None:
-                u.base = (u.n_events, u.n_positives, tuple(u.history))
-                u.events = []
-            toks = _blob_tokens(tok)
-            u.events.append((t, iid, lab, toks))
-            u.n_events += 1
-            if lab:
-                u.n_positives += 1
-                u.history.append((iid, t, toks))
-                if len(u.history) > hl:
-                    u.history.popleft()
+            tcs[uid] = -1 if tc is None else tc
         # per item: the detail's event times (sorted) and running positives over the base counts;
         # item counters at time t are counts over them, so a late event re-stamps exactly the
         # rows after it
         self.items: dict[int, ItemEvents] = {}
         for iid, n, npos in self.db.execute("SELECT item_id, n, npos FROM item_base"):
             self.items[iid] = ItemEvents(n, npos)
-        # the dedup set, by event-time bucket (width H/16, so expiry drops whole sets): per bucket the
-        # keys (user_id, item_id, event_time, label) of the accepted events and their users; and,
-        # for item compaction (a lower cutoff), the items of each bucket
-        self.bucket_s = max(1, self.allowed_lateness_s // 16)
+        # the dedup set, by event-time bucket (so expiry drops whole sets): per bucket the keys
+        # (user_id, item_id, event_time, label) of the accepted events and their users; and, for
+        # item compaction (a lower cutoff), the items of each bucket
         self._ubuckets: dict[int, tuple[set, set]] = {}
         self._ibuckets: dict[int, set] = {}
-        B, floor = self.bucket_s, self.floor()
-        for iid, t, lab, uid in self.db.execute("SELECT item_id, t, label, user_id FROM item_events ORDER BY t, rowid"):
-            evs = self.items.get(iid)
-            if evs is None:
-                evs = self.items[iid] = ItemEvents()
-            evs.add(t, lab)
+        B, icut, ucut = self.bucket_s, self.item_cutoff, self.user_cutoff
+        # one row per accepted event: item detail (t >= item_cutoff), dedup key, and user detail
+        # (tok not NULL: applied to the user; t >= the user's compaction point)
+        for iid, t, lab, uid, tok in self.db.execute(
+                "SELECT item_id, t, label, user_id, tok FROM item_events ORDER BY t, rowid"):
             b = t // B
-            ib = self._ibuckets.get(b)
-            if ib is None:
-                ib = self._ibuckets[b] = set()
-            ib.add(iid)
-            if uid is not None and t >= floor:
+            if t >= icut:
+                evs = self.items.get(iid)
+                if evs is None:
+                    evs = self.items[iid] = ItemEvents()
+                evs.add(t, lab)
+                ib = self._ibuckets.get(b)
+                if ib is None:
+                    ib = self._ibuckets[b] = set()
+                ib.add(iid)
+            if uid is None:
+                continue
+            if t >= ucut:
                 ub = self._ubuckets.get(b)
                 if ub is None:
                     ub = self._ubuckets[b] = (set(), set())
                 ub[0].add((uid, iid, t, lab))
                 ub[1].add(uid)
+            if tok is not None and t >= tcs.get(uid, -1):
+                u = self.users.get(uid)
+                if u is None:
+                    u = self.users[uid] = UserState()
+                if u.events is None:
+                    u.base = (u.n_events, u.n_positives, tuple(u.history))
+                    u.events = []
+                toks = vids[tok] if lab else None
+                u.events.append((t, iid, lab, toks))
+                u.n_events += 1
+                if lab:
+                    u.n_positives += 1
+                    u.history.append((iid, t, toks))
+                    if len(u.history) > hl:
+                        u.history.popleft()
         self.parked: dict[int, deque[Parked]] = {}
         for r in self.db.execute("SELECT * FROM parked ORDER BY off"):
             p = Parked(*r)
             self.parked.setdefault(p.user_id, deque()).append(p)
-        # users whose compaction waited for their parked events (or a restart): tried every save
+        # users whose compaction waits for their parked events to be placed: tried every save
         self._compact_later: set[int] = {uid for uid, u in self.users.items()
-                                         if u.events and u.events[0][0] < self.user_cutoff}
-        self._new_item_events: list[tuple[int, int, int, int]] = []
-        self.new_user_events: list[tuple] = []  # (user_id, t, item_id, label, tokens blob): the caller appends
-        self._compacted_users: dict[int, int] = {}  # user -> cutoff of its last compaction (unsaved)
+                                         if u.events and u.events[0][0] < ucut}
+        # rows to insert: (item_id, t, label, user_id, tok); tok None while not applied to the user
+        self.new_rows: list[tuple] = []
+        self.applied_later: list[tuple] = []  # (tok, item_id, t, user_id, label) of rows inserted parked
+        self._new_tokens: list[tuple] = []
+        self._compacted_users: dict[int, int] = {}  # user -> cutoff of its compaction (unsaved)
         self._compacted_items: dict[int, int] = {}
         self._parked_new: list[Parked] = []
         self._parked_done: list[int] = []
+
+    def token_ref(self, iid: int, cur) -> tuple[tuple, int]:
+        """(tokens tuple, saved version id) of an item's current token list; saved once per list."""
+        c = self._tok.get(iid)
+        if c is None or c[0] is not cur:
+            tup = tuple(cur)
+            if c is not None and c[1] == tup:  # the same tokens (e.g. after a restart): same version
+                c = self._tok[iid] = (cur, c[1], c[2])
+            else:
+                vid = self._next_vid
+                self._next_vid += 1
+                c = self._tok[iid] = (cur, tup, vid)
+                self._new_tokens.append((vid, iid, tokens_blob(tup)))
+        return c[1], c[2]
 
     # -- acceptance --
     def floor(self) -> int:
@@ -255,7 +300,6 @@ class PartitionState:
         if evs is None:
             evs = self.items[iid] = ItemEvents()
         evs.add(t, label)
-        self._new_item_events.append((iid, t, label, uid))
         return True
 
     # -- mutation (in memory; `save` makes it durable) --
@@ -297,7 +341,7 @@ class PartitionState:
         if self.watermark < 0:
             return
         H, B = self.allowed_lateness_s, self.bucket_s
-        cut = self.watermark - H
+        cut = (self.watermark - H) // B * B  # whole buckets: every key older than it is in one dropped
         if cut > self.user_cutoff:
             self.user_cutoff = cut
             todo = self._compact_later
@@ -315,7 +359,7 @@ class PartitionState:
                     self._compact_user(u, cut)
                     self._compacted_users[uid] = cut
         if item_low_watermark is not None and item_low_watermark >= 0:
-            cut = min(item_low_watermark, self.watermark) - H
+            cut = (min(item_low_watermark, self.watermark) - H) // B * B
             if cut > self.item_cutoff:
                 self.item_cutoff = cut
                 todo_items: set[int] = set()
@@ -330,13 +374,10 @@ class PartitionState:
         evs = u.events
         k = bisect.bisect_left(evs, cut, key=_t)
         n, npos, hist = u.base
-        hist = list(hist)
-        for t, iid, lab, toks in evs[:k]:
-            n += 1
-            if lab:
-                npos += 1
-                hist.append((iid, t, toks))
-        hist = hist[-self.history_len:] if self.history_len else []
+        pos = [e for e in evs[:k] if e[2]]
+        n, npos = n + k, npos + len(pos)
+        hl = self.history_len
+        hist = (list(hist) + [(e[1], e[0], e[3]) for e in pos[-hl:]])[-hl:] if hl else []
         del evs[:k]
         if evs:
             u.base = (n, npos, tuple(hist))
@@ -351,43 +392,54 @@ class PartitionState:
         return n, npos, list(hist)
 
     def save(self, hwm: int | None = None) -> None:
-        """One transaction: new detail rows, compactions, parking changes, watermark, high-water mark."""
-        with self.db:
-            if self._new_item_events:
-                self.db.executemany("INSERT INTO item_events (item_id, t, label, user_id) VALUES (?,?,?,?)",
-                                    self._new_item_events)
-            if self.new_user_events:
-                self.db.executemany("INSERT INTO user_events VALUES (?,?,?,?,?)", self.new_user_events)
-            if self._compacted_users:
-                rows = []
-                for uid in self._compacted_users:
-                    n, npos, hist = self._user_base(uid)
-                    rows.append((uid, n, npos, json.dumps([[i, t, list(g)] for i, t, g in hist])))
-                self.db.executemany("INSERT OR REPLACE INTO users VALUES (?,?,?,?)", rows)
-                self.db.executemany("DELETE FROM user_events WHERE user_id=? AND t<?",
-                                    list(self._compacted_users.items()))
-            if self._compacted_items:
-                items = self.items
-                self.db.executemany("INSERT OR REPLACE INTO item_base VALUES (?,?,?)",
-                                    [(i, items[i].base_n, items[i].base_pos) for i in self._compacted_items])
-                self.db.executemany("DELETE FROM item_events WHERE item_id=? AND t<?",
-                                    list(self._compacted_items.items()))
+        """One transaction: new rows (one per accepted event), compactions, parking changes,
+        watermark and cutoffs, high-water mark. O(batch + entities compacted)."""
+        db = self.db
+        with db:
+            if self._new_tokens:
+                db.executemany("INSERT INTO tokens VALUES (?,?,?)", self._new_tokens)
+            if self.new_rows:
+                db.executemany("INSERT INTO item_events (item_id, t, label, user_id, tok) VALUES (?,?,?,?,?)",
+                               self.new_rows)
+            if self.applied_later:  # parked when accepted, applied to the user since
+                db.executemany("UPDATE item_events SET tok=? WHERE item_id=? AND t=? AND user_id=? AND label=?",
+                               self.applied_later)
             done = set(self._parked_done)
             new = [p for p in self._parked_new if p.offset not in done]
             if new:
-                self.db.executemany("INSERT OR REPLACE INTO parked VALUES (?,?,?,?,?,?,?,?)",
-                                    [(p.offset, p.key, p.value, p.user_id, p.item_id, p.label, p.event_time,
-                                      p.parked_at) for p in new])
+                db.executemany("INSERT OR REPLACE INTO parked VALUES (?,?,?,?,?,?,?,?)",
+                               [(p.offset, p.key, p.value, p.user_id, p.item_id, p.label, p.event_time,
+                                 p.parked_at) for p in new])
             stale = done - {p.offset for p in self._parked_new}
             if stale:
-                self.db.executemany("DELETE FROM parked WHERE off=?", [(o,) for o in stale])
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+                db.executemany("DELETE FROM parked WHERE off=?", [(o,) for o in stale])
+            if self._compacted_users:
+                rows = []
+                for uid, cut in self._compacted_users.items():
+                    n, npos, hist = self._user_base(uid)
+                    rows.append((uid, n, npos, json.dumps([[i, t, list(g)] for i, t, g in hist]), cut))
+                db.executemany("INSERT OR REPLACE INTO users (user_id, n_events, n_positives, history, tc) "
+                               "VALUES (?,?,?,?,?)", rows)
+            if self._compacted_items:
+                items = self.items
+                db.executemany("INSERT OR REPLACE INTO item_base VALUES (?,?,?)",
+                               [(i, items[i].base_n, items[i].base_pos) for i in self._compacted_items])
+                # a row is also user detail: kept while its user has parked events (not compacted yet)
+                if self.parked:
+                    db.executemany("DELETE FROM item_events WHERE item_id=? AND t<? AND "
+                                   "(user_id IS NULL OR user_id NOT IN (SELECT user_id FROM parked))",
+                                   list(self._compacted_items.items()))
+                else:
+                    db.executemany("DELETE FROM item_events WHERE item_id=? AND t<?",
+                                   list(self._compacted_items.items()))
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
                 ("watermark", self.watermark), ("user_cutoff", self.user_cutoff), ("item_cutoff", self.item_cutoff)])
             if hwm is not None and hwm > self.hwm:
-                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
                 self.hwm = hwm
-        self._new_item_events.clear()
-        self.new_user_events.clear()
+        self._new_tokens.clear()
+        self.new_rows.clear()
+        self.applied_later.clear()
         self._compacted_users.clear()
         self._compacted_items.clear()
         self._parked_new.clear()
@@ -423,6 +475,11 @@ def read_item_events(path: str | Path, item_ids: list[int]) -> dict[int, ItemEve
         return {}
     db = _ro(p)
     try:
+        try:
+            row = db.execute("SELECT v FROM meta WHERE k='item_cutoff'").fetchone()
+        except sqlite3.OperationalError:  # not initialised yet
+            return {}
+        icut = row[0] if row else -1  # older rows are in item_base (or kept only as user detail)
         out: dict[int, ItemEvents] = {}
         for chunk in range(0, len(item_ids), 500):
             ids = item_ids[chunk:chunk + 500]
@@ -432,8 +489,8 @@ def read_item_events(path: str | Path, item_ids: list[int]) -> dict[int, ItemEve
                     out[i] = ItemEvents(n, npos)
             except sqlite3.OperationalError:  # a file from before compaction: no base table
                 pass
-            q = f"SELECT item_id, t, label FROM item_events WHERE item_id IN ({marks}) ORDER BY t"
-            for i, t, lab in db.execute(q, ids):
+            q = f"SELECT item_id, t, label FROM item_events WHERE item_id IN ({marks}) AND t >= ? ORDER BY t"
+            for i, t, lab in db.execute(q, [*ids, icut]):
                 evs = out.get(i)
                 if evs is None:
                     evs = out[i] = ItemEvents()
