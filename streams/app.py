@@ -129,6 +129,8 @@ class StreamWorker:
                                           threaded=self.s.interaction_threaded, **self._retry()),
                 self._make_interaction_processor, on_batch=self.write_status, wake=self.tokens.wake)
         for name, lp in self.loops.items():
+            if self.tokens is not None:
+                lp.on_log_reset = self.tokens.rewind  # the broker lost its logs: item_tokens restarted too
             self._tasks.append(asyncio.create_task(lp.run(), name=f"trm-{name}"))
         return self
 
@@ -138,12 +140,13 @@ class StreamWorker:
 
     async def wait_for(self, items: int = 0, interactions: int = 0, timeout: float = 120.0,
                        include_dead: bool = True) -> None:
-        """Until the agents have handled (processed, skipped as already applied, or dead-lettered)
+        """Until the agents have handled (processed, skipped as already applied, dropped as a duplicate,
+        or dead-lettered)
         at least these many events. Parked interactions are not handled yet."""
         deadline = time.monotonic() + timeout
         while True:
             self.raise_if_failed()
-            done = {k: lp.counters.processed + lp.counters.skipped
+            done = {k: lp.counters.processed + lp.counters.skipped + lp.counters.duplicates
                     + (lp.counters.dead_lettered if include_dead else 0) for k, lp in self.loops.items()}
             if done.get(ITEMS, 0) >= items and done.get(INTERACTIONS, 0) >= interactions:
                 return
@@ -158,7 +161,8 @@ class StreamWorker:
                 raise RuntimeError(f"worker task {t.get_name()} failed: {t.exception()!r}") from t.exception()
 
     def status(self) -> dict:
-        st = {name: {**asdict(lp.counters), "retries": lp.retries, "failing_since": lp.failing_since}
+        st = {name: {**asdict(lp.counters), "retries": lp.retries, "failing_since": lp.failing_since,
+                     "log_resets": lp.log_resets}
               for name, lp in self.loops.items()}
         if self.tokens is not None:
             st["token_cache"] = {"items": len(self.tokens.gen), "received": self.tokens.received}

@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from aiokafka.errors import CommitFailedError
+
 from trm.config import KafkaConfig
 from trm.failpoints import failpoint
 
@@ -85,6 +87,8 @@ class BatchLoop:
         self.committed: dict[int, int] = {}  # partition -> offset committed by this loop
         self.error: BaseException | None = None
         self.retries = 0  # failed attempts retried so far (all batches)
+        self.log_resets = 0  # partitions whose log was found replaced by a new one (see _position)
+        self.on_log_reset: Callable[[], None] | None = None
         self.failing_since: float | None = None  # wall clock of the first failure of the current batch
 
     async def _in_thread(self, fn, *args):
@@ -95,7 +99,6 @@ class BatchLoop:
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
         from aiokafka.abc import ConsumerRebalanceListener
-        from aiokafka.structs import TopicPartition
 
         self.processor = await self._in_thread(self.make_processor)
         topic = self.config.topic(self.s.topic)
@@ -112,12 +115,14 @@ class BatchLoop:
             async def on_partitions_assigned(self, assigned):
                 if hasattr(loop_self.processor, "assign"):
                     await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
+                for tp in assigned:
+                    await loop_self._position(tp)
                 if assigned:
                     loop_self.ready.set()
 
         kw = self.config.aiokafka_kwargs()
         self.consumer = AIOKafkaConsumer(
-            group_id=self.s.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+            group_id=self.s.group_id, enable_auto_commit=False, auto_offset_reset="earliest",  # see _position
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=max(500, self.config.session_timeout_ms // 4),
             max_poll_interval_ms=300_000, fetch_max_bytes=64 * 1024 * 1024,
@@ -153,6 +158,39 @@ class BatchLoop:
         finally:
             await self._close()
 
+    async def _position(self, tp) -> None:
+        """Where an assigned partition starts:
+          1. the group's committed offset, when the broker has one — the normal case;
+          2. none committed and no saved state for the partition: the beginning of the log
+             (auto_offset_reset=earliest, also what Kafka does when retention removed our offset);
+          3. none committed but the saved state has applied offsets up to `hwm` (the broker lost the
+             group's offsets): if the log still reaches past `hwm`, resume at hwm + 1; if it ends at
+             or before `hwm`, the log itself is new — a broker with memory storage restarted, or the
+             topic was recreated — so the high-water mark is void: reset it and read the new log
+             from its beginning (`log_resets`, and `on_log_reset` so the token cache rewinds too).
+        Undetectable: a new log that already grew past the old `hwm` before we looked (Tansu's
+        `end_offsets` also undercounts, which errs towards resuming)."""
+        if await self.consumer.committed(tp) is not None:
+            return
+        hwm = self.processor.hwm(tp.partition) if hasattr(self.processor, "hwm") else -1
+        if hwm < 0:
+            return
+        end = (await self.consumer.end_offsets([tp]))[tp]
+        if end > hwm:
+            log.warning("%s: no committed offset; resuming after the saved high-water mark %d", tp, hwm)
+            self.consumer.seek(tp, hwm + 1)
+            return
+        log.error("%s: the log ends at %d but this worker already applied offsets up to %d: the broker "
+                  "lost its log (memory storage restarted, or the topic was recreated). Reading the new log "
+                  "from its beginning; events the old broker held that were not processed yet are lost.",
+                  tp, end, hwm)
+        await self._in_thread(self.processor.log_reset, tp.partition)
+        self.committed.pop(tp.partition, None)
+        self.log_resets += 1
+        if self.on_log_reset is not None:
+            self.on_log_reset()
+        await self.consumer.seek_to_beginning(tp)
+
     async def _handle_and_commit(self, topic: str, records: list[SourceRecord] | None, ends: dict[int, int]) -> None:
         if await self._handle(records) or records is not None:
             await self._commit(topic, ends)
@@ -169,6 +207,14 @@ class BatchLoop:
                 return
             except asyncio.CancelledError:
                 raise
+            except CommitFailedError as exc:
+                # the group moved on (rebalance, or a restarted broker forgot this member): the batch's
+                # effects and high-water mark are saved, so the next owner of these partitions
+                # resumes correctly without this commit; retrying it would block the rejoin
+                log.warning("%s: offset commit refused after a group change (%s); the partitions' next "
+                            "assignment resumes from the saved state", what, exc)
+                self.failing_since = None
+                return
             except Exception as exc:
                 n += 1
                 elapsed = time.monotonic() - start

