@@ -2,6 +2,13 @@
 
 A send counts only once the broker acknowledged it: the publisher flushes and checks every
 future, so it never reports success for records that were not written (acks=all, retries on).
+
+Broker outages: kafka-python reconnects with backoff and resends, so an outage shorter than
+`delivery_timeout_ms` (45 s here) costs only time; a longer one fails the unacknowledged
+records' futures and `publish_events` raises `PublishError` with how many were not written
+(measured in tests/test_faults_broker_restart.py). A resend may repeat a record the broker had
+written but not acknowledged: delivery is at-least-once, and the interaction agent drops the
+duplicate.
 """
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ def redis_repo(work: Path, redis: PersistentRedis) -> Path:
     shutil.copytree(SOURCE_REPO, src, ignore=shutil.ignore_patterns("data", "__pycache__"))
     yaml = (src / "feature_store.yaml").read_text()
     yaml = yaml.replace("online_store:\n  type: sqlite\n  path: data/online.db",
-                        f"online_store:\n  type: redis\n  connection_string: 127.0.0.1:{redis.port}")
+                        f"online_store:\n  type: redis\n  connection_string: 127.0.0.1:{redis.port}\n"
+                        f"  skip_dedup: true")  # last write wins, as in deploy/feature_repo_prod
     assert "type: redis" in yaml
     (src / "feature_store.yaml").write_text(yaml)
     return materialize_repo(work, source=src)
