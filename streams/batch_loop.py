@@ -168,8 +168,10 @@ class BatchLoop:
              or before `hwm`, the log itself is new — a broker with memory storage restarted, or the
              topic was recreated — so the high-water mark is void: reset it and read the new log
              from its beginning (`log_resets`, and `on_log_reset` so the token cache rewinds too).
-        Undetectable: a new log that already grew past the old `hwm` before we looked (Tansu's
-        `end_offsets` also undercounts, which errs towards resuming)."""
+        Undetectable: a new log that already grew past the old `hwm` before we looked. Tansu's
+        `end_offsets` undercounts batched records, which errs towards a reset: a false one re-reads
+        the log, and the interaction agent drops the re-read events as duplicates (within the
+        allowed lateness)."""
         if await self.consumer.committed(tp) is not None:
             return
         hwm = self.processor.hwm(tp.partition) if hasattr(self.processor, "hwm") else -1
