@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     import importlib
 
-    for module in ("tokenizer.cli", "streams.cli", "trainer.cli", "trm.demo"):
+    for module in ("tokenizer.cli", "streams.cli", "streams.compaction", "trainer.cli", "trm.demo"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

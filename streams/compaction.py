@@ -1,0 +1,334 @@
+"""Offline compaction: merge a view's small parquet part files into one (`trm compact`).
+
+Every stream batch appends one part file (`FeastSink.write_offline`), so a long-running stream
+leaves thousands of small files behind and every DuckDB glob read (the trainer's point-in-time
+joins) pays per file. `compact_view` merges the part files of one view that are older than
+`older_than_s` (by mtime; default 60 s, so in-flight writers' fresh files are left alone) into one
+new part file, in four steps:
+
+1. read the inputs with DuckDB and drop rows that are duplicates in (join key, event_timestamp),
+   keeping the one(s) with the latest `created`;
+2. write the result to a hidden temp name (`.part-…-compact-….parquet.tmp`, which the `*.parquet`
+   glob never matches) and fsync it;
+3. `os.replace` it to `part-…-compact-….parquet` (atomic, the same pattern as `write_offline`);
+4. wait `delete_grace_s` (default 10 s), THEN delete the merged inputs.
+
+Why the answers do not change: the point-in-time join groups the rows at or before an entity
+row's timestamp and keeps the one with the latest `event_timestamp`, then the latest `created`.
+Among rows with the same (join key, event_timestamp) a row with an older `created` therefore can
+never win against one with a newer `created`, whatever the entity timestamp: dropping it changes
+no answer (tests/test_offline_compaction.py proves it with replayed rows carrying a later
+`created` and different values). Rows tied on the latest `created` are all kept (rank, not
+row_number), so compaction never decides a tie the join had not decided itself. This holds for
+the default join (`filter_by_created_timestamp=False`, what the trainer uses); a query that also
+cuts on `created` could have picked the older row, which is what `keep_duplicates=True`
+(`--keep-duplicates`) is for: merge only, drop nothing.
+
+Readers and crashes:
+
+* A reader that globs between step 3 and step 4 sees the merged rows twice (in the new file and
+  in the inputs not yet deleted). Exact copies and older-`created` duplicates resolve to the same
+  answer as above, so this is harmless. The grace period in step 4 is for queries already
+  running at the rename: DuckDB expands the glob when a query starts and opens the files as it
+  scans, so a query that listed an input and opens it only after the delete fails ("No such
+  file"). On a local filesystem a file already open stays readable; the grace covers queries
+  shorter than it, and a longer one fails like any read racing a delete (the trainer exits and
+  resumes from its checkpoint).
+* A kill before step 3 leaves only a hidden temp file: the inputs are intact, and the next
+  compaction deletes temp files older than `tmp_older_than_s` (default 1 h; a writer killed
+  mid-write leaves the same kind of file and it is removed the same way).
+* A kill between step 3 and step 4 leaves duplicates only (harmless, as above); the next
+  compaction merges them away.
+* Each view is locked (`flock` on `<view dir>/.compaction.lock`) while it is compacted, so two
+  overlapping runs (a slow CronJob) skip rather than race; the lock dies with its process.
+
+The seed file `part-00000000-seed.parquet` (written by `materialize_repo` so the glob matches
+before the first stream write) is never merged or deleted: the glob always matches a file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+DEFAULT_OLDER_THAN_S = 60.0
+DEFAULT_MIN_FILES = 2
+DEFAULT_TMP_OLDER_THAN_S = 3600.0
+DEFAULT_DELETE_GRACE_S = 10.0
+SEED_NAME = "part-00000000-seed.parquet"
+LOCK_NAME = ".compaction.lock"
+ROWS_PER_BATCH = 262_144  # rows per DuckDB -> parquet batch (and row group) while writing
+
+
+@dataclass
+class CompactionResult:
+    view: str
+    files_before: int = 0
+    files_after: int = 0
+    rows_before: int = 0
+    rows_after: int = 0
+    merged: int = 0  # input part files merged (and deleted)
+    output: Path | None = None  # the new part file, None when nothing was merged
+    removed_tmp: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    skipped: str | None = None  # why nothing was merged
+
+
+def _parquet_files(d: Path) -> list[Path]:
+    """What the offline store's glob reads (`<view dir>/*.parquet`)."""
+    return sorted(p for p in d.glob("*.parquet") if p.is_file())
+
+
+def _num_rows(paths) -> int:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for p in paths:
+        try:
+            n += pq.ParquetFile(p).metadata.num_rows
+        except FileNotFoundError:  # deleted by someone else meanwhile
+            pass
+    return n
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _sql_ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+def _remove_stale_tmp(d: Path, older_than_s: float, now: float) -> list[Path]:
+    """Delete `.part-*.tmp` left by a writer or compaction killed before its rename."""
+    removed = []
+    for p in d.glob(".part-*.tmp"):
+        try:
+            if now - p.stat().st_mtime >= older_than_s:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _merge(inputs: list[Path], out: Path, join_key: str, schema, keep_duplicates: bool) -> int:
+    """Merge `inputs` into parquet `out` (dedup unless keep_duplicates); return rows written."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    con = duckdb.connect()
+    try:
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+        except duckdb.Error:  # no ICU: timestamps still carry the same instants
+            pass
+        # where the window/sort spills when the inputs outgrow memory (the default is ./.tmp,
+        # often read-only in a container)
+        spill = os.path.join(tempfile.gettempdir(), f"trm-compact-duckdb-{os.getpid()}")
+        con.execute(f"SET temp_directory = {_sql_str(spill)}")
+        files = "[" + ", ".join(_sql_str(str(p)) for p in inputs) + "]"
+        key, ts, created = _sql_ident(join_key), _sql_ident("event_timestamp"), _sql_ident("created")
+        sql = f"SELECT * FROM read_parquet({files}, union_by_name = true)"
+        if not keep_duplicates:
+            sql += f" QUALIFY rank() OVER (PARTITION BY {key}, {ts} ORDER BY {created} DESC NULLS LAST) = 1"
+        sql += f" ORDER BY {ts}, {key}, {created}"  # time-sorted: tight row-group stats, better compression
+        rel = con.sql(sql)
+        to_reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader  # duckdb 2 / older
+        reader = to_reader(ROWS_PER_BATCH)  # streamed: DuckDB spills the window/sort, not Python
+        if schema is None:
+            schema = reader.schema
+        names = schema.names
+        rows = 0
+        with pq.ParquetWriter(out, schema, compression="zstd") as w:
+            for batch in reader:
+                t = pa.Table.from_batches([batch])
+                t = pa.table({n: t[n] if n in t.column_names else pa.nulls(len(t), schema.field(n).type)
+                              for n in names}).cast(schema)
+                w.write_table(t, row_group_size=ROWS_PER_BATCH)
+                rows += len(t)
+        with open(out, "rb") as fh:
+            os.fsync(fh.fileno())
+        return rows
+    finally:
+        con.close()
+
+
+def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MIN_FILES,
+                 older_than_s: float = DEFAULT_OLDER_THAN_S, keep_duplicates: bool = False,
+                 tmp_older_than_s: float = DEFAULT_TMP_OLDER_THAN_S, delete_grace_s: float = DEFAULT_DELETE_GRACE_S,
+                 join_key: str | None = None, now: float | None = None) -> CompactionResult:
+    """Merge `view`'s part files older than `older_than_s` into one part file (see the module doc).
+
+    Nothing is merged when fewer than `min_files` files qualify. `join_key` defaults to the
+    view's entity key (streams.feast_sink.JOIN_KEYS); the output has the view's offline schema.
+    """
+    from .feast_sink import JOIN_KEYS, OFFLINE_SCHEMAS, offline_dir
+
+    t0 = time.perf_counter()
+    res = CompactionResult(view)
+    d = offline_dir(repo, view)
+    if not d.is_dir():
+        res.skipped = f"no offline directory {d}"
+        return res
+    join_key = join_key or JOIN_KEYS.get(view)
+    if join_key is None and not keep_duplicates:
+        raise KeyError(f"unknown feature view {view!r} (known: {sorted(JOIN_KEYS)}): pass join_key or keep_duplicates")
+    schema = OFFLINE_SCHEMAS.get(view)
+
+    import fcntl
+
+    lock = open(d / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            res.skipped = "another compaction holds this view's lock"
+            return res
+        now = time.time() if now is None else now
+        res.removed_tmp = _remove_stale_tmp(d, tmp_older_than_s, now)
+        before = _parquet_files(d)
+        res.files_before, res.rows_before = len(before), _num_rows(before)
+        inputs = []
+        for p in before:
+            if p.name == SEED_NAME or not p.name.startswith("part-"):
+                continue
+            try:
+                if now - p.stat().st_mtime >= older_than_s:
+                    inputs.append(p)
+            except FileNotFoundError:
+                pass
+        if len(inputs) < max(min_files, 1):
+            res.skipped = f"{len(inputs)} part file(s) older than {older_than_s:g} s (< {max(min_files, 1)})"
+        else:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            final = d / f"part-{stamp}-compact-{uuid.uuid4().hex[:8]}.parquet"
+            tmp = d / f".{final.name}.tmp"
+            try:
+                _merge(inputs, tmp, join_key, schema, keep_duplicates)
+                os.replace(tmp, final)  # readers now see the merged rows (plus, briefly, the inputs)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(d)  # the rename is durable before any input disappears
+            if delete_grace_s > 0:  # let queries that listed the inputs before the rename finish
+                time.sleep(delete_grace_s)
+            for p in inputs:
+                p.unlink(missing_ok=True)
+            _fsync_dir(d)
+            res.merged, res.output = len(inputs), final
+        after = _parquet_files(d)
+        res.files_after, res.rows_after = len(after), _num_rows(after)
+    finally:
+        lock.close()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def compact_repo(repo: str | os.PathLike, views=None, min_files: int = DEFAULT_MIN_FILES,
+                 older_than_s: float = DEFAULT_OLDER_THAN_S, keep_duplicates: bool = False,
+                 tmp_older_than_s: float = DEFAULT_TMP_OLDER_THAN_S, delete_grace_s: float = DEFAULT_DELETE_GRACE_S,
+                 progress: bool = False) -> list[CompactionResult]:
+    """`compact_view` for every view of the offline store (default: those in OFFLINE_SCHEMAS)."""
+    from .feast_sink import OFFLINE_SCHEMAS
+
+    views = list(views or OFFLINE_SCHEMAS)
+    it = views
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(views, desc="compacting", unit="view", file=sys.stderr)
+    out = []
+    for v in it:
+        if progress:
+            it.set_postfix_str(v)
+        out.append(compact_view(repo, v, min_files=min_files, older_than_s=older_than_s,
+                                keep_duplicates=keep_duplicates, tmp_older_than_s=tmp_older_than_s,
+                                delete_grace_s=delete_grace_s))
+    return out
+
+
+# -- `trm compact` ---------------------------------------------------------------------------
+
+def _compact_cmd(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    repo = args.repo or os.environ.get("TRM_FEAST_REPO")
+    if not repo:
+        print("error: no Feast repo: pass --repo DIR or set TRM_FEAST_REPO", file=sys.stderr)
+        return 2
+    repo = Path(repo)
+    if not (repo / "data" / "offline").is_dir():
+        print(f"error: {repo} has no data/offline directory (is it a materialized Feast repo?)", file=sys.stderr)
+        return 2
+    from .feast_sink import JOIN_KEYS
+
+    if args.view and args.view not in JOIN_KEYS:
+        print(f"error: unknown view {args.view!r}; known: {', '.join(sorted(JOIN_KEYS))}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    results = compact_repo(repo, [args.view] if args.view else None, min_files=args.min_files,
+                           older_than_s=args.older_than, keep_duplicates=args.keep_duplicates,
+                           tmp_older_than_s=args.tmp_older_than, delete_grace_s=args.delete_grace,
+                           progress=not args.quiet)
+    table = Table(title=f"offline compaction of {repo}")
+    for col in ("view", "files before", "files after", "rows before", "rows after", "seconds", "note"):
+        table.add_column(col, justify="left" if col in ("view", "note") else "right")
+    for r in results:
+        note = r.skipped or f"merged {r.merged} files into one"
+        if r.removed_tmp:
+            note += f"; removed {len(r.removed_tmp)} stale temp file(s)"
+        table.add_row(r.view, f"{r.files_before:,}", f"{r.files_after:,}", f"{r.rows_before:,}",
+                      f"{r.rows_after:,}", f"{r.seconds:.2f}", note)
+    Console(width=max(120, Console().width)).print(table)
+    fb, fa = sum(r.files_before for r in results), sum(r.files_after for r in results)
+    rb, ra = sum(r.rows_before for r in results), sum(r.rows_after for r in results)
+    print(f"compacted: files {fb:,} -> {fa:,}, rows {rb:,} -> {ra:,} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compact", help="merge the offline store's small parquet part files (run periodically)",
+        description="Merge each view's parquet part files older than --older-than into one part file "
+                    "(temp name, atomic rename, then delete the inputs), dropping rows that the point-in-time "
+                    "join could never pick (same join key and event_timestamp, older `created`). Safe while "
+                    "workers write and the trainer reads.")
+    p.add_argument("--repo", default=None, help="materialized Feast repo directory (default: $TRM_FEAST_REPO)")
+    p.add_argument("--view", default=None, help="compact only this feature view (default: all)")
+    p.add_argument("--older-than", type=float, default=DEFAULT_OLDER_THAN_S, metavar="SECONDS",
+                   help="merge only part files last modified at least this long ago, leaving in-flight "
+                        "writers' fresh files alone (default: %(default)g)")
+    p.add_argument("--min-files", type=int, default=DEFAULT_MIN_FILES,
+                   help="do nothing for a view with fewer qualifying files (default: %(default)s)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="merge only: keep rows duplicated in (join key, event_timestamp) with an older `created`")
+    p.add_argument("--tmp-older-than", type=float, default=DEFAULT_TMP_OLDER_THAN_S, metavar="SECONDS",
+                   help="delete temp files (.part-*.tmp) left by killed writers/compactions once this old "
+                        "(default: %(default)g)")
+    p.add_argument("--delete-grace", type=float, default=DEFAULT_DELETE_GRACE_S, metavar="SECONDS",
+                   help="wait this long between publishing the merged file and deleting its inputs, so joins "
+                        "already running finish on the files they listed (default: %(default)g)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_compact_cmd)
