@@ -32,8 +32,10 @@ DEFAULT_PARTITIONS = {
     "items": 6,
     "interactions": 6,
     "item_tokens": 6,
+    "interactions_by_item": 6,  # internal repartition (accepted interactions keyed by item_id)
     "items.dlq": 1,
     "interactions.dlq": 1,
+    "interactions_by_item.dlq": 1,
 }
 TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
 

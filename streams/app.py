@@ -1,4 +1,4 @@
-"""The stream worker: item and interaction agents hosted by a Faust app (`trm worker`).
+"""The stream worker: item, interaction and item-stats agents hosted by a Faust app (`trm worker`).
 
 Faust hosts and supervises (`faust.App` with the web server disabled, broker session timeout
 from KafkaConfig — Tansu makes a group join wait ~half of it): its Worker owns the event loop,
@@ -25,7 +25,9 @@ from pathlib import Path
 from trm.config import KafkaConfig
 
 from .batch_loop import BatchLoop, LoopSettings
-from .events import INTERACTIONS, ITEM_TOKENS, ITEMS
+from .events import INTERACTIONS, INTERACTIONS_BY_ITEM, ITEM_STATS, ITEM_TOKENS, ITEMS
+
+AGENTS = (ITEMS, INTERACTIONS, ITEM_STATS)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class WorkerSettings:
     tokenizer_dir: str | Path | None = None  # required by the item agent
     state_dir: str | Path | None = None  # default <repo>/stream_state
     pairs_dir: str | Path | None = None  # default <repo>/data/pairs
-    agents: tuple[str, ...] = (ITEMS, INTERACTIONS)
+    agents: tuple[str, ...] = AGENTS
     app_id: str = "trm-worker"
     history_len: int = 20
     pair_window: int = 5
@@ -61,9 +63,9 @@ class WorkerSettings:
         repo = Path(self.repo_path).resolve()
         if not (repo / "feature_store.yaml").exists():
             raise WorkerConfigError(f"{repo} is not an applied Feast repo: run `trm feast-repo --out {repo}` first")
-        bad = set(self.agents) - {ITEMS, INTERACTIONS}
+        bad = set(self.agents) - set(AGENTS)
         if bad:
-            raise WorkerConfigError(f"unknown agents {sorted(bad)}: choose from items, interactions")
+            raise WorkerConfigError(f"unknown agents {sorted(bad)}: choose from {', '.join(AGENTS)}")
         if ITEMS in self.agents:
             if self.tokenizer_dir is None:
                 raise WorkerConfigError("the item agent needs a tokenizer artifact: pass --tokenizer DIR "
@@ -104,6 +106,14 @@ class StreamWorker:
                                     pair_window=self.s.pair_window, park_timeout_s=self.s.park_timeout_s,
                                     allowed_lateness_s=self.s.allowed_lateness_s)
 
+    def _make_item_stats_processor(self):
+        from .feast_sink import FeastSink
+        from .item_stats_agent import ItemStatsProcessor
+
+        return ItemStatsProcessor(FeastSink(self.s.repo_path, writer_id=f"item-stats-{os.getpid()}"),
+                                  self.s.state_dir, self.config.topic(INTERACTIONS_BY_ITEM),
+                                  allowed_lateness_s=self.s.allowed_lateness_s)
+
     def _retry(self) -> dict:
         return {"retry_initial_s": self.s.retry_initial_s, "retry_max_s": self.s.retry_max_s,
                 "retry_budget_s": self.s.retry_budget_s}
@@ -125,9 +135,15 @@ class StreamWorker:
             self._tasks.append(asyncio.create_task(self.tokens.run(), name="trm-token-cache"))
             self.loops[INTERACTIONS] = BatchLoop(
                 self.config, LoopSettings(INTERACTIONS, f"{self.s.app_id}-interactions",
-                                          max_records=self.s.interaction_batch,
+                                          output_topic=INTERACTIONS_BY_ITEM, max_records=self.s.interaction_batch,
                                           threaded=self.s.interaction_threaded, **self._retry()),
                 self._make_interaction_processor, on_batch=self.write_status, wake=self.tokens.wake)
+        if ITEM_STATS in self.s.agents:  # consumes what the interaction agents (of every worker) forward
+            self.loops[ITEM_STATS] = BatchLoop(
+                self.config, LoopSettings(INTERACTIONS_BY_ITEM, f"{self.s.app_id}-item-stats",
+                                          max_records=self.s.interaction_batch,
+                                          threaded=self.s.interaction_threaded, **self._retry()),
+                self._make_item_stats_processor, on_batch=self.write_status)
         for name, lp in self.loops.items():
             if self.tokens is not None:
                 lp.on_log_reset = self.tokens.rewind  # the broker lost its logs: item_tokens restarted too
@@ -141,19 +157,30 @@ class StreamWorker:
     async def wait_for(self, items: int = 0, interactions: int = 0, timeout: float = 120.0,
                        include_dead: bool = True) -> None:
         """Until the agents have handled (processed, skipped as already applied, dropped as a duplicate,
-        or dead-lettered)
-        at least these many events. Parked interactions are not handled yet."""
+        or dead-lettered) at least these many events, and this worker's item-stats agent has
+        committed past everything its interaction agent forwarded (`caught_up`). Parked
+        interactions are not handled yet."""
         deadline = time.monotonic() + timeout
         while True:
             self.raise_if_failed()
             done = {k: lp.counters.processed + lp.counters.skipped + lp.counters.duplicates
                     + (lp.counters.dead_lettered if include_dead else 0) for k, lp in self.loops.items()}
-            if done.get(ITEMS, 0) >= items and done.get(INTERACTIONS, 0) >= interactions:
+            if done.get(ITEMS, 0) >= items and done.get(INTERACTIONS, 0) >= interactions and self.caught_up():
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"after {timeout:.0f} s the worker handled {done}; wanted items={items}, "
                                    f"interactions={interactions}; status: {self.status()}")
             await asyncio.sleep(0.05)
+
+    def caught_up(self) -> bool:
+        """Has the item-stats agent committed past every record this worker's interaction agent
+        forwarded (to the partitions it owns; other workers' partitions are theirs)? True without
+        either agent."""
+        src, dst = self.loops.get(INTERACTIONS), self.loops.get(ITEM_STATS)
+        if src is None or dst is None:
+            return True
+        owned = dst.owned()
+        return all(dst.committed.get(p, 0) >= end for p, end in src.produced.items() if p in owned)
 
     def raise_if_failed(self) -> None:
         for t in self._tasks:
@@ -175,11 +202,26 @@ class StreamWorker:
         tmp.write_text(json.dumps(self.status()))
         os.replace(tmp, path)
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Stop the agents. The item-stats agent stops last: once the interaction agent has stopped,
+        it drains what is in its partitions (until a poll finds nothing new, at most `drain_s`), so
+        a graceful stop leaves every forwarded interaction counted."""
+        last = self.loops.get(ITEM_STATS)
         for lp in self.loops.values():
-            lp.stop()
+            if lp is not last:
+                lp.stop()
         if self.tokens is not None:
             self.tokens.stop()
+        mine = [t for t in self._tasks if t.get_name() == f"trm-{ITEM_STATS}"]
+        if last is not None and mine and not mine[0].done():
+            await asyncio.gather(*(t for t in self._tasks if t not in mine), return_exceptions=True)
+            last.stop(when_idle=True)
+            idle = asyncio.ensure_future(asyncio.shield(last.idle_stop))
+            done, _ = await asyncio.wait({idle, mine[0]}, timeout=drain_s, return_when=asyncio.FIRST_COMPLETED)
+            idle.cancel()
+            if not done:
+                log.warning("item-stats agent still busy after %.0f s; stopping it (its replay resumes)", drain_s)
+            last.stop()
         results = await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.write_status()

@@ -85,6 +85,8 @@ class BatchLoop:
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once partitions are assigned
         self.committed: dict[int, int] = {}  # partition -> offset committed by this loop
+        self.produced: dict[int, int] = {}  # output partition -> end of what this loop produced (acked)
+        self.idle_stop: asyncio.Future | None = None  # see stop(when_idle=True)
         self.error: BaseException | None = None
         self.retries = 0  # failed attempts retried so far (all batches)
         self.log_resets = 0  # partitions whose log was found replaced by a new one (see _position)
@@ -113,6 +115,8 @@ class BatchLoop:
                         await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
 
             async def on_partitions_assigned(self, assigned):
+                if hasattr(loop_self.processor, "set_partition_count"):
+                    loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
                 if hasattr(loop_self.processor, "assign"):
                     await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
                 for tp in assigned:
@@ -135,6 +139,8 @@ class BatchLoop:
             while not self._stopping.is_set():
                 batches = await self.consumer.getmany(timeout_ms=self.s.poll_timeout_ms,
                                                       max_records=self.s.max_records)
+                if not batches and self.idle_stop is not None:
+                    break  # asked to stop when idle: nothing new in any owned partition
                 async with self._lock:
                     records = [SourceRecord(topic, tp.partition, m.offset, m.key, m.value)
                                for tp, msgs in batches.items() for m in msgs]
@@ -156,6 +162,8 @@ class BatchLoop:
             log.exception("stream loop for %s failed; offsets of the failed batch were not committed", topic)
             raise
         finally:
+            if self.idle_stop is not None and not self.idle_stop.done():
+                self.idle_stop.set_result(None)
             await self._close()
 
     async def _position(self, tp) -> None:
@@ -276,26 +284,43 @@ class BatchLoop:
         futs = []
         if res.outputs and self.s.output_topic:
             out_topic = self.config.topic(self.s.output_topic)
-            futs += [await self.producer.send(out_topic, key=k, value=v) for k, v in res.outputs]
+            send = self.producer.send
+            futs += [await send(out_topic, key=k, value=v) for k, v in res.outputs]
+        n_out = len(futs)
         for d in res.dead:
             futs.append(await self.producer.send(f"{d.record.topic}.dlq", key=d.record.key, value=d.record.value,
                                                  headers=d.headers()))
             kind = d.reason_kind(d.reason)
             self.counters.dlq_reasons[kind] = self.counters.dlq_reasons.get(kind, 0) + 1
         if futs:
-            await asyncio.gather(*futs)  # raises if any send failed: then nothing is committed
+            acks = await asyncio.gather(*futs)  # raises if any send failed: then nothing is committed
+            produced = self.produced
+            for md in acks[:n_out]:
+                if md.offset >= produced.get(md.partition, 0):
+                    produced[md.partition] = md.offset + 1
         if hasattr(self.processor, "save") and (records is not None or res.applied or res.dead):
             await self._in_thread(self.processor.save, res.hwm)
         self.counters.processed += res.applied
         self.counters.dead_lettered += len(res.dead)
         self.counters.skipped += res.skipped
         self.counters.duplicates += res.duplicates
+        self.counters.folded += getattr(res, "folded", 0)
         self.counters.parked = self.processor.n_parked() if hasattr(self.processor, "n_parked") else 0
         if records is not None:
             self.counters.batches += 1
         return bool(res.applied or res.dead)
 
-    def stop(self) -> None:
+    def owned(self) -> set[int]:
+        """Partitions of the input topic this loop owns now."""
+        return {tp.partition for tp in self.consumer.assignment()} if self.consumer is not None else set()
+
+    def stop(self, when_idle: bool = False) -> None:
+        """Stop after the current batch; with `when_idle`, only once a poll finds nothing new (the
+        `idle_stop` future is done then, or when the loop ends otherwise)."""
+        if when_idle:
+            if self.idle_stop is None:
+                self.idle_stop = asyncio.get_running_loop().create_future()
+            return
         self._stopping.set()
 
     async def _close(self) -> None:

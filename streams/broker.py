@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PARTITIONS = {"items": 2, "interactions": 4, "item_tokens": 2, "items.dlq": 1, "interactions.dlq": 1}
+DEFAULT_PARTITIONS = {"items": 2, "interactions": 4, "item_tokens": 2, "interactions_by_item": 4,
+                      "items.dlq": 1, "interactions.dlq": 1, "interactions_by_item.dlq": 1}
 
 
 class BrokerError(RuntimeError):

@@ -106,14 +106,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_publish)
 
-    p = subparsers.add_parser("worker", help="run the Faust stream worker (item and interaction agents)")
+    p = subparsers.add_parser("worker", help="run the Faust stream worker (item, interaction and item-stats agents)")
     p.add_argument("--repo", default=None,
                    help="applied Feast repo directory (see `trm feast-repo`; default: $TRM_FEAST_REPO)")
     p.add_argument("--tokenizer", default=None,
                    help="saved tokenizer artifact directory (item agent; default: $TRM_TOKENIZER_ARTIFACT)")
     p.add_argument("--state", default=None, help="state directory (default: <repo>/stream_state)")
     p.add_argument("--pairs", default=None, help="co-interaction pair parquet dir (default: <repo>/data/pairs)")
-    p.add_argument("--agents", default="items,interactions", help="comma list of items,interactions")
+    p.add_argument("--agents", default="items,interactions,item_stats",
+                   help="comma list of items,interactions,item_stats (item_stats counts per item what the "
+                        "interaction agents forward to interactions_by_item; default: all three)")
     p.add_argument("--history-len", type=int, default=20, help="N: positives kept per user history")
     p.add_argument("--park-timeout", type=float, default=900.0,
                    help="seconds an interaction waits for its item's tokens before it is dead-lettered")

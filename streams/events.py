@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from trm.data import Interaction, Item
 
 ITEMS, INTERACTIONS, ITEM_TOKENS = "items", "interactions", "item_tokens"
+INTERACTIONS_BY_ITEM = "interactions_by_item"  # internal: accepted interactions keyed by item_id
+ITEM_STATS = "item_stats"  # the item-stats agent (consumes INTERACTIONS_BY_ITEM)
 MAX_EPOCH_S = 4_102_444_800  # 2100-01-01: a time past this is a unit mistake (ms or µs sent as s)
 
 
@@ -108,5 +110,6 @@ class Counters:
     parked: int = 0
     skipped: int = 0  # offsets <= the saved high-water mark: applied before a restart
     duplicates: int = 0  # interactions already applied (same user, item, event time, label): no-ops
+    folded: int = 0  # item-stats: events older than the compaction cutoff, counted in the base
     batches: int = 0
     dlq_reasons: dict[str, int] = field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""Interaction agent: per-user recent positive history *as tokens*, per-item counters, co-like pairs.
+"""Interaction agent: per-user recent positive history *as tokens*, co-like pairs, and the item-keyed
+repartition of the accepted interactions (`interactions_by_item`, counted by item_stats_agent.py).
 
 Processing order of one batch (the worker loop in `batch_loop.py` drives it):
   1. decode    – framed Avro -> InteractionEvent; bad bytes/content become dead letters
@@ -10,29 +11,32 @@ Processing order of one batch (the worker loop in `batch_loop.py` drives it):
                  b. *duplicate*: the same (user_id, item_id, event_time, label) as an accepted
                     event is a no-op (counted in `duplicates`): not in item counters, user
                     features or pairs, parked or not; the dedup set is part of the saved state
-                 c. item counters count every accepted interaction at once. User features need
-                    the item's gen-tokens: an interaction whose item has no tokens yet is
-                    *parked* (with its original bytes), and so is every later one of the same
-                    user, keeping each history in order
+                 c. every accepted interaction is forwarded at once to `interactions_by_item`
+                    (keyed by item_id, with this partition and its watermark): item counters
+                    need no tokens, the item-stats agent counts them. User features need the
+                    item's gen-tokens: an interaction whose item has no tokens yet is *parked*
+                    (with its original bytes), and so is every later one of the same user,
+                    keeping each history in order
   3. write     – Feast online + offline rows, each stamped with the event time that produced it
                  (offline: one row per (entity, event time); online: the entity's latest), and the
                  batch's co-like pairs; files are flushed (renamed into place) before returning
-  4. produce   – dead letters to `interactions.dlq`, awaiting acks
+  4. produce   – the forwarded interactions to `interactions_by_item` and dead letters to
+                 `interactions.dlq`, awaiting acks
   5. commit    – compact state older than the horizon, save state + watermark + high-water mark
                  (one SQLite transaction), then commit offsets — per partition only up to its
                  first parked interaction, so a committed offset means every earlier interaction
                  is in Feast or dead-lettered
 A crash between 3 and 5 replays the batch from the saved state: the same values are written
-again (idempotent). A crash between the state save and the offset commit replays offsets that
-are <= hwm, which are skipped, so counters never double count.
+again (idempotent) and the forwarded interactions are sent again (the item-stats agent drops the
+copies). A crash between the state save and the offset commit replays offsets that are <= hwm,
+which are skipped (nothing forwarded twice from them).
 
 Parked interactions retry whenever new item tokens arrive and on idle polls; one parked longer
 than `park_timeout_s` is dead-lettered with the reason, and the user's queue moves on.
 
-Point in time: a row stamped at t reflects exactly the events with event_time <= t. Item counter
-rows at t count interactions with event_time <= t over all partitions; a user row at t is the
-state after the user's events <= t. An event applied late (out of order for its user, parked, or
-another partition lagging) is inserted at its event-time position and re-stamps the entity's rows
+Point in time: a row stamped at t reflects exactly the events with event_time <= t: a user row at t
+is the state after the user's events <= t. An event applied late (out of order for its user, or
+parked) is inserted at its event-time position and re-stamps the entity's rows
 at every event time >= its own; a re-stamped row has a later `created`, which wins the offline
 point-in-time join (latest event_timestamp, then latest created). Pairs of a late positive are
 added with the positives around it in event time; pairs already written are not retracted.
@@ -50,7 +54,15 @@ from .codec import AvroCodec, DecodeError
 from .dlq import DeadLetter, SourceRecord
 from .events import InteractionEvent, InvalidEvent
 from .pairs import PairWriter
-from .state import DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState, read_item_events, read_watermark
+from .state import DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState
+
+
+def by_item_record(codec: AvroCodec, schema_id: int, uid: int, iid: int, label: int, t: int, src: int,
+                   src_wm: int, n_src: int) -> tuple[bytes, bytes]:
+    """(key, value) of a repartitioned interaction (what the interaction agent produces)."""
+    return str(iid).encode(), codec.encode({"user_id": uid, "item_id": iid, "label": label, "event_time": t,
+                                            "src_partition": src, "src_watermark": src_wm,
+                                            "src_partitions": n_src}, schema_id=schema_id)
 
 
 @dataclass
@@ -61,6 +73,7 @@ class BatchResult:
     parked: int = 0
     skipped: int = 0  # <= hwm: already applied before a restart
     duplicates: int = 0  # an interaction already applied (same user, item, event time, label): a no-op
+    folded: int = 0  # item-stats: events older than the compaction cutoff, counted in the base
     hwm: dict[int, int] = field(default_factory=dict)  # partition -> last offset seen in this batch
 
 
@@ -82,7 +95,12 @@ class InteractionProcessor:
         self.allowed_lateness_s = allowed_lateness_s
         self.codec = codec or AvroCodec()
         self._schema_check = "InteractionEvent"
+        self._by_item_sid = self.codec.registry.write_id("InteractionByItem")
         self.states: dict[int, PartitionState] = {}
+        self.n_partitions: int | None = None  # of the input topic; the loop tells (set_partition_count)
+
+    def set_partition_count(self, n: int) -> None:
+        self.n_partitions = n or None
 
     # -- partitions --
     def state_path(self, partition: int) -> Path:
@@ -145,6 +163,8 @@ class InteractionProcessor:
         todo.sort(key=lambda x: x[:3])
         now = time.time()
         changes = _Changes()
+        outputs, sid = res.outputs, self._by_item_sid
+        n_src = self.n_partitions or max(self.states, default=0) + 1
         # the oldest event time each partition can still place exactly: in event-time order, the
         # watermark moving within the batch never makes a later event of the batch late
         floors = {p: st.floor() for p, st in self.states.items()}
@@ -154,13 +174,12 @@ class InteractionProcessor:
             if t < floors[part]:
                 res.dead.append(DeadLetter(r, st.late(t)))
                 continue
-            # item counters need no tokens: counted at once, in event-time order (not a duplicate)
             if not st.accept(ev.user_id, ev.item_id, t, ev.label):
                 res.duplicates += 1
                 continue
-            tmin = changes.item_tmin.get(ev.item_id)
-            if tmin is None or t < tmin:
-                changes.item_tmin[ev.item_id] = t
+            # item counters need no tokens: forwarded at once, keyed by item (item_stats_agent.py)
+            outputs.append(by_item_record(self.codec, sid, ev.user_id, ev.item_id, ev.label, t, part, st.watermark,
+                                          n_src))
             # user features need the item's tokens, and each user's events in order
             if ev.user_id in st.parked or self.tokens_of(ev.item_id) is None:
                 st.new_rows.append((ev.item_id, t, ev.label, ev.user_id, None))  # not applied to the user yet
@@ -186,22 +205,9 @@ class InteractionProcessor:
     def save(self, hwm: dict[int, int]) -> None:
         """Step 5a: compact what is older than the horizon, then make the state, watermarks and
         high-water marks durable (before the offset commit)."""
-        low = self._low_watermark()
         for p, st in self.states.items():
-            st.compact(low)
+            st.compact()
             st.save(hwm.get(p))
-
-    def _low_watermark(self) -> int | None:
-        """The lowest watermark of every partition of the topic this state directory knows (ours in
-        memory, others' as saved): item detail is compacted only below it minus the horizon, so
-        a lagging partition's accepted events still find every other partition's detail. None if
-        some partition has accepted nothing yet."""
-        wms = [st.watermark for st in self.states.values()]
-        for f in self.state_dir.glob(f"{self.topic}-p*.sqlite"):
-            if int(f.stem.rsplit("-p", 1)[1]) not in self.states:
-                wms.append(read_watermark(f))
-        low = min(wms, default=-1)
-        return low if low >= 0 else None
 
     # -- internals --
     def _drain(self, changes: "_Changes", res: BatchResult, now: float) -> int:
@@ -224,7 +230,7 @@ class InteractionProcessor:
                 res.dead.append(DeadLetter(SourceRecord(self.topic, part, p.offset, p.key, p.value),
                                            f"no_tokens: item {p.item_id} had no tokens {self.park_timeout_s:.0f} s "
                                            f"after the interaction arrived; user history skipped it "
-                                           f"(item counters include it)"))
+                                           f"(item counters include it: forwarded when accepted)"))
                 continue
             self._apply_user(st, p.user_id, p.item_id, p.label, p.event_time, changes, parked=True)
             applied += 1
@@ -303,56 +309,9 @@ class InteractionProcessor:
                 changes.users[(uid, tj)] = _user_row(uid, tj, hist, n, npos)
         u.n_events, u.n_positives, u.history = n, npos, hist
 
-    def _item_sources(self, item_ids: list[int]) -> dict[int, list]:
-        """Each item's ItemEvents in every partition: ours in memory, others' from their saved state."""
-        out: dict[int, list] = {i: [] for i in item_ids}
-        for st in self.states.values():
-            items = st.items
-            for i in item_ids:
-                evs = items.get(i)
-                if evs is not None:
-                    out[i].append(evs)
-        # partitions owned by other workers: what they saved (eventually consistent across workers)
-        for f in self.state_dir.glob(f"{self.topic}-p*.sqlite"):
-            part = int(f.stem.rsplit("-p", 1)[1])
-            if part not in self.states:
-                for i, evs in read_item_events(f, item_ids).items():
-                    out[i].append(evs)
-        return out
-
-    def _item_rows(self, item_tmin: dict[int, int]) -> list[dict]:
-        """Rows for every distinct event time >= the batch's earliest event of each item: counts of
-        interactions with event_time <= t over all partitions. In order, those are just this
-        batch's times; a late event re-stamps the later rows, so no row counts its future."""
-        rows = []
-        for iid, sources in self._item_sources(list(item_tmin)).items():
-            tmin = item_tmin[iid]
-            n = npos = 0
-            tail: list[tuple[int, int]] = []  # (event_time, label) of events at or after tmin
-            for src in sources:  # tmin is never older than a source's detail (state.py: compaction)
-                cum, times = src.cum_pos, src.times
-                k = bisect.bisect_left(times, tmin)
-                prev = cum[k - 1] if k else src.base_pos
-                n += src.base_n + k
-                npos += prev
-                for j in range(k, len(times)):
-                    tail.append((times[j], cum[j] - prev))
-                    prev = cum[j]
-            if len(sources) > 1:
-                tail.sort()
-            for j, (t, lab) in enumerate(tail):  # running counts; one row per distinct time
-                n += 1
-                npos += lab
-                if j + 1 == len(tail) or tail[j + 1][0] != t:
-                    rows.append({"item_id": iid, "event_timestamp": t, "item_n_interactions": n,
-                                 "item_n_positives": npos})
-        return rows
-
     def _write(self, changes: "_Changes") -> None:
         if changes.users:
             self.sink.write("user_history", list(changes.users.values()))
-        if changes.item_tmin:
-            self.sink.write("item_stats", self._item_rows(changes.item_tmin))
         if self.pairs is not None:
             self.pairs.write(*changes.pairs)
 
@@ -376,9 +335,8 @@ def _add_pair(pairs: tuple, a: int, b: int, uid: int, t: int) -> None:
 
 
 class _Changes:
-    __slots__ = ("users", "item_tmin", "pairs")
+    __slots__ = ("users", "pairs")
 
     def __init__(self):
         self.users: dict[tuple[int, int], dict] = {}
-        self.item_tmin: dict[int, int] = {}
         self.pairs: tuple[list[int], ...] = ([], [], [], [])  # item_a, item_b, user_id, event_time

@@ -10,28 +10,27 @@ Only rows changed by a batch are written: O(batch), not O(state).
 Allowed lateness (`allowed_lateness_s`, the horizon H): the partition's *watermark* is the newest
 event time it accepted. Exact detail is kept only for events within about H of it; older detail
 is compacted into base values, so memory and the SQLite tables stay bounded by the events of one
-horizon (plus the base values: one row per user and per item):
-  - per item (`ItemEvents`): the sorted times of the detail events and running positives, on top
-    of `base_n`/`base_pos` (the interactions compacted away, all older than the item cutoff);
+horizon (plus the base values: one row per user):
   - per user (`UserState`): the applied events of the detail in event-time order, on top of
     `base` = (n_events, n_positives, last-N history) before them; current state = base + detail;
   - the dedup set: keys (user_id, item_id, event_time, label) of the accepted events, by
     event-time bucket (H/16 wide: expiry drops whole buckets).
-SQLite: one `item_events` row per accepted event (item detail, dedup key, and user detail once
-applied to the user: `tok` = 0 for a negative, the id of its gen-tokens in `tokens` for a
-positive, NULL while parked or if never applied), `item_base` and `users` (the user's base and
-`tc`, the time it was compacted up to) for the compacted part, `meta` for hwm, watermark and
-cutoffs. A batch inserts its rows; a compaction upserts the bases of the entities it compacted
-and deletes their rows: O(batch + compacted entities), all in the hwm's transaction.
+SQLite: one `item_events` row per accepted event (dedup key, and user detail once applied to the
+user: `tok` = 0 for a negative, the id of its gen-tokens in `tokens` for a positive, NULL while
+parked or if never applied), `users` (the user's base and `tc`, the time it was compacted up to)
+for the compacted part, `meta` for hwm, watermark and cutoff. A batch inserts its rows; a
+compaction upserts the bases of the users it compacted and deletes their rows: O(batch +
+compacted users), all in the hwm's transaction.
 
 An event with event_time < watermark - H cannot be placed exactly any more and is refused
 (`PartitionState.late`: the processor dead-letters it). User detail is compacted below
 watermark - H (rounded down to a bucket; not for a user with parked events: those are placed
-first, however old), item detail below the *lowest* watermark of all the topic's partitions
-minus H, so an event accepted by a lagging partition still finds every other partition's detail
-at its time (cross-partition item counts stay exact). A partition that has accepted nothing yet
-holds item compaction back. If H is raised later, what was already compacted stays compacted:
-events older than that stay late (`floor`).
+first, however old). If H is raised later, what was already compacted stays compacted: events
+older than that stay late (`floor`).
+
+Item counters are not kept here: the interaction agent forwards every accepted event to the
+item-keyed `interactions_by_item` topic, and the item-stats agent counts them per item
+(`ItemStatsState` below: one SQLite file per partition of that topic).
 """
 from __future__ import annotations
 
@@ -93,6 +92,13 @@ class ItemEvents:
         k = bisect.bisect_right(self.times, t)
         return self.base_n + k, (self.cum_pos[k - 1] if k else self.base_pos)
 
+    def add_base(self, label: int) -> None:
+        """Count an event older than every detail time (and than the compaction cutoff) in the base."""
+        self.base_n += 1
+        if label:
+            self.base_pos += 1
+            self.cum_pos = [c + 1 for c in self.cum_pos]
+
     def compact(self, cutoff: int) -> bool:
         """Fold the detail older than `cutoff` into the base; True if anything moved."""
         k = bisect.bisect_left(self.times, cutoff)
@@ -144,7 +150,6 @@ class PartitionState:
             CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
             CREATE TABLE IF NOT EXISTS users (user_id INTEGER PRIMARY KEY, n_events INTEGER, n_positives INTEGER, history TEXT);
             CREATE TABLE IF NOT EXISTS item_events (item_id INTEGER, t INTEGER, label INTEGER);
-            CREATE TABLE IF NOT EXISTS item_base (item_id INTEGER PRIMARY KEY, n INTEGER, npos INTEGER);
             CREATE TABLE IF NOT EXISTS tokens (vid INTEGER PRIMARY KEY, item_id INTEGER, gen BLOB);
             CREATE TABLE IF NOT EXISTS parked (off INTEGER PRIMARY KEY, key BLOB, value BLOB, user_id INTEGER,
                 item_id INTEGER, label INTEGER, event_time INTEGER, parked_at REAL);
@@ -159,17 +164,18 @@ class PartitionState:
             self.db.execute("ALTER TABLE users ADD COLUMN tc INTEGER")
         self.db.executescript("""
             DROP INDEX IF EXISTS item_events_id;
-            CREATE INDEX IF NOT EXISTS item_events_it ON item_events (item_id, t);
+            DROP INDEX IF EXISTS item_events_it;
+            CREATE INDEX IF NOT EXISTS item_events_ut ON item_events (user_id, t);
         """)
         self.db.commit()
         meta = dict(self.db.execute("SELECT k, v FROM meta"))
         self.hwm: int = meta.get("hwm", -1)
         self.watermark: int = meta.get("watermark", -1)  # newest accepted event time; -1: none yet
-        # compaction points reached so far (multiples of bucket_s; never lowered, even if the
-        # allowed lateness grows): every item's detail older than item_cutoff is in its base,
-        # every user's older than user_cutoff too, except users with parked events (their `tc`)
+        # compaction point reached so far (a multiple of bucket_s; never lowered, even if the
+        # allowed lateness grows):
+        # every user's detail older than user_cutoff is in its base, except users with parked
+        # events (their `tc`)
         self.user_cutoff: int = meta.get("user_cutoff", -1)
-        self.item_cutoff: int = meta.get("item_cutoff", -1)
         # gen-token lists of the user detail's positives, saved once per (item, token list)
         vids: dict[int, tuple] = {}
         self._tok: dict[int, tuple] = {}  # item -> (token list seen, tuple, vid)
@@ -183,35 +189,18 @@ class PartitionState:
         for uid, n, npos, hist, tc in self.db.execute("SELECT user_id, n_events, n_positives, history, tc FROM users"):
             self.users[uid] = UserState(n, npos, deque((i, t, tuple(g)) for i, t, g in json.loads(hist)))
             tcs[uid] = -1 if tc is None else tc
-        # per item: the detail's event times (sorted) and running positives over the base counts;
-        # item counters at time t are counts over them, so a late event re-stamps exactly the
-        # rows after it
-        self.items: dict[int, ItemEvents] = {}
-        for iid, n, npos in self.db.execute("SELECT item_id, n, npos FROM item_base"):
-            self.items[iid] = ItemEvents(n, npos)
         # the dedup set, by event-time bucket (so expiry drops whole sets): per bucket the keys
-        # (user_id, item_id, event_time, label) of the accepted events and their users; and, for
-        # item compaction (a lower cutoff), the items of each bucket
+        # (user_id, item_id, event_time, label) of the accepted events and their users
         self._ubuckets: dict[int, tuple[set, set]] = {}
-        self._ibuckets: dict[int, set] = {}
-        B, icut, ucut = self.bucket_s, self.item_cutoff, self.user_cutoff
-        # one row per accepted event: item detail (t >= item_cutoff), dedup key, and user detail
-        # (tok not NULL: applied to the user; t >= the user's compaction point)
+        B, ucut = self.bucket_s, self.user_cutoff
+        # one row per accepted event: dedup key, and user detail (tok not NULL: applied to the
+        # user; t >= the user's compaction point)
         for iid, t, lab, uid, tok in self.db.execute(
                 "SELECT item_id, t, label, user_id, tok FROM item_events ORDER BY t, rowid"):
-            b = t // B
-            if t >= icut:
-                evs = self.items.get(iid)
-                if evs is None:
-                    evs = self.items[iid] = ItemEvents()
-                evs.add(t, lab)
-                ib = self._ibuckets.get(b)
-                if ib is None:
-                    ib = self._ibuckets[b] = set()
-                ib.add(iid)
             if uid is None:
                 continue
             if t >= ucut:
+                b = t // B
                 ub = self._ubuckets.get(b)
                 if ub is None:
                     ub = self._ubuckets[b] = (set(), set())
@@ -244,7 +233,7 @@ class PartitionState:
         self.applied_later: list[tuple] = []  # (tok, item_id, t, user_id, label) of rows inserted parked
         self._new_tokens: list[tuple] = []
         self._compacted_users: dict[int, int] = {}  # user -> cutoff of its compaction (unsaved)
-        self._compacted_items: dict[int, int] = {}
+        self._dropped_rows: dict[int, int] = {}  # user -> cutoff below which its rows go (unsaved)
         self._parked_new: list[Parked] = []
         self._parked_done: list[int] = []
 
@@ -280,7 +269,7 @@ class PartitionState:
                 f"not counted (item counters, user features and pairs skip it)")
 
     def accept(self, uid: int, iid: int, t: int, label: int) -> bool:
-        """Count an interaction in the item counters (and the dedup set); False if it is a duplicate."""
+        """Add an interaction to the dedup set and the watermark; False if it is a duplicate."""
         key = (uid, iid, t, label)
         b = t // self.bucket_s
         ub = self._ubuckets.get(b)
@@ -290,16 +279,8 @@ class PartitionState:
             return False
         ub[0].add(key)
         ub[1].add(uid)
-        ib = self._ibuckets.get(b)
-        if ib is None:
-            ib = self._ibuckets[b] = set()
-        ib.add(iid)
         if t > self.watermark:
             self.watermark = t
-        evs = self.items.get(iid)
-        if evs is None:
-            evs = self.items[iid] = ItemEvents()
-        evs.add(t, label)
         return True
 
     # -- mutation (in memory; `save` makes it durable) --
@@ -340,18 +321,16 @@ class PartitionState:
                 p.offset = new
         self.hwm = -1
 
-    def n_detail(self) -> tuple[int, int, int]:
-        """(item detail times, user detail events, dedup keys) held in memory: bounded by the horizon."""
-        return (sum(len(e.times) for e in self.items.values()),
-                sum(len(u.events) for u in self.users.values() if u.events),
+    def n_detail(self) -> tuple[int, int]:
+        """(user detail events, dedup keys) held in memory: bounded by the horizon."""
+        return (sum(len(u.events) for u in self.users.values() if u.events),
                 sum(len(k) for k, _ in self._ubuckets.values()))
 
     # -- compaction (in memory; `save` writes it in the same transaction as the hwm) --
-    def compact(self, item_low_watermark: int | None) -> None:
-        """Fold detail older than the horizon into the base values. Users and the dedup set: below
-        watermark - H. Items: below the lowest watermark of every partition minus H (None: some
-        partition has accepted nothing yet, so item detail is kept). Whole buckets of the dedup set
-        expire once they are entirely older than the cutoff."""
+    def compact(self) -> None:
+        """Fold user detail older than the horizon (watermark - H) into the base values; whole
+        buckets of the dedup set expire once they are entirely older than the cutoff, and the
+        rows of their users older than it go."""
         if self.watermark < 0:
             return
         H, B = self.allowed_lateness_s, self.bucket_s
@@ -368,21 +347,11 @@ class PartitionState:
                 if uid in parked:
                     continue  # its parked events are placed first (they may be older than the cutoff)
                 self._compact_later.discard(uid)
+                self._dropped_rows[uid] = cut
                 u = self.users.get(uid)
                 if u is not None and u.events and u.events[0][0] < cut:
                     self._compact_user(u, cut)
                     self._compacted_users[uid] = cut
-        if item_low_watermark is not None and item_low_watermark >= 0:
-            cut = (min(item_low_watermark, self.watermark) - H) // B * B
-            if cut > self.item_cutoff:
-                self.item_cutoff = cut
-                todo_items: set[int] = set()
-                for b in [b for b in self._ibuckets if (b + 1) * B <= cut]:
-                    todo_items.update(self._ibuckets.pop(b))
-                done, items = self._compacted_items, self.items
-                for iid in todo_items:
-                    if items[iid].compact(cut):
-                        done[iid] = cut
 
     def _compact_user(self, u: UserState, cut: int) -> None:
         evs = u.events
@@ -434,20 +403,12 @@ class PartitionState:
                     rows.append((uid, n, npos, json.dumps([[i, t, list(g)] for i, t, g in hist]), cut))
                 db.executemany("INSERT OR REPLACE INTO users (user_id, n_events, n_positives, history, tc) "
                                "VALUES (?,?,?,?,?)", rows)
-            if self._compacted_items:
-                items = self.items
-                db.executemany("INSERT OR REPLACE INTO item_base VALUES (?,?,?)",
-                               [(i, items[i].base_n, items[i].base_pos) for i in self._compacted_items])
-                # a row is also user detail: kept while its user has parked events (not compacted yet)
-                if self.parked:
-                    db.executemany("DELETE FROM item_events WHERE item_id=? AND t<? AND "
-                                   "(user_id IS NULL OR user_id NOT IN (SELECT user_id FROM parked))",
-                                   list(self._compacted_items.items()))
-                else:
-                    db.executemany("DELETE FROM item_events WHERE item_id=? AND t<?",
-                                   list(self._compacted_items.items()))
+            if self._dropped_rows:  # dedup keys expired, user detail in the base
+                db.executemany("DELETE FROM item_events WHERE user_id=? AND t<?", list(self._dropped_rows.items()))
+                # rows of files from before per-user rows (no user): older than every user's cutoff
+                db.execute("DELETE FROM item_events WHERE user_id IS NULL AND t<?", (self.user_cutoff,))
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
-                ("watermark", self.watermark), ("user_cutoff", self.user_cutoff), ("item_cutoff", self.item_cutoff)])
+                ("watermark", self.watermark), ("user_cutoff", self.user_cutoff)])
             if hwm is not None and hwm > self.hwm:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
                 self.hwm = hwm
@@ -455,7 +416,7 @@ class PartitionState:
         self.new_rows.clear()
         self.applied_later.clear()
         self._compacted_users.clear()
-        self._compacted_items.clear()
+        self._dropped_rows.clear()
         self._parked_new.clear()
         self._parked_done.clear()
 
@@ -463,52 +424,144 @@ class PartitionState:
         self.db.close()
 
 
-def _ro(path: Path):
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+class ItemStatsState:
+    """Durable state of one partition of `interactions_by_item` (the item-stats agent): per item the
+    `ItemEvents` of the detail on top of compacted base counts, the dedup set, the high-water mark.
 
+    Records come from every partition of `interactions` (each item's events from every user), each
+    carrying its source partition, that partition's watermark when it accepted the event, and how
+    many partitions `interactions` has. A source partition never accepts an event older than its
+    watermark - H afterwards, so detail is compacted only below the lowest watermark of the
+    sources minus H (bucket-aligned), and only once every source partition has been heard from
+    (as before the repartition, a partition that accepted nothing holds item compaction back):
+    every later record still finds the detail at its time, and counts stay exact. A record older
+    than the cutoff (only if `interactions` gained partitions) is counted in the item's base:
+    later rows are re-stamped with it, rows before the cutoff are not (`folded`).
 
-def read_watermark(path: str | Path) -> int:
-    """The watermark another partition's owner saved (-1: none yet, or no such file)."""
-    p = Path(path)
-    if not p.exists():
-        return -1
-    db = _ro(p)
-    try:
-        row = db.execute("SELECT v FROM meta WHERE k='watermark'").fetchone()
-        return row[0] if row else -1
-    except sqlite3.OperationalError:  # not initialised yet
-        return -1
-    finally:
-        db.close()
+    Duplicates (a replay of the interaction agent between its produce and its commit) are dropped
+    by their key (user_id, item_id, event_time, label), kept by event-time bucket above the cutoff.
+    SQLite: `events` one row per accepted event above the cutoff, `base` per compacted item,
+    `sources` the watermark of each source partition, `meta` hwm and cutoff; all saved in one
+    transaction with the high-water mark (before the offset commit), O(batch + compacted items).
+    """
 
+    def __init__(self, path: str | Path, allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S):
+        self.path = Path(path)
+        self.allowed_lateness_s = int(allowed_lateness_s)
+        self.bucket_s = max(1, self.allowed_lateness_s // 16)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, check_same_thread=False)
+        self.db.executescript("""
+            PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+            CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
+            CREATE TABLE IF NOT EXISTS events (item_id INTEGER, t INTEGER, label INTEGER, user_id INTEGER);
+            CREATE INDEX IF NOT EXISTS events_it ON events (item_id, t);
+            CREATE TABLE IF NOT EXISTS base (item_id INTEGER PRIMARY KEY, n INTEGER, npos INTEGER);
+            CREATE TABLE IF NOT EXISTS sources (src INTEGER PRIMARY KEY, wm INTEGER);
+        """)
+        self.db.commit()
+        meta = dict(self.db.execute("SELECT k, v FROM meta"))
+        self.hwm: int = meta.get("hwm", -1)
+        self.cutoff: int = meta.get("cutoff", -1)  # detail older than this is in the bases
+        self.sources: dict[int, int] = dict(self.db.execute("SELECT src, wm FROM sources"))
+        self.n_sources: int = meta.get("n_sources", 0)  # partitions of `interactions` (the most heard of)
+        self.items: dict[int, ItemEvents] = {}
+        for iid, n, npos in self.db.execute("SELECT item_id, n, npos FROM base"):
+            self.items[iid] = ItemEvents(n, npos)
+        # dedup keys (user_id, item_id, event_time, label) and items, by event-time bucket
+        self._buckets: dict[int, tuple[set, set]] = {}
+        B = self.bucket_s
+        for iid, t, lab, uid in self.db.execute("SELECT item_id, t, label, user_id FROM events ORDER BY t, rowid"):
+            self._add(uid, iid, t, lab, t // B)
+        self.new_rows: list[tuple] = []
+        self._compacted: dict[int, int] = {}  # item -> cutoff (unsaved)
+        self._base_changed: set[int] = set()  # items with a folded event (unsaved)
+        self._sources_changed = False
 
-def read_item_events(path: str | Path, item_ids: list[int]) -> dict[int, ItemEvents]:
-    """Item events saved by another partition's owner (read-only; for multi-worker sums)."""
-    p = Path(path)
-    if not p.exists() or not item_ids:
-        return {}
-    db = _ro(p)
-    try:
-        try:
-            row = db.execute("SELECT v FROM meta WHERE k='item_cutoff'").fetchone()
-        except sqlite3.OperationalError:  # not initialised yet
-            return {}
-        icut = row[0] if row else -1  # older rows are in item_base (or kept only as user detail)
-        out: dict[int, ItemEvents] = {}
-        for chunk in range(0, len(item_ids), 500):
-            ids = item_ids[chunk:chunk + 500]
-            marks = ','.join('?' * len(ids))
-            try:
-                for i, n, npos in db.execute(f"SELECT item_id, n, npos FROM item_base WHERE item_id IN ({marks})", ids):
-                    out[i] = ItemEvents(n, npos)
-            except sqlite3.OperationalError:  # a file from before compaction: no base table
-                pass
-            q = f"SELECT item_id, t, label FROM item_events WHERE item_id IN ({marks}) AND t >= ? ORDER BY t"
-            for i, t, lab in db.execute(q, [*ids, icut]):
-                evs = out.get(i)
-                if evs is None:
-                    evs = out[i] = ItemEvents()
-                evs.add(t, lab)
-        return out
-    finally:
-        db.close()
+    def _add(self, uid: int, iid: int, t: int, label: int, b: int) -> None:
+        bk = self._buckets.get(b)
+        if bk is None:
+            bk = self._buckets[b] = (set(), set())
+        bk[0].add((uid, iid, t, label))
+        bk[1].add(iid)
+        evs = self.items.get(iid)
+        if evs is None:
+            evs = self.items[iid] = ItemEvents()
+        evs.add(t, label)
+
+    def accept(self, uid: int, iid: int, t: int, label: int, src: int, src_wm: int, n_src: int) -> str:
+        """'ok' (counted in the detail), 'dup' (a copy of an accepted event: a no-op) or 'folded'
+        (older than the cutoff: counted in the base)."""
+        if src_wm > self.sources.get(src, -1):
+            self.sources[src] = src_wm
+            self._sources_changed = True
+        if n_src > self.n_sources:
+            self.n_sources = n_src
+            self._sources_changed = True
+        if t < self.cutoff:
+            evs = self.items.get(iid)
+            if evs is None:
+                evs = self.items[iid] = ItemEvents()
+            evs.add_base(label)
+            self._base_changed.add(iid)
+            return "folded"
+        b = t // self.bucket_s
+        bk = self._buckets.get(b)
+        if bk is not None and (uid, iid, t, label) in bk[0]:
+            return "dup"
+        self._add(uid, iid, t, label, b)
+        self.new_rows.append((iid, t, label, uid))
+        return "ok"
+
+    def n_detail(self) -> tuple[int, int]:
+        """(item detail times, dedup keys) held in memory: bounded by the horizon."""
+        return sum(len(e.times) for e in self.items.values()), sum(len(k) for k, _ in self._buckets.values())
+
+    def compact(self) -> None:
+        """Fold detail older than the lowest source watermark minus H into the bases."""
+        if not self.sources or len(self.sources) < self.n_sources:
+            return  # some source partition not heard from yet: it may still send old events
+        B = self.bucket_s
+        cut = (min(self.sources.values()) - self.allowed_lateness_s) // B * B
+        if cut <= self.cutoff:
+            return
+        self.cutoff = cut
+        todo: set[int] = set()
+        for b in [b for b in self._buckets if (b + 1) * B <= cut]:
+            todo.update(self._buckets.pop(b)[1])
+        for iid in todo:
+            if self.items[iid].compact(cut):
+                self._compacted[iid] = cut
+
+    def reset_log(self) -> None:
+        """The input log was replaced by a new one (see PartitionState.reset_log): hwm void."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', -1)")
+        self.hwm = -1
+
+    def save(self, hwm: int | None = None) -> None:
+        db = self.db
+        with db:
+            if self.new_rows:
+                db.executemany("INSERT INTO events VALUES (?,?,?,?)", self.new_rows)
+            changed = self._base_changed | set(self._compacted)
+            if changed:
+                items = self.items
+                db.executemany("INSERT OR REPLACE INTO base VALUES (?,?,?)",
+                               [(i, items[i].base_n, items[i].base_pos) for i in changed])
+            if self._compacted:
+                db.executemany("DELETE FROM events WHERE item_id=? AND t<?", list(self._compacted.items()))
+            if self._sources_changed:
+                db.executemany("INSERT OR REPLACE INTO sources VALUES (?,?)", list(self.sources.items()))
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           [("cutoff", self.cutoff), ("n_sources", self.n_sources)])
+            if hwm is not None and hwm > self.hwm:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
+                self.hwm = hwm
+        self.new_rows.clear()
+        self._compacted.clear()
+        self._base_changed.clear()
+        self._sources_changed = False
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,4 +1,5 @@
-"""Interaction processor on a real Feast repo, without Kafka: late events, parking, restarts."""
+"""Interaction and item-stats processors on a real Feast repo, without Kafka: late events, parking,
+restarts, the item-keyed repartition between them (`Pipeline` plays the broker and the loops)."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -20,14 +21,74 @@ def rec(part, off, user, item, label, t):
                         CODEC.encode(InteractionEvent(f"r{off}", user, item, label, t).to_record(), "InteractionEvent"))
 
 
+BY_ITEM_PARTS = 2
+
+
+class Pipeline:
+    """The interaction processor with the item-stats processor behind it, as the worker's loops run
+    them: the interaction batch's forwarded records (res.outputs) are "produced" to an in-memory
+    `interactions_by_item` (partition = item_id % 2) before the interaction state is saved; the
+    item-stats processor consumes them then (process + save). `replay_outputs` re-sends the last
+    batch's records, as a crash between produce and commit would."""
+
+    def __init__(self, inter, stats):
+        self.inter, self.stats = inter, stats
+        self.pending: list = []
+        self.last: list = []
+        self.log: dict[int, list] = {p: [] for p in range(BY_ITEM_PARTS)}  # what was "produced"
+        stats.assign(list(range(BY_ITEM_PARTS)))
+        self.next_off = {p: stats.hwm(p) + 1 for p in range(BY_ITEM_PARTS)}
+
+    def __getattr__(self, name):
+        return getattr(self.inter, name)
+
+    def process(self, records):
+        r = self.inter.process(records)
+        self.pending += r.outputs
+        return r
+
+    def _produce_and_count(self, outputs):
+        from streams.dlq import SourceRecord as SR
+
+        recs = []
+        for k, v in outputs:
+            part = int(k) % BY_ITEM_PARTS
+            recs.append(SR("interactions_by_item", part, self.next_off[part], k, v))
+            self.log[part].append((k, v))
+            self.next_off[part] += 1
+        r = self.stats.process(recs)
+        self.stats.save(r.hwm)
+        return r
+
+    def save(self, hwm):
+        out, self.pending = self.pending, []
+        self.last = out
+        self.stats_result = self._produce_and_count(out)
+        self.inter.save(hwm)
+
+    def replay_outputs(self):
+        return self._produce_and_count(self.last)
+
+    def revoke(self, parts):
+        self.inter.revoke(parts)
+        self.stats.revoke(list(range(BY_ITEM_PARTS)))
+
+
+def make_stats(sink, state_dir, allowed_lateness_s=7 * 86400):
+    from streams.item_stats_agent import ItemStatsProcessor
+
+    return ItemStatsProcessor(sink, state_dir, "interactions_by_item", allowed_lateness_s=allowed_lateness_s)
+
+
 def make(repo, tokens, park_timeout_s=300.0):
     from streams.feast_sink import FeastSink
     from streams.interaction_agent import InteractionProcessor
 
-    p = InteractionProcessor(FeastSink(repo), repo / "state", repo / "pairs", tokens.get, "interactions",
+    sink = FeastSink(repo)
+    p = InteractionProcessor(sink, repo / "state", repo / "pairs", tokens.get, "interactions",
                              history_len=2, park_timeout_s=park_timeout_s)
     p.assign([0, 1])
-    return p
+    return Pipeline(p, make_stats(sink, repo / "state"))
 
 
 def hist(sink, view_feats, key, ids_times):
@@ -118,10 +179,11 @@ class RowStore:
 def make_fake(state_dir, tokens, allowed_lateness_s, sink=None, history_len=3, parts=(0, 1)):
     from streams.interaction_agent import InteractionProcessor
 
-    p = InteractionProcessor(sink or RowStore(), state_dir, None, tokens.get, "interactions", history_len=history_len,
+    sink = sink or RowStore()
+    p = InteractionProcessor(sink, state_dir, None, tokens.get, "interactions", history_len=history_len,
                              park_timeout_s=1e9, allowed_lateness_s=allowed_lateness_s)
     p.assign(list(parts))
-    return p
+    return Pipeline(p, make_stats(sink, state_dir, allowed_lateness_s))
 
 
 def step(p, records):
@@ -268,7 +330,8 @@ def test_compaction_keeps_memory_and_sqlite_bounded_and_values_exact(tmp_path):
             applied.append(ev)
         r = step(p, recs)
         assert not r.dead and r.duplicates == 0
-        peak.append(max(sum(st.n_detail()[k] for st in p.states.values()) for k in range(3)))
+        peak.append(max([sum(st.n_detail()[k] for st in p.states.values()) for k in range(2)]
+                        + [sum(st.n_detail()[k] for st in p.stats.states.values()) for k in range(2)]))
         if b == n_batches // 2:  # a restart half-way: the compacted state is what is saved
             sink = p.sink
             p.revoke([0, 1])
@@ -278,6 +341,10 @@ def test_compaction_keeps_memory_and_sqlite_bounded_and_values_exact(tmp_path):
     for part in (0, 1):
         db = sqlite3.connect(tmp_path / "state" / f"interactions-p{part}.sqlite")
         n_rows = db.execute("SELECT count(*) FROM item_events").fetchone()[0]  # one row per event of the detail
+        db.close()
+        assert n_rows < 3 * (H // step_s + per_batch), n_rows
+        db = sqlite3.connect(tmp_path / "state" / f"interactions_by_item-p{part}.sqlite")
+        n_rows = db.execute("SELECT count(*) FROM events").fetchone()[0]
         db.close()
         assert n_rows < 3 * (H // step_s + per_batch), n_rows
     # values: every row ever written (restamped ones superseding) == the from-scratch computation
@@ -344,3 +411,26 @@ def test_random_duplicates_late_and_parked_events_leave_exact_rows(tmp_path):
             p = make_fake(tmp_path / "state", tokens, allowed_lateness_s=H, sink=sink)
     assert p.n_parked() == 0
     assert p.sink.rows == expected_rows(accepted, all_tokens, history_len=3)
+
+
+def test_forwarded_copies_from_a_replay_are_dropped_by_the_item_stats_agent(tmp_path):
+    """A crash between the produce and the commit re-sends a batch to interactions_by_item: the
+    item-stats agent drops the copies (also after its own restart); parked events are forwarded
+    when accepted (counters need no tokens), late and duplicate ones are not forwarded at all."""
+    tokens = {10: TOKENS[10]}
+    p = make_fake(tmp_path, tokens, allowed_lateness_s=1000)
+    r = step(p, [rec(0, 0, 1, 10, 1, 5_000), rec(1, 0, 2, 20, 0, 5_010),  # 20: no tokens, parked
+                 rec(0, 1, 1, 10, 1, 5_000)])  # a duplicate: not forwarded
+    assert (r.applied, r.parked, r.duplicates) == (1, 1, 1) and len(r.outputs) == 2
+    assert p.sink.latest("item_stats", 20)["item_n_interactions"] == 1  # counted while parked
+    again = p.replay_outputs()
+    assert (again.duplicates, again.applied) == (2, 0)
+    sink = p.sink
+    p.revoke([0, 1])
+    p = make_fake(tmp_path, tokens, allowed_lateness_s=1000, sink=sink)
+    assert p.replay_outputs().duplicates == 0  # Pipeline forgot its last batch: nothing re-sent
+    r = step(p, [rec(0, 2, 3, 10, 0, 5_020), rec(0, 3, 4, 10, 1, 3_000)])  # the second is late: dead
+    assert len(r.dead) == 1 and len(r.outputs) == 1
+    assert p.replay_outputs().duplicates == 1  # the restarted item-stats state remembers the keys
+    assert sink.latest("item_stats", 10) == {"item_id": 10, "event_timestamp": 5_020, "item_n_interactions": 2,
+                                             "item_n_positives": 1}

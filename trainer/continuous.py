@@ -272,12 +272,18 @@ def _decode(codec, msg) -> Record | None:
     return Record(ev.user_id, ev.item_id, ev.label, ev.event_time, f"{msg.topic}:{msg.partition}", msg.offset)
 
 
-async def _wait_for_features(gate, records: Sequence[Record], timeout_s: float) -> bool:
+async def _wait_for_features(gate, records: Sequence[Record], timeout_s: float, by_item=None) -> bool:
     """Until the feature workers' group has committed past every record of the batch.
 
     The workers commit an offset only after writing the features of the events before it, so
     past that point the PIT join sees every earlier event of the same user. Gives up (stale
     features, never leaked ones) after `timeout_s`; returns whether the workers caught up.
+
+    Item counters are written by the item-stats agent from `interactions_by_item`, which the
+    interaction agent produces (acked) before it commits: so once the first gate passes, every
+    batch record's forwarded copy is below that topic's current end. `by_item` = (item-stats
+    group consumer, reader, topic partitions): wait until that group has committed up to the
+    ends seen then. The ends come from a fetch's high watermark (Tansu's ListOffsets answers 1).
     """
     from aiokafka import TopicPartition
 
@@ -293,9 +299,26 @@ async def _wait_for_features(gate, records: Sequence[Record], timeout_s: float) 
             if got is None or got < off:
                 behind.append((key, got, off))
         if not behind:
-            return True
+            break
         if time.monotonic() > deadline:
             log.warning("feature workers still behind after %.0f s (%s); training on the features there are",
+                        timeout_s, behind[:3])
+            return False
+        await asyncio.sleep(0.2)
+    if by_item is None:
+        return True
+    item_gate, reader, tps = by_item
+    for tp in tps:  # one fetch just below the group's position: its response carries the high watermark
+        reader.seek(tp, max(0, (await item_gate.committed(tp) or 0) - 1))
+    await reader.getmany(timeout_ms=500, max_records=1)
+    ends = {tp: reader.highwater(tp) or 0 for tp in tps}
+    while True:
+        behind = [(tp.partition, got, end) for tp, end in ends.items()
+                  if end and ((got := await item_gate.committed(tp)) is None or got < end)]
+        if not behind:
+            return True
+        if time.monotonic() > deadline:
+            log.warning("item-stats workers still behind after %.0f s (%s); training on the item counters there are",
                         timeout_s, behind[:3])
             return False
         await asyncio.sleep(0.2)
@@ -310,7 +333,9 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
     `kafka` is a trm.config.KafkaConfig. Stops after `max_events` (if given) or after
     `idle_timeout_s` without a message (None: run until cancelled). With `feature_group` (the
     streams workers' group, e.g. "trm-worker-interactions") a batch waits until those workers
-    have committed past it, so the trainer never outruns the features. Returns events processed.
+    have committed past it, so the trainer never outruns the features; for a group named
+    "<app>-interactions" also the item-stats group "<app>-item-stats" (item counters, computed
+    from `interactions_by_item`). Returns events processed.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.abc import ConsumerRebalanceListener
@@ -343,6 +368,20 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
     if feature_group:  # reads the workers' committed offsets; never joins their group
         gate = AIOKafkaConsumer(group_id=feature_group, enable_auto_commit=False, **kafka.aiokafka_kwargs())
         await gate.start()
+    by_item = None
+    if feature_group and feature_group.endswith("-interactions"):  # the streams worker's item-stats group
+        item_topic = kafka.topic("interactions_by_item")
+        parts = (await gate._client.fetch_all_metadata()).partitions_for_topic(item_topic)
+        if parts:
+            item_gate = AIOKafkaConsumer(group_id=feature_group[:-len("interactions")] + "item-stats",
+                                         enable_auto_commit=False, **kafka.aiokafka_kwargs())
+            reader = AIOKafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=64 * 1024,
+                                      **kafka.aiokafka_kwargs())
+            await item_gate.start()
+            await reader.start()
+            tps = [TopicPartition(item_topic, p) for p in sorted(parts)]
+            reader.assign(tps)
+            by_item = (item_gate, reader, tps)
     pool = ThreadPoolExecutor(1, thread_name_prefix="trm-join")
     done, buf = 0, []
     inflight: tuple[list[Record], Future] | None = None  # joined (or joining) while the previous batch trains
@@ -384,7 +423,7 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
             full = len(buf) >= batch_size or (max_events is not None and taken + len(buf) >= max_events)
             if buf and (full or not data):
                 if gate is not None:
-                    await _wait_for_features(gate, buf, feature_wait_s)
+                    await _wait_for_features(gate, buf, feature_wait_s, by_item)
                 joining = (buf, pool.submit(trainer.join, buf))
                 buf = []
                 if inflight is not None:
@@ -404,6 +443,9 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
         await consumer.stop()
         if gate is not None:
             await gate.stop()
+        if by_item is not None:
+            await by_item[0].stop()
+            await by_item[1].stop()
     return done
 
 

@@ -1,0 +1,120 @@
+"""Item-stats agent: exact per-item counters from the item-keyed repartition topic.
+
+`interactions` is keyed by user_id, so one item's events are spread over every partition. The
+interaction agent forwards each interaction it accepts (not late, not a duplicate; parked ones
+too: counters need no tokens) to `interactions_by_item`, keyed by item_id, *before* it saves its
+state and commits (batch_loop.py: outputs are acknowledged first). Here every event of an item
+arrives on one partition, owned by one worker, so the counts need nobody else's state — exact
+with any number of workers.
+
+Processing order of one batch (batch_loop.py drives it):
+  1. decode    – framed Avro `InteractionByItem`; bad bytes become dead letters
+  2. compute   – skip offsets <= the partition's high-water mark; in event-time order, drop
+                 copies (a replay of the interaction agent between its produce and its commit
+                 re-sends a batch: same (user_id, item_id, event_time, label)) and count the rest
+                 in the item's `ItemEvents` (state.py: `ItemStatsState`)
+  3. write     – Feast `item_stats`: for each item of the batch, one row per distinct event time
+                 >= the batch's earliest event of the item, counting the events with event_time
+                 <= t (a late event re-stamps the item's later rows)
+  4. commit    – compact, save state + high-water mark (one SQLite transaction), commit offsets
+A crash before the save replays the batch from the saved state: the same rows again.
+"""
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+
+from .codec import AvroCodec, DecodeError
+from .dlq import DeadLetter, SourceRecord
+from .interaction_agent import BatchResult
+from .state import DEFAULT_ALLOWED_LATENESS_S, ItemStatsState
+
+RECORD = "InteractionByItem"
+
+
+class ItemStatsProcessor:
+    """Not thread-safe: one thread (the loop's)."""
+
+    def __init__(self, sink, state_dir: str | Path, topic: str,
+                 allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S, codec: AvroCodec | None = None):
+        self.sink = sink
+        self.state_dir = Path(state_dir)
+        self.topic = topic
+        self.allowed_lateness_s = allowed_lateness_s
+        self.codec = codec or AvroCodec()
+        self.states: dict[int, ItemStatsState] = {}
+
+    def state_path(self, partition: int) -> Path:
+        return self.state_dir / f"{self.topic}-p{partition}.sqlite"
+
+    def assign(self, partitions: list[int]) -> None:
+        for p in partitions:
+            if p not in self.states:
+                self.states[p] = ItemStatsState(self.state_path(p), self.allowed_lateness_s)
+
+    def revoke(self, partitions: list[int]) -> None:
+        for p in partitions:
+            st = self.states.pop(p, None)
+            if st is not None:
+                st.close()
+
+    def hwm(self, partition: int) -> int:
+        return self.states[partition].hwm
+
+    def log_reset(self, partition: int) -> None:
+        self.states[partition].reset_log()
+
+    def process(self, records: list[SourceRecord]) -> BatchResult:
+        res = BatchResult()
+        todo = []
+        for r in records:
+            st = self.states.get(r.partition)
+            if st is None:
+                self.assign([r.partition])
+                st = self.states[r.partition]
+            res.hwm[r.partition] = max(res.hwm.get(r.partition, -1), r.offset)
+            if r.offset <= st.hwm:
+                res.skipped += 1
+                continue
+            try:
+                d = self.codec.decode(r.value, expect=RECORD)
+                todo.append((d["event_time"], r.partition, r.offset, d["user_id"], d["item_id"], d["label"],
+                             d["src_partition"], d["src_watermark"], d["src_partitions"]))
+            except DecodeError as exc:
+                res.dead.append(DeadLetter(r, f"decode: {exc}"))
+            except (KeyError, TypeError) as exc:
+                res.dead.append(DeadLetter(r, f"invalid: missing or mistyped field {exc}"))
+        todo.sort(key=lambda x: x[:3])
+        tmin: dict[tuple[int, int], int | None] = {}  # (partition, item) -> earliest time to re-stamp
+        for t, part, _, uid, iid, label, src, src_wm, n_src in todo:
+            how = self.states[part].accept(uid, iid, t, label, src, src_wm, n_src)
+            if how == "dup":
+                res.duplicates += 1
+                continue
+            res.applied += 1
+            key = (part, iid)
+            if how == "folded":
+                res.folded += 1
+                tmin[key] = None  # every detail time
+            elif key not in tmin:
+                tmin[key] = t
+        if tmin:
+            self.sink.write("item_stats", self._rows(tmin))
+        return res
+
+    def _rows(self, tmin: dict[tuple[int, int], int | None]) -> list[dict]:
+        rows = []
+        for (part, iid), t0 in tmin.items():
+            evs = self.states[part].items[iid]
+            times, cum = evs.times, evs.cum_pos
+            k = 0 if t0 is None else bisect.bisect_left(times, t0)
+            for j in range(k, len(times)):
+                if j + 1 == len(times) or times[j + 1] != times[j]:  # one row per distinct time
+                    rows.append({"item_id": iid, "event_timestamp": times[j], "item_n_interactions": evs.base_n + j + 1,
+                                 "item_n_positives": cum[j]})
+        return rows
+
+    def save(self, hwm: dict[int, int]) -> None:
+        for p, st in self.states.items():
+            st.compact()
+            st.save(hwm.get(p))
