@@ -45,5 +45,10 @@ bench: install
 	$(PY) bench/streams_bench.py
 	$(PY) bench/trainer_bench.py
 
+# 10 minutes of steady load on one `trm worker`; memory and consumer lag sampled (bench/soak.py)
+.PHONY: soak
+soak: install
+	$(PY) bench/soak.py --out out/soak
+
 clean:
 	rm -rf out artifacts runs .pytest_cache

@@ -1,0 +1,103 @@
+"""Soak memory probe: where does the interaction agent's memory go under the soak's stream?
+
+Feeds the soak's synthetic interactions (bench/soak.py `EventSource`, same users/items/labels and
+compressed event time) straight into the worker's `InteractionProcessor` in this process — the
+same code from Avro decode to the Feast/parquet writes and the state save (with its compaction),
+only without Kafka — one batch per simulated wall second, tracemalloc on. At every tenth it prints
+this process's RSS, Python's traced memory and the detail the partition states hold
+(`PartitionState.n_detail`: item detail times, user detail events, dedup keys); at the end, the
+source lines whose allocations grew most from 10 % and from 50 % of the run to its end.
+
+    python bench/soak_memprobe.py [--seconds 600] [--rate 2000] [--time-scale 2016] [--no-trace]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from soak import DATA, EventSource  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=600, help="simulated wall seconds (one batch each)")
+    ap.add_argument("--rate", type=int, default=2000, help="interactions per simulated second")
+    ap.add_argument("--time-scale", type=float, default=2016.0, help="event seconds per simulated second")
+    ap.add_argument("--users", type=int, default=5000)
+    ap.add_argument("--items", type=int, default=2000)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--no-trace", dest="trace", action="store_false", help="RSS and detail counts only")
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args(argv)
+
+    import psutil
+
+    from streams.codec import AvroCodec
+    from streams.dlq import SourceRecord
+    from streams.feast_sink import FeastSink
+    from streams.feature_repo_tools import materialize_repo
+    from streams.interaction_agent import InteractionProcessor
+    from trm.data import load_movielens
+
+    work = Path(tempfile.mkdtemp(prefix="trm-soak-probe-"))
+    repo = materialize_repo(work / "repo")
+    ds = load_movielens(DATA)
+    src = EventSource(sorted(ds.items.values(), key=lambda i: i.item_id), args.items, args.users, 0.4, 0.05, 0.0)
+    proc = InteractionProcessor(FeastSink(repo, writer_id="probe"), work / "state", work / "pairs",
+                                lambda iid: [iid % 32, 32 + iid % 31, 64 + iid % 29], "interactions")
+    codec = AvroCodec()
+    offsets = [0] * args.partitions
+    me = psutil.Process()
+    base = int(time.time())
+    if args.trace:
+        tracemalloc.start(1)
+    snaps: list = []  # (simulated s, snapshot) at 10 % and at half of the run
+    t0 = time.perf_counter()
+    print(f"{'sim s':>6} {'events':>10} {'RSS MB':>8} {'traced MB':>10} {'item detail':>12} {'user detail':>12} "
+          f"{'dedup keys':>11} {'users':>7} {'items':>7} {'wall s':>7}")
+    for s in range(1, args.seconds + 1):
+        et = base + int(s * args.time_scale)
+        src.new_item(et, float(s))
+        recs = []
+        for ev in src.interactions(args.rate, et, float(s)):
+            p = ev.user_id % args.partitions
+            recs.append(SourceRecord("interactions", p, offsets[p], str(ev.user_id).encode(),
+                                     codec.encode(ev.to_record(), "InteractionEvent")))
+            offsets[p] += 1
+        res = proc.process(recs)
+        proc.save(res.hwm)
+        if s % max(1, args.seconds // 10) == 0 or s == args.seconds:
+            det = [st.n_detail() for st in proc.states.values()]
+            traced = tracemalloc.get_traced_memory()[0] / 2**20 if args.trace else float("nan")
+            print(f"{s:>6} {s * args.rate:>10,} {me.memory_info().rss / 2**20:>8.1f} {traced:>10.1f} "
+                  f"{sum(d[0] for d in det):>12,} {sum(d[1] for d in det):>12,} {sum(d[2] for d in det):>11,} "
+                  f"{sum(len(st.users) for st in proc.states.values()):>7,} "
+                  f"{sum(len(st.items) for st in proc.states.values()):>7,} {time.perf_counter() - t0:>7.0f}",
+                  flush=True)
+            if args.trace and (not snaps or (len(snaps) == 1 and s >= args.seconds // 2)):
+                snaps.append((s, tracemalloc.take_snapshot()))
+    if args.trace and snaps:
+        end = tracemalloc.take_snapshot()
+        filt = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        for s0, snap in snaps:
+            print(f"\ntop {args.top} source lines by growth of live allocations, {s0} s -> {args.seconds} s "
+                  f"(simulated):")
+            for st in end.filter_traces(filt).compare_to(snap.filter_traces(filt), "lineno")[:args.top]:
+                fr = st.traceback[0]
+                print(f"  {st.size_diff / 2**20:+8.2f} MB  {st.count_diff:+10,} blocks  "
+                      f"{os.path.relpath(fr.filename, ROOT)}:{fr.lineno}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
