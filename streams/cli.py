@@ -121,7 +121,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds an interaction waits for its item's tokens before it is dead-lettered")
     p.add_argument("--allowed-lateness", type=float, default=7 * 86400.0,
                    help="event-time seconds an interaction may lag its partition's newest one and still be "
-                        "placed exactly; older ones are dead-lettered as late (default: 7 days)")
+                        "placed exactly; older ones are dead-lettered as late (default: 7 days). The state "
+                        "keeps every event inside it: memory ~ 400 B x events/s x this (measured, make soak)")
     p.add_argument("--retry-budget", type=float, default=240.0,
                    help="seconds a failing batch (Feast or Kafka down) is retried in place, with backoff, before "
                         "the worker exits non-zero for its supervisor to restart it (default: %(default)s)")
