@@ -9,8 +9,10 @@ Modules, one concept each:
   publisher.py                 kafka-python publisher (event-time order, speed-up, acked sends only)
   batch_loop.py                aiokafka getmany loop: process -> produce -> save -> commit
   item_agent.py                item events -> tokens -> Feast + `item_tokens`
-  interaction_agent.py         user history as tokens, item counters, co-like pairs, parking
-  state.py                     per-partition durable state with a high-water mark
+  interaction_agent.py         user history as tokens, co-like pairs, parking; forwards accepted
+                               interactions to `interactions_by_item` (keyed by item)
+  item_stats_agent.py          item counters from `interactions_by_item` (exact with any number of workers)
+  state.py                     per-partition durable state with a high-water mark (users; items)
   token_cache.py               item gen-tokens read from `item_tokens`
   pairs.py                     co-interaction pair part files for the tokenizer's alignment
   dlq.py                       dead letters (original bytes + reason headers)
