@@ -89,7 +89,7 @@ class BatchLoop:
         self.idle_stop: asyncio.Future | None = None  # see stop(when_idle=True)
         self.error: BaseException | None = None
         self.retries = 0  # failed attempts retried so far (all batches)
-        self.log_resets = 0  # partitions whose log was found replaced by a new one (see _position)
+        self.log_resets = 0  # partitions whose log was found replaced by a new one (see _positions)
         self.on_log_reset: Callable[[], None] | None = None
         self.failing_since: float | None = None  # wall clock of the first failure of the current batch
 
@@ -119,14 +119,13 @@ class BatchLoop:
                     loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
                 if hasattr(loop_self.processor, "assign"):
                     await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
-                for tp in assigned:
-                    await loop_self._position(tp)
+                await loop_self._positions(assigned)
                 if assigned:
                     loop_self.ready.set()
 
         kw = self.config.aiokafka_kwargs()
         self.consumer = AIOKafkaConsumer(
-            group_id=self.s.group_id, enable_auto_commit=False, auto_offset_reset="earliest",  # see _position
+            group_id=self.s.group_id, enable_auto_commit=False, auto_offset_reset="earliest",  # see _positions
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=max(500, self.config.session_timeout_ms // 4),
             max_poll_interval_ms=300_000, fetch_max_bytes=64 * 1024 * 1024,
@@ -166,40 +165,61 @@ class BatchLoop:
                 self.idle_stop.set_result(None)
             await self._close()
 
-    async def _position(self, tp) -> None:
-        """Where an assigned partition starts:
-          1. the group's committed offset, when the broker has one — the normal case;
-          2. none committed and no saved state for the partition: the beginning of the log
-             (auto_offset_reset=earliest, also what Kafka does when retention removed our offset);
-          3. none committed but the saved state has applied offsets up to `hwm` (the broker lost the
-             group's offsets): if the log still reaches past `hwm`, resume at hwm + 1; if it ends at
-             or before `hwm`, the log itself is new — a broker with memory storage restarted, or the
-             topic was recreated — so the high-water mark is void: reset it and read the new log
-             from its beginning (`log_resets`, and `on_log_reset` so the token cache rewinds too).
-        Undetectable: a new log that already grew past the old `hwm` before we looked. Tansu's
-        `end_offsets` undercounts batched records, which errs towards a reset: a false one re-reads
-        the log, and the interaction agent drops the re-read events as duplicates (within the
-        allowed lateness)."""
-        if await self.consumer.committed(tp) is not None:
-            return
-        hwm = self.processor.hwm(tp.partition) if hasattr(self.processor, "hwm") else -1
-        if hwm < 0:
-            return
-        end = (await self.consumer.end_offsets([tp]))[tp]
-        if end > hwm:
-            log.warning("%s: no committed offset; resuming after the saved high-water mark %d", tp, hwm)
-            self.consumer.seek(tp, hwm + 1)
-            return
-        log.error("%s: the log ends at %d but this worker already applied offsets up to %d: the broker "
-                  "lost its log (memory storage restarted, or the topic was recreated). Reading the new log "
-                  "from its beginning; events the old broker held that were not processed yet are lost.",
-                  tp, end, hwm)
-        await self._in_thread(self.processor.log_reset, tp.partition)
-        self.committed.pop(tp.partition, None)
-        self.log_resets += 1
-        if self.on_log_reset is not None:
-            self.on_log_reset()
-        await self.consumer.seek_to_beginning(tp)
+    async def _positions(self, assigned) -> None:
+        """Where newly assigned partitions start, and whether their log is still the one we read.
+
+          1. Normally: the group's committed offset, else (nothing committed, no saved state) the
+             beginning of the log (auto_offset_reset=earliest).
+          2. Sanity check: an intact log ends at or past both the committed offset and the saved
+             high-water mark + 1 (a log never shrinks). If it ends before either, the log is new —
+             a broker with memory storage restarted (it may even have accepted a stale commit
+             from us after the restart), or the topic was recreated. Then the high-water mark is
+             void (`processor.log_reset`), the new log is read from its beginning, `log_resets`
+             counts it and `on_log_reset` lets the token cache rewind too.
+          3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
+             resume at hwm + 1 (records already fetched from below it are skipped by the processor).
+        Undetectable: a new log that already grew past the old positions before we looked."""
+        tps = list(assigned)
+        committed = {tp: await self.consumer.committed(tp) for tp in tps}
+        hwm = {tp: self.processor.hwm(tp.partition) if hasattr(self.processor, "hwm") else -1 for tp in tps}
+        need = {tp: max(committed[tp] or 0, hwm[tp] + 1) for tp in tps}
+        check = [tp for tp in tps if need[tp] > 0]
+        ends = await self._log_ends(check) if check else {}
+        for tp in check:
+            if ends[tp] < need[tp]:
+                log.error("%s: the log ends at %d, before what this worker already read (committed %s, saved "
+                          "high-water mark %d): the broker lost its log (memory storage restarted, or the topic "
+                          "was recreated). Reading the new log from its beginning; events the old broker held "
+                          "that were not processed yet are lost.", tp, ends[tp], committed[tp], hwm[tp])
+                if hasattr(self.processor, "log_reset") and hwm[tp] >= 0:
+                    await self._in_thread(self.processor.log_reset, tp.partition)
+                self.committed.pop(tp.partition, None)
+                self.log_resets += 1
+                if self.on_log_reset is not None:
+                    self.on_log_reset()
+                await self.consumer.seek_to_beginning(tp)
+            elif committed[tp] is None:
+                log.warning("%s: no committed offset; resuming after the saved high-water mark %d", tp, hwm[tp])
+                self.consumer.seek(tp, hwm[tp] + 1)
+
+    async def _log_ends(self, tps) -> dict:
+        """The partitions' end offsets, exactly: the high watermarks of a fetch response. (Tansu's
+        ListOffsets answers with the base offset of the last record batch + 1, an undercount.)"""
+        from aiokafka import AIOKafkaConsumer
+
+        reader = AIOKafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=64 * 1024,
+                                  **self.config.aiokafka_kwargs())
+        await reader.start()
+        try:
+            reader.assign(tps)
+            for tp in tps:
+                reader.seek(tp, 0)
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and any(reader.highwater(tp) is None for tp in tps):
+                await reader.getmany(*tps, timeout_ms=300, max_records=1)
+            return {tp: reader.highwater(tp) or 0 for tp in tps}  # None after 3 s: an empty log
+        finally:
+            await reader.stop()
 
     async def _handle_and_commit(self, topic: str, records: list[SourceRecord] | None, ends: dict[int, int]) -> None:
         if await self._handle(records) or records is not None:

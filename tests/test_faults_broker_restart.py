@@ -126,3 +126,4 @@ def _log_size(cfg, topic: str) -> int:
     from tests.test_streams_integration import consume_all
 
     return len(consume_all(cfg, topic, 10**9, timeout=5))
+
