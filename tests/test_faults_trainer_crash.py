@@ -233,7 +233,11 @@ def test_kill_9_trainer_four_times_replays_at_most_the_uncommitted_batch(kafka_c
     replayed = Counter(ev for kill in kills for e in kill["uncommitted"] for ev in _events(e))
     twice = {ev: c - 1 for ev, c in counts.items() if c > 1}
     assert twice == dict(replayed)  # trained again == exactly the uncommitted batches, once per kill
-    assert max(counts.values()) <= 2
+    # each kill replays at most the one batch it caught trained but not checkpointed; two kills in a
+    # row can catch the same batch (the restart's first checkpoint is the replayed batch's), so an
+    # event may be trained 1 + (number of kills) times, never more
+    assert all(sum(len(_events(e)) for e in kl["uncommitted"]) <= BATCH for kl in kills)
+    assert max(counts.values()) <= 1 + len(kills)
     # the checkpointed lineage trained every event exactly once; Kafka and the checkpoint agree
     final = read_state(read_pointer(ck))
     assert final.events_seen == N and sum(final.offsets.values()) == N
