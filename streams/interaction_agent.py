@@ -54,6 +54,7 @@ from .codec import AvroCodec, DecodeError
 from .dlq import DeadLetter, SourceRecord
 from .events import InteractionEvent, InvalidEvent
 from .pairs import PairWriter
+from .partitioned import PartitionedProcessor
 from .state import DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState
 
 
@@ -77,7 +78,7 @@ class BatchResult:
     hwm: dict[int, int] = field(default_factory=dict)  # partition -> last offset seen in this batch
 
 
-class InteractionProcessor:
+class InteractionProcessor(PartitionedProcessor):
     """Pure computation + Feast/pair writes; the async loop owns Kafka. Not thread-safe: one thread."""
 
     def __init__(self, sink, state_dir: str | Path, pairs_dir: str | Path | None,
@@ -103,28 +104,14 @@ class InteractionProcessor:
         self.n_partitions = n or None
 
     # -- partitions --
-    def state_path(self, partition: int) -> Path:
-        return self.state_dir / f"{self.topic}-p{partition}.sqlite"
+    def open_state(self, path: Path) -> PartitionState:
+        return PartitionState(path, self.history_len, self.allowed_lateness_s)
 
     def assign(self, partitions: list[int]) -> None:
-        for p in partitions:
-            if p not in self.states:
-                self.states[p] = PartitionState(self.state_path(p), self.history_len, self.allowed_lateness_s)
+        super().assign(partitions)
         import gc
 
         gc.freeze()  # loaded state is long-lived: keep the collector from rescanning it (see app.tune_gc)
-
-    def revoke(self, partitions: list[int]) -> None:
-        for p in partitions:
-            st = self.states.pop(p, None)
-            if st is not None:
-                st.close()
-
-    def hwm(self, partition: int) -> int:
-        return self.states[partition].hwm
-
-    def log_reset(self, partition: int) -> None:
-        self.states[partition].reset_log()
 
     def commit_positions(self) -> dict[int, int]:
         """Per partition, the offset safe to commit: the first parked one, else past the hwm."""
@@ -142,13 +129,7 @@ class InteractionProcessor:
         res = BatchResult()
         todo: list[tuple[int, int, int, InteractionEvent, SourceRecord]] = []
         for r in records:
-            st = self.states.get(r.partition)
-            if st is None:
-                self.assign([r.partition])
-                st = self.states[r.partition]
-            res.hwm[r.partition] = max(res.hwm.get(r.partition, -1), r.offset)
-            if r.offset <= st.hwm:
-                res.skipped += 1
+            if not self.admit(r, res):
                 continue
             try:
                 ev = InteractionEvent.from_record(self.codec.decode(r.value, expect=self._schema_check))
@@ -201,13 +182,6 @@ class InteractionProcessor:
         res.applied += self._drain(changes, res, time.time())
         self._write(changes)
         return res
-
-    def save(self, hwm: dict[int, int]) -> None:
-        """Step 5a: compact what is older than the horizon, then make the state, watermarks and
-        high-water marks durable (before the offset commit)."""
-        for p, st in self.states.items():
-            st.compact()
-            st.save(hwm.get(p))
 
     # -- internals --
     def _drain(self, changes: "_Changes", res: BatchResult, now: float) -> int:

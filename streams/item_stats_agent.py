@@ -27,12 +27,13 @@ from pathlib import Path
 from .codec import AvroCodec, DecodeError
 from .dlq import DeadLetter, SourceRecord
 from .interaction_agent import BatchResult
+from .partitioned import PartitionedProcessor
 from .state import DEFAULT_ALLOWED_LATENESS_S, ItemStatsState
 
 RECORD = "InteractionByItem"
 
 
-class ItemStatsProcessor:
+class ItemStatsProcessor(PartitionedProcessor):
     """Not thread-safe: one thread (the loop's)."""
 
     def __init__(self, sink, state_dir: str | Path, topic: str,
@@ -44,37 +45,14 @@ class ItemStatsProcessor:
         self.codec = codec or AvroCodec()
         self.states: dict[int, ItemStatsState] = {}
 
-    def state_path(self, partition: int) -> Path:
-        return self.state_dir / f"{self.topic}-p{partition}.sqlite"
-
-    def assign(self, partitions: list[int]) -> None:
-        for p in partitions:
-            if p not in self.states:
-                self.states[p] = ItemStatsState(self.state_path(p), self.allowed_lateness_s)
-
-    def revoke(self, partitions: list[int]) -> None:
-        for p in partitions:
-            st = self.states.pop(p, None)
-            if st is not None:
-                st.close()
-
-    def hwm(self, partition: int) -> int:
-        return self.states[partition].hwm
-
-    def log_reset(self, partition: int) -> None:
-        self.states[partition].reset_log()
+    def open_state(self, path: Path) -> ItemStatsState:
+        return ItemStatsState(path, self.allowed_lateness_s)
 
     def process(self, records: list[SourceRecord]) -> BatchResult:
         res = BatchResult()
         todo = []
         for r in records:
-            st = self.states.get(r.partition)
-            if st is None:
-                self.assign([r.partition])
-                st = self.states[r.partition]
-            res.hwm[r.partition] = max(res.hwm.get(r.partition, -1), r.offset)
-            if r.offset <= st.hwm:
-                res.skipped += 1
+            if not self.admit(r, res):
                 continue
             try:
                 d = self.codec.decode(r.value, expect=RECORD)
@@ -114,7 +92,3 @@ class ItemStatsProcessor:
                                  "item_n_positives": cum[j]})
         return rows
 
-    def save(self, hwm: dict[int, int]) -> None:
-        for p, st in self.states.items():
-            st.compact()
-            st.save(hwm.get(p))
