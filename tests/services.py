@@ -55,6 +55,7 @@ class RedisServer:
     proc: subprocess.Popen
     dir: Path
     host: str = "127.0.0.1"
+    persistent: bool = False
 
     @property
     def connection_string(self) -> str:
@@ -69,15 +70,26 @@ class RedisServer:
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; the data dir stays (see `start_redis(persistent=True)`)."""
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        _terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def redis_binary() -> str:
@@ -87,28 +99,47 @@ def redis_binary() -> str:
     return path
 
 
-def start_redis(timeout: float = 15.0) -> RedisServer:
-    """A Redis with no persistence on a free loopback port, in the foreground (we own its PID)."""
+def _launch_redis(binary: str, port: int, workdir: Path, persistent: bool, timeout: float) -> RedisServer | None:
+    """redis-server in the foreground on `port` (we own its PID); None if it did not answer PING."""
+    durability = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+    log = open(workdir / "redis.log", "ab")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
+         "--daemonize", "no", "--dir", str(workdir)],
+        stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    server = RedisServer(port=port, proc=proc, dir=workdir, persistent=persistent)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if server.ping():
+            return server
+        time.sleep(0.05)
+    _terminate(proc)
+    return None
+
+
+def start_redis(timeout: float = 15.0, persistent: bool = False) -> RedisServer:
+    """A Redis on a free loopback port with no persistence — or, `persistent`, an append-only file
+    fsynced on every write (as production runs it), so `kill()` then `restart_redis()` keeps the data."""
     binary = redis_binary()
     last_log = ""
     for _attempt in range(3):  # a free port can be taken between probe and bind
-        port = free_port()
         workdir = Path(tempfile.mkdtemp(prefix="trm-redis-"))
-        log = open(workdir / "redis.log", "wb")
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", str(workdir)],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        server = RedisServer(port=port, proc=proc, dir=workdir)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            if server.ping():
-                return server
-            time.sleep(0.05)
+        server = _launch_redis(binary, free_port(), workdir, persistent, timeout)
+        if server is not None:
+            return server
         last_log = (workdir / "redis.log").read_text(errors="replace")[-2000:]
-        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     raise ServiceError(f"redis-server did not become ready on 127.0.0.1; its log:\n{last_log}")
+
+
+def restart_redis(server: RedisServer, timeout: float = 15.0) -> RedisServer:
+    """Start `server` again on its port and data dir (after `kill()`)."""
+    again = _launch_redis(redis_binary(), server.port, server.dir, server.persistent, timeout)
+    if again is None:
+        raise ServiceError(f"redis-server did not restart on 127.0.0.1:{server.port}; its log:\n"
+                           + (server.dir / "redis.log").read_text(errors="replace")[-2000:])
+    return again
 
 
 # ---------------------------------------------------------------------------------- PostgreSQL
@@ -292,13 +323,7 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc)
 
 
 def start_s3(bucket: str = "tansu", timeout: float = 30.0) -> S3Server:

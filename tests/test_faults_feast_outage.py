@@ -9,52 +9,20 @@ is back the end state equals a from-scratch computation.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.fault_checks import assert_recovered, committed_total
-from tests.services import free_port, redis_binary
+from tests.services import RedisServer, restart_redis, start_redis
 from tests.streams_fixtures import broker, kafka_config, ml_slice, tiny_tokenizer  # noqa: F401
 from tests.test_streams_integration import HISTORY_LEN
 
 pytestmark = pytest.mark.integration
 
 
-class PersistentRedis:
-    """redis-server with `appendfsync always` in `workdir`: a kill -9 and restart keeps the data."""
-
-    def __init__(self, workdir: Path):
-        self.workdir, self.port, self.proc = workdir, free_port(), None
-        workdir.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> "PersistentRedis":
-        self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--daemonize", "no", "--dir", str(self.workdir)],
-            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)
-        import socket
-
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError((self.workdir / "redis.log").read_text()[-2000:])
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def redis_repo(work: Path, redis: PersistentRedis) -> Path:
+def redis_repo(work: Path, redis: RedisServer) -> Path:
     """The embedded feature repo with its online store switched to `redis` (registry stays local)."""
     import shutil
 
@@ -82,8 +50,8 @@ def test_online_store_outage_commits_nothing_and_the_batch_is_retried(kafka_conf
     items, its = ml_slice
     n, m = len(items), len(its)
     half = m // 2
-    redis = PersistentRedis(tmp_path / "redis").start()
-    seen: dict = {}
+    redis = start_redis(persistent=True)
+    seen: dict = {"redis": redis}
     try:
         repo = redis_repo(tmp_path / "repo", redis)
         inter = [InteractionEvent.from_interaction(i) for i in its]
@@ -99,7 +67,7 @@ def test_online_store_outage_commits_nothing_and_the_batch_is_retried(kafka_conf
                 await w.wait_for(items=n, interactions=half, timeout=120)
                 seen["before"] = await _until(lambda: committed_total(cfg, "trm-worker-interactions", INTERACTIONS),
                                               half)
-                redis.kill()  # the online store goes away mid-stream
+                redis.kill()  # the online store goes away mid-stream (SIGKILL)
                 t_down = time.monotonic()
                 await asyncio.to_thread(publish_kind, cfg, "interactions", inter[half:], progress=False)
                 loop = w.loops[INTERACTIONS]
@@ -110,7 +78,8 @@ def test_online_store_outage_commits_nothing_and_the_batch_is_retried(kafka_conf
                 seen["during"] = await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS)
                 seen["status_during"] = w.status()[INTERACTIONS]
                 await asyncio.sleep(2)
-                await asyncio.to_thread(redis.start)  # back, same port, data from its append-only file
+                # back, same port, data from its append-only file
+                seen["redis"] = await asyncio.to_thread(restart_redis, redis)
                 seen["down_s"] = time.monotonic() - t_down
                 seen["after"] = await _until(lambda: committed_total(cfg, "trm-worker-interactions", INTERACTIONS), m,
                                              timeout=120, check=w.raise_if_failed)
@@ -130,7 +99,7 @@ def test_online_store_outage_commits_nothing_and_the_batch_is_retried(kafka_conf
               f"{seen['during']}/{m}; caught up {seen['recovered_s']:.1f} s after Redis came back; "
               f"{checked} PIT rows checked")
     finally:
-        redis.kill()
+        seen["redis"].stop()
 
 
 async def _until(get, want: int, timeout: float = 60.0, check=None) -> int:

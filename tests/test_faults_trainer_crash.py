@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fault_checks import committed_total
 from tests.streams_fixtures import ROOT, broker, kafka_config  # noqa: F401 (fixtures)
 from tests.test_trainer_kafka import publish
 from tests.trainer_fixtures import K, L, TOKENIZER_VERSION, event_stream, make_repo
@@ -131,18 +132,6 @@ class PointerWatch(threading.Thread):
             time.sleep(0.01)
 
 
-def _committed(cfg, topic: str) -> int:
-    """Sum of the trainer group's committed offsets over the topic's partitions."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(**cfg.kafka_python_kwargs(), group_id=GROUP, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
-        return sum(c.committed(tp) or 0 for tp in tps)
-    finally:
-        c.close()
-
-
 def test_kill_9_trainer_four_times_replays_at_most_the_uncommitted_batch(kafka_config, tmp_path):  # noqa: F811
     from trainer.checkpoint import read_pointer, read_state
 
@@ -223,7 +212,7 @@ def test_kill_9_trainer_four_times_replays_at_most_the_uncommitted_batch(kafka_c
     assert watch.seen, "the watcher never saw a pointer"
     entries = _journal(journal)
     counts = Counter(ev for e in entries if e["kind"] == "trained" for ev in _events(e))
-    committed = _committed(kafka_config, topic)
+    committed = committed_total(kafka_config, GROUP, "interactions")
     all_events = {ev for ev in counts}
     assert len(all_events) == N, f"{N - len(all_events)} events never trained"  # every event at least once
     assert {part for part, _ in all_events} == {f"{topic}:{i}" for i in range(4)}

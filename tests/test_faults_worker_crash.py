@@ -14,22 +14,11 @@ import time
 import pytest
 
 from tests.streams_fixtures import ROOT, broker, feast_repo, ml_slice, tiny_tokenizer  # noqa: F401
-from tests.fault_checks import assert_recovered
+from tests.fault_checks import assert_recovered, committed_total
 from tests.test_streams_integration import HISTORY_LEN
 
 pytestmark = pytest.mark.integration
 CHUNK = 100
-
-
-def _committed(cfg, group, topic):
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(**cfg.kafka_python_kwargs(), group_id=group, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or {0})]
-        return sum(c.committed(tp) or 0 for tp in tps)
-    finally:
-        c.close()
 
 
 def _start_worker(env, repo, tokenizer, log_path):
@@ -97,8 +86,8 @@ def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(broker, fea
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert w.poll() is None, log_path.read_text()[-3000:]
-            if _committed(cfg, "trm-worker-interactions", "interactions") == m and \
-                    _committed(cfg, "trm-worker-items", "items") == n:
+            if committed_total(cfg, "trm-worker-interactions", "interactions") == m and \
+                    committed_total(cfg, "trm-worker-items", "items") == n:
                 break
             time.sleep(0.5)
         else:
@@ -164,8 +153,8 @@ def test_kill_9_between_the_feast_write_and_the_commit(broker, feast_repo, tiny_
 
         w = _start_worker(base, feast_repo, tiny_tokenizer, log_path)
         deadline = time.monotonic() + 120
-        while _committed(cfg, "trm-worker-interactions", "interactions") != m or \
-                _committed(cfg, "trm-worker-items", "items") != n:
+        while committed_total(cfg, "trm-worker-interactions", "interactions") != m or \
+                committed_total(cfg, "trm-worker-items", "items") != n:
             assert w.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, f"not caught up: {_status(feast_repo)}"
             time.sleep(0.5)
