@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FEATURES = [  # trainer/batch.py FEATURES (not imported: that pulls in torch)
+FEATURES = [  # the FeatureService ranker_features (feature_repo/definitions.py) as references
     "item_tokens:gen_tokens", "item_tokens:mem_tokens", "item_tokens:tokenizer_version",
     "item_tokens:created_at", "item_tokens:retired",
     "user_history:hist_gen_tokens", "user_history:hist_item_ids",

@@ -80,13 +80,13 @@ class EventSource:
         self._rid = 0
 
     def catalogue_events(self, event_time: int) -> list:
-        from streams.events import ItemEvent
+        from streams.contract.events import ItemEvent
 
         return [ItemEvent(it.item_id, it.title, it.text(), list(it.genres), event_time, event_time)
                 for it in self.catalogue]
 
     def new_item(self, event_time: int, now: float):
-        from streams.events import ItemEvent
+        from streams.contract.events import ItemEvent
 
         self.n_new += 1
         if self.spare:
@@ -101,7 +101,7 @@ class EventSource:
         return ev
 
     def interactions(self, n: int, event_time: int, now: float) -> list:
-        from streams.events import InteractionEvent
+        from streams.contract.events import InteractionEvent
 
         while self.pending and self.pending[0][0] <= now:
             iid = self.pending.popleft()[1]
@@ -126,7 +126,7 @@ class SteadyPublisher(threading.Thread):
 
     def __init__(self, cfg, source: EventSource, rate: float, item_rate: float, time_scale: float):
         super().__init__(name="soak-publisher", daemon=True)
-        from streams.codec import AvroCodec
+        from streams.contract.codec import AvroCodec
         from streams.publisher import make_producer
 
         self.cfg = cfg
@@ -307,7 +307,7 @@ def du(path: Path) -> tuple[int, int]:
 
 def detail_rows(state_dir: Path, table: str) -> int | None:
     """Rows of a per-partition state table (`item_events`, `user_events`): the detail the worker
-    also holds in memory (streams/state.py); None where the table does not exist."""
+    also holds in memory (streams/state/); None where the table does not exist."""
     n = None
     for f in state_dir.glob("*.sqlite"):
         try:
@@ -404,10 +404,11 @@ def progress_line(r: dict, duration: float) -> str:
 
 
 def soak(args, work: Path, out: Path) -> tuple[int, dict, list[dict]]:
-    from streams.broker import DEFAULT_PARTITIONS, EmbeddedBroker, create_topics
+    from streams.broker import EmbeddedBroker
+    from streams.contract.topics import create_topics, topic_plan
     from streams.feature_repo_tools import materialize_repo
-    from trm.config import KafkaConfig
-    from trm.data import load_movielens
+    from streams.kafka_config import KafkaConfig
+    from streams.movielens import load_movielens
 
     meta: dict = {"cores": os.cpu_count(), "loadavg_start": os.getloadavg(), "code": code_version()}
     rows: list[dict] = []
@@ -434,7 +435,7 @@ def soak(args, work: Path, out: Path) -> tuple[int, dict, list[dict]]:
             tree = ProcTree(worker.pid)
             broker_tree = ProcTree(broker.proc.pid) if broker.proc else None
             pub = SteadyPublisher(cfg, source, args.rate, args.new_item_rate, args.time_scale)
-            lag = LagProbe(cfg, {k: DEFAULT_PARTITIONS[k] for k in ("items", "interactions")})
+            lag = LagProbe(cfg, {k: topic_plan()[k] for k in ("items", "interactions")})
             n_cat = pub.publish_catalogue()
             log(f"worker pid {worker.pid}; published a starting catalogue of {n_cat:,} items; waiting for its tokens")
             deadline = time.monotonic() + args.warmup_timeout

@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import psutil
 
-    from streams.codec import AvroCodec
+    from streams.contract.codec import AvroCodec
     from streams.dlq import SourceRecord
     from streams.feast_sink import FeastSink
     from streams.feature_repo_tools import materialize_repo
     from streams.interaction_agent import InteractionProcessor
-    from trm.data import load_movielens
+    from streams.movielens import load_movielens
 
     work = Path(tempfile.mkdtemp(prefix="trm-soak-probe-"))
     repo = materialize_repo(work / "repo")

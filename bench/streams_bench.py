@@ -49,8 +49,8 @@ def get_tokenizer(args, work: Path) -> Path:
 
 
 def fit_tokenizer(out: Path) -> None:
+    from streams.movielens import load_movielens
     from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
-    from trm.data import load_movielens
 
     ds = load_movielens(DATA)
     items = sorted(ds.items.values(), key=lambda i: i.item_id)[:2000]
@@ -69,11 +69,11 @@ def percentile(xs: list[float], q: float) -> float:
 # ---------------------------------------------------------------- items + freshness
 async def bench_items(args, cfg, repo: Path, tok_dir: Path, work: Path) -> dict:
     from streams.app import StreamWorker, WorkerSettings
-    from streams.events import ItemEvent
+    from streams.contract.events import ItemEvent
     from streams.feast_sink import FeastSink
+    from streams.movielens import load_movielens
     from streams.publisher import publish_kind
     from tokenizer.hybrid import HybridTokenizer
-    from trm.data import load_movielens
 
     ds = load_movielens(DATA)
     items = sorted(ds.items.values(), key=lambda i: i.item_id)
@@ -185,10 +185,10 @@ async def bench_interactions(args, cfg, repo: Path, work: Path) -> dict:
     from aiokafka import AIOKafkaConsumer
 
     from streams.app import StreamWorker, WorkerSettings
-    from streams.codec import AvroCodec
-    from streams.events import InteractionEvent, ItemTokensEvent
+    from streams.contract.codec import AvroCodec
+    from streams.contract.events import InteractionEvent, ItemTokensEvent
+    from streams.movielens import load_movielens
     from streams.publisher import make_producer, publish_kind
-    from trm.data import load_movielens
 
     ds = load_movielens(DATA)
     its = ds.interactions[: args.interactions]
@@ -271,9 +271,10 @@ def bench_offline(args, repo: Path) -> list[tuple[int, float]]:
 
 
 async def main_async(args) -> int:
-    from streams.broker import EmbeddedBroker, create_topics
+    from streams.broker import EmbeddedBroker
+    from streams.contract.topics import create_topics
     from streams.feature_repo_tools import materialize_repo
-    from trm.config import KafkaConfig
+    from streams.kafka_config import KafkaConfig
 
     work = Path(args.work or tempfile.mkdtemp(prefix="trm-streams-bench-"))
     work.mkdir(parents=True, exist_ok=True)

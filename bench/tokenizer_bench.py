@@ -43,12 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
-    import numpy as np
 
+    from streams.movielens import load_movielens
     from tokenizer.encoder import ContentEncoder
     from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
     from tokenizer.rq_kmeans import offset_codes
-    from trm.data import load_movielens
 
     ds = load_movielens(args.data)
     ids = sorted(ds.items)[: args.limit] if args.limit else sorted(ds.items)

@@ -60,10 +60,11 @@ def get_tokenizer(args, ds, cutoff: int) -> Path:
 async def build_features(ds, events, tok_dir: Path, repo: Path, work: Path) -> dict:
     """Publish items then interactions to a fresh broker; the streams worker writes Feast."""
     from streams.app import StreamWorker, WorkerSettings
-    from streams.broker import EmbeddedBroker, create_topics
-    from streams.events import InteractionEvent, ItemEvent
+    from streams.broker import EmbeddedBroker
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
     from streams.publisher import publish_kind
-    from trm.config import KafkaConfig
 
     item_ids = {e.item_id for e in events}
     items = sorted((ds.items[i] for i in item_ids), key=lambda i: (i.created_at, i.item_id))
@@ -106,7 +107,7 @@ def mean_results(runs: list[dict[str, dict]]) -> dict[str, dict]:
 
 def train(repo: Path, tok, events, args, work: Path, name: str, prefetch: bool, max_events=None, seed: int = 0):
     from trainer.assemble import build_trainer
-    from trainer.continuous import run_events
+    from trainer.prequential import run_events
 
     shutil.rmtree(work / name, ignore_errors=True)  # a fresh run, never a resume of an earlier one
     tr = build_trainer(repo, tok, work / name / "ckpt", args.models.split(","),
@@ -143,11 +144,11 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from streams.feature_repo_tools import materialize_repo
+    from streams.movielens import load_movielens
     from trainer.assemble import tokenizer_info
     from trainer.evaluate import evaluate_frame
     from trainer.metrics import plot_curves, plot_results, results_table
-    from trm.data import load_movielens
-    from streams.feature_repo_tools import materialize_repo
 
     console = Console(width=180)
     out = Path(args.out)

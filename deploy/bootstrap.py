@@ -7,7 +7,7 @@ Run by the compose `init` service and the Kubernetes `trm-init` Job before any w
     python deploy/bootstrap.py feast          # only assemble + apply
     python deploy/bootstrap.py assemble       # only build the repo dir (the Dockerfile does this)
 
-Every setting comes from the environment (trm/config.py), so the same script bootstraps a local
+Every setting comes from the environment (streams/kafka_config.py), so the same script bootstraps a local
 compose stack and a SASL_SSL production cluster. Idempotent: re-running changes nothing.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DEPLOY_DIR = Path(__file__).resolve().parent
@@ -25,86 +24,38 @@ ROOT = DEPLOY_DIR.parent
 if str(ROOT) not in sys.path:  # run as a script from a source checkout or /app in the image
     sys.path.insert(0, str(ROOT))
 
-# Partition count = the most workers that can share a topic's load (one partition is owned by
-# one consumer of the group). Keyed topics cannot grow later without moving keys between
-# partitions (per-user history would split), so create them with room to scale.
-DEFAULT_PARTITIONS = {
-    "items": 6,
-    "interactions": 6,
-    "item_tokens": 6,
-    "interactions_by_item": 6,  # internal repartition (accepted interactions keyed by item_id)
-    "items.dlq": 1,
-    "interactions.dlq": 1,
-    "interactions_by_item.dlq": 1,
-}
-TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
+from streams.contract.topics import PRODUCTION, TopicError, production_replication, topic_plan  # noqa: E402
 
-# Per-topic settings. item_tokens is compacted: every worker rebuilds its token cache by reading
-# it from the beginning, so it must keep the latest tokens of *every* item forever (time-based
-# retention would drop old items' tokens and their interactions would park, then dead-letter),
-# and nothing older. items is the catalogue's source of truth (re-tokenizing replays it): kept
-# forever, not compacted (a retire without text needs the upsert before it). interactions and
-# the DLQs keep the broker's retention; DLQ keys may be null, which compaction rejects.
-TOPIC_CONFIGS = {
-    "item_tokens": {"cleanup.policy": "compact"},
-    "items": {"retention.ms": "-1"},
-}
+# The production partition counts and topic configs are the contract's (streams/contract/topics.py);
+# TRM_TOPIC_PARTITIONS="interactions=12,items=6" overrides counts, TRM_TOPIC_REPLICATION the factor.
+DEFAULT_PARTITIONS = topic_plan(PRODUCTION)
 
 
-def topic_plan(env: dict | None = None) -> dict[str, int]:
-    """Partition counts, overridable as TRM_TOPIC_PARTITIONS="interactions=12,items=6"."""
-    env = os.environ if env is None else env
-    plan = dict(DEFAULT_PARTITIONS)
-    spec = env.get("TRM_TOPIC_PARTITIONS", "").strip()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, sep, count = part.partition("=")
-        if not sep or name not in plan or not count.isdigit() or int(count) < 1:
-            raise SystemExit(f"TRM_TOPIC_PARTITIONS: bad entry {part!r}; expected NAME=N with NAME in "
-                             f"{sorted(plan)} and N >= 1")
-        plan[name] = int(count)
-    return plan
+def topic_plan_from_env(env: dict | None = None) -> dict[str, int]:
+    """The production plan with TRM_TOPIC_PARTITIONS applied; a bad entry exits naming it."""
+    try:
+        return topic_plan(PRODUCTION, os.environ if env is None else env)
+    except TopicError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def create_topics(cfg=None, *, replication: int | None = None, wait_s: float = 120.0) -> dict[str, int]:
-    """Create every project topic with its partition count; return {full topic name: partitions}.
-
-    Waits for the broker (compose starts us once Kafka is healthy, but Kubernetes Jobs may start first).
-    Existing topics are kept; one with fewer partitions than planned is reported, not altered:
-    adding partitions re-maps keys, which only an operator should decide (deploy/README.md).
-    """
-    from kafka.admin import KafkaAdminClient
-
-    from trm.config import KafkaConfig
+    """Create every project topic with its production partition count and config; return
+    {full topic name: partitions it has}. Existing topics are kept; one with fewer partitions than
+    planned is reported, not altered (see deploy/README.md)."""
+    from streams.contract import topics
+    from streams.kafka_config import KafkaConfig
 
     cfg = cfg or KafkaConfig.from_env()
-    replication = replication or int(os.environ.get("TRM_TOPIC_REPLICATION", "1"))
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            admin = KafkaAdminClient(client_id="trm-bootstrap", **cfg.kafka_python_kwargs())
-            break
-        except Exception as exc:  # NoBrokersAvailable, auth errors while a broker starts, ...
-            if time.monotonic() > deadline:
-                raise SystemExit(f"Kafka at {cfg.bootstrap_servers} not reachable after {wait_s:.0f}s: "
-                                 f"{exc!r}; check TRM_KAFKA_BOOTSTRAP and the TRM_KAFKA_* security settings")
-            time.sleep(2)
-    plan = {cfg.topic(name): n for name, n in topic_plan().items()}
+    plan = topic_plan_from_env()
     try:
-        result = admin.create_topics(
-            {cfg.topic(name): {"num_partitions": n, "replication_factor": replication,
-                               "configs": TOPIC_CONFIGS.get(name, {})} for name, n in topic_plan().items()},
-            raise_errors=False)
-        for topic in result["topics"]:
-            code = topic["error_code"]
-            if code not in (0, TOPIC_ALREADY_EXISTS):
-                raise SystemExit(f"creating topic {topic['name']} failed: error {code} "
-                                 f"{topic.get('error_message')}")
-        actual = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(plan))}
-    finally:
-        admin.close()
+        actual = topics.create_topics(cfg, plan, replication=replication or production_replication(), wait_s=wait_s)
+    except TopicError as exc:
+        raise SystemExit(str(exc)) from exc
     for name, n in plan.items():
-        state = "ok" if actual.get(name, 0) >= n else f"HAS {actual.get(name)} < planned (see README)"
-        print(f"topic {name}: {actual.get(name)} partitions ({state})", flush=True)
+        full = cfg.topic(name)
+        state = "ok" if actual.get(full, 0) >= n else f"HAS {actual.get(full)} < planned (see README)"
+        print(f"topic {full}: {actual.get(full)} partitions ({state})", flush=True)
     return actual
 
 

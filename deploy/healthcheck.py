@@ -11,7 +11,6 @@ when the settings the process runs with would work.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ def check_kafka(timeout_s: float = 10.0) -> str:
     """Bootstrap + metadata with the full TRM_KAFKA_* security settings (SASL/TLS included)."""
     from kafka import KafkaConsumer
 
-    from trm.config import KafkaConfig
+    from streams.kafka_config import KafkaConfig
 
     cfg = KafkaConfig.from_env()
     consumer = KafkaConsumer(client_id="trm-healthcheck", request_timeout_ms=int(timeout_s * 1000),

@@ -1,4 +1,5 @@
-"""Feast definitions (docs/contracts.md): entities item/user; views item_tokens, user_history, item_stats.
+"""Feast definitions (docs/contracts.md): entities item/user; views item_tokens, user_history, item_stats;
+the feature service ranker_features (what the trainer's point-in-time join and `trm eval` read).
 
 Only definitions live in this folder: `feast apply` imports every .py here.
 
@@ -8,11 +9,13 @@ an offline write costs O(batch) — Feast's own offline push rewrites the whole 
 Paths are absolute, derived from this file's location, so a copy of the folder is self-contained.
 Every row carries `event_timestamp` (the event time that produced the value) and `created`
 (when it was written: among rows with the same event time the later write wins).
+The stream's parquet part-file schema is derived from these views (streams/feast_sink.py), so a
+field's Feast type here is also its column type on disk.
 """
 from datetime import timedelta
 from pathlib import Path
 
-from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.data_format import ParquetFormat
 from feast.types import Array, Bool, Int64, String
 
@@ -75,4 +78,16 @@ item_stats = FeatureView(
     ],
     source=item_stats_push,
     online=True,
+)
+
+# The features the rankers read (trainer/featurizer.py READS) and the item age the metrics bucket
+# by (created_at). The trainer fetches this service by name (trainer/pit_join.py FEATURE_SERVICE).
+ranker_features = FeatureService(
+    name="ranker_features",
+    features=[
+        item_tokens[["gen_tokens", "mem_tokens", "tokenizer_version", "created_at", "retired"]],
+        user_history[["hist_gen_tokens", "hist_item_ids", "user_n_events", "user_n_positives"]],
+        item_stats[["item_n_interactions", "item_n_positives"]],
+    ],
+    description="Point-in-time features of the continuous trainer and `trm eval`.",
 )

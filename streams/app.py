@@ -22,18 +22,27 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trm.config import KafkaConfig
+from streams.errors import StreamsError
+from streams.kafka_config import KafkaConfig
 
 from .batch_loop import BatchLoop, LoopSettings
-from .events import INTERACTIONS, INTERACTIONS_BY_ITEM, ITEM_STATS, ITEM_TOKENS, ITEMS
+from .contract.topics import (
+    DEFAULT_WORKER_GROUPS,
+    INTERACTIONS,
+    INTERACTIONS_BY_ITEM,
+    ITEM_STATS,
+    ITEM_TOKENS,
+    ITEMS,
+    WorkerGroups,
+)
 
 AGENTS = (ITEMS, INTERACTIONS, ITEM_STATS)
 
 log = logging.getLogger(__name__)
 
 
-class WorkerConfigError(ValueError):
-    pass
+class WorkerConfigError(StreamsError, ValueError):
+    """Worker settings that cannot run (no Feast repo, no tokenizer for the item agent)."""
 
 
 @dataclass
@@ -43,12 +52,12 @@ class WorkerSettings:
     state_dir: str | Path | None = None  # default <repo>/stream_state
     pairs_dir: str | Path | None = None  # default <repo>/data/pairs
     agents: tuple[str, ...] = AGENTS
-    app_id: str = "trm-worker"
+    app_id: str = DEFAULT_WORKER_GROUPS.app_id
     history_len: int = 20
     pair_window: int = 5
     park_timeout_s: float = 900.0  # generous: a full catalogue replay tokenizes for minutes
     # event-time seconds an interaction may lag the newest one of its partition and still be placed
-    # exactly; later ones are dead-lettered (`late`); older state is compacted (streams/state.py)
+    # exactly; later ones are dead-lettered (`late`); older state is compacted (streams/state/user_history.py)
     allowed_lateness_s: float = 7 * 86_400.0
     item_batch: int = 256
     interaction_batch: int = 20_000  # measured: ~1.2x the events per CPU-second of 5k batches
@@ -119,28 +128,29 @@ class StreamWorker:
                 "retry_budget_s": self.s.retry_budget_s}
 
     async def start(self) -> "StreamWorker":
-        from .broker import create_topics
+        from .contract.topics import create_topics
         from .token_cache import TokenCache
 
         tune_gc()
+        groups = WorkerGroups(self.s.app_id)
         Path(self.s.state_dir).mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(create_topics, self.config)  # never let a metadata request auto-create them
         if ITEMS in self.s.agents:
             self.loops[ITEMS] = BatchLoop(
-                self.config, LoopSettings(ITEMS, f"{self.s.app_id}-items", output_topic=ITEM_TOKENS,
+                self.config, LoopSettings(ITEMS, groups.items, output_topic=ITEM_TOKENS,
                                           max_records=self.s.item_batch, poll_timeout_ms=50, **self._retry()),
                 self._make_item_processor, on_batch=self.write_status)
         if INTERACTIONS in self.s.agents:
             self.tokens = TokenCache(self.config, ITEM_TOKENS)
             self._tasks.append(asyncio.create_task(self.tokens.run(), name="trm-token-cache"))
             self.loops[INTERACTIONS] = BatchLoop(
-                self.config, LoopSettings(INTERACTIONS, f"{self.s.app_id}-interactions",
+                self.config, LoopSettings(INTERACTIONS, groups.interactions,
                                           output_topic=INTERACTIONS_BY_ITEM, max_records=self.s.interaction_batch,
                                           threaded=self.s.interaction_threaded, **self._retry()),
                 self._make_interaction_processor, on_batch=self.write_status, wake=self.tokens.wake)
         if ITEM_STATS in self.s.agents:  # consumes what the interaction agents (of every worker) forward
             self.loops[ITEM_STATS] = BatchLoop(
-                self.config, LoopSettings(INTERACTIONS_BY_ITEM, f"{self.s.app_id}-item-stats",
+                self.config, LoopSettings(INTERACTIONS_BY_ITEM, groups.item_stats,
                                           max_records=self.s.interaction_batch,
                                           threaded=self.s.interaction_threaded, **self._retry()),
                 self._make_item_stats_processor, on_batch=self.write_status)

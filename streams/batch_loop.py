@@ -5,10 +5,11 @@ Why not a plain Faust agent: measured on Tansu, a Faust agent that does nothing 
 buffering), and `group_by` + Table at ~1.3-2 k/s, while a raw aiokafka consumer reads ~187 k/s.
 Batching also is what the work needs: one tokenizer call per item batch, one Feast write and one
 parquet part per batch. So Faust hosts and supervises the worker (lifecycle, signals, logging:
-`streams.app`), and each agent is this loop: getmany -> process the batch in a dedicated thread
-(so heartbeats keep flowing while the encoder or Feast run) -> produce outputs/dead letters and
-await their acks -> save state -> commit the batch's offsets explicitly (enable_auto_commit off).
-Nothing is committed that has not been written to Feast: at-least-once.
+`streams.app`), and each agent is this loop: getmany, then `BatchLoop._process_and_commit` — the
+one statement of the order in which a batch's effects become durable, up to the explicit offset
+commit (enable_auto_commit off). The processor runs in a dedicated thread, so heartbeats keep
+flowing while the encoder or Feast run. Nothing is committed that has not been written to Feast:
+at-least-once.
 
 A failing batch (Feast's online store down, the broker gone while producing or committing) is
 retried in place, with exponential backoff, until `retry_budget_s`:
@@ -27,16 +28,17 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from aiokafka.errors import CommitFailedError
 
-from trm.config import KafkaConfig
-from trm.failpoints import failpoint
+from streams.errors import StreamsError
+from streams.failpoints import failpoint
+from streams.kafka_config import KafkaConfig
 
 from .dlq import SourceRecord
-from .events import Counters
+from .processor import Processor
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +60,28 @@ class LoopSettings:
     retry_budget_s: float = 240.0
 
 
-class RetryBudgetExceeded(RuntimeError):
+@dataclass
+class Counters:
+    """What a worker reports: processed, dead-lettered, parked (waiting for item tokens)."""
+    processed: int = 0
+    dead_lettered: int = 0
+    parked: int = 0
+    skipped: int = 0  # offsets <= the saved high-water mark: applied before a restart
+    duplicates: int = 0  # interactions already applied (same user, item, event time, label): no-ops
+    folded: int = 0  # item-stats: events older than the compaction cutoff, counted in the base
+    batches: int = 0
+    dlq_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class RetryBudgetExceeded(StreamsError, RuntimeError):
     """A batch kept failing for longer than the retry budget; its offsets were not committed."""
 
 
 class BatchLoop:
-    """Runs `processor` over batches of one topic. The processor runs in one dedicated thread.
+    """Runs a `Processor` (streams/processor.py) over batches of one topic, in one dedicated thread.
+    A processor that parks has its parked records retried when `wake` is set and on idle polls."""
 
-    processor.process(records) -> BatchResult; optional processor.assign/revoke(partitions),
-    processor.save(hwm), processor.retry_parked() (called when `wake` is set or on idle polls).
-    """
-
-    def __init__(self, config: KafkaConfig, settings: LoopSettings, make_processor: Callable[[], object],
+    def __init__(self, config: KafkaConfig, settings: LoopSettings, make_processor: Callable[[], Processor],
                  on_batch: Callable[[], None] | None = None, wake: asyncio.Event | None = None):
         self.config = config
         self.s = settings
@@ -77,7 +89,7 @@ class BatchLoop:
         self.on_batch = on_batch
         self.wake = wake
         self.counters = Counters()
-        self.processor = None
+        self.processor: Processor | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"trm-{settings.topic}")
         self.consumer = None
         self.producer = None
@@ -111,14 +123,11 @@ class BatchLoop:
                 async with loop_self._lock:  # never in the middle of a batch
                     for tp in revoked:
                         loop_self.committed.pop(tp.partition, None)
-                    if hasattr(loop_self.processor, "revoke"):
-                        await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
+                    await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
 
             async def on_partitions_assigned(self, assigned):
-                if hasattr(loop_self.processor, "set_partition_count"):
-                    loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
-                if hasattr(loop_self.processor, "assign"):
-                    await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
+                loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
+                await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
                 await loop_self._positions(assigned)
                 if assigned:
                     loop_self.ready.set()
@@ -147,10 +156,10 @@ class BatchLoop:
                         ends = {tp.partition: msgs[-1].offset + 1 for tp, msgs in batches.items() if msgs}
                         span = ", ".join(f"p{tp.partition}@{msgs[0].offset}-{msgs[-1].offset}"
                                          for tp, msgs in batches.items() if msgs)
-                        await self._retrying(lambda: self._handle_and_commit(topic, records, ends),
+                        await self._retrying(lambda: self._process_and_commit(topic, records, ends),
                                              f"batch of {len(records)} records from {topic} ({span})")
-                    if hasattr(self.processor, "retry_parked") and (not records or self._woken()):
-                        await self._retrying(lambda: self._handle_and_commit(topic, None, {}),
+                    if self.processor.parks and (not records or self._woken()):
+                        await self._retrying(lambda: self._process_and_commit(topic, None, {}),
                                              f"retry of parked records from {topic}")
                     if self.on_batch is not None:
                         self.on_batch()
@@ -181,7 +190,7 @@ class BatchLoop:
         Undetectable: a new log that already grew past the old positions before we looked."""
         tps = list(assigned)
         committed = {tp: await self.consumer.committed(tp) for tp in tps}
-        hwm = {tp: self.processor.hwm(tp.partition) if hasattr(self.processor, "hwm") else -1 for tp in tps}
+        hwm = {tp: self.processor.hwm(tp.partition) for tp in tps}
         need = {tp: max(committed[tp] or 0, hwm[tp] + 1) for tp in tps}
         check = [tp for tp in tps if need[tp] > 0]
         ends = await self._log_ends(check) if check else {}
@@ -191,7 +200,7 @@ class BatchLoop:
                           "high-water mark %d): the broker lost its log (memory storage restarted, or the topic "
                           "was recreated). Reading the new log from its beginning; events the old broker held "
                           "that were not processed yet are lost.", tp, ends[tp], committed[tp], hwm[tp])
-                if hasattr(self.processor, "log_reset") and hwm[tp] >= 0:
+                if hwm[tp] >= 0:
                     await self._in_thread(self.processor.log_reset, tp.partition)
                 self.committed.pop(tp.partition, None)
                 self.log_resets += 1
@@ -221,12 +230,8 @@ class BatchLoop:
         finally:
             await reader.stop()
 
-    async def _handle_and_commit(self, topic: str, records: list[SourceRecord] | None, ends: dict[int, int]) -> None:
-        if await self._handle(records) or records is not None:
-            await self._commit(topic, ends)
-
     async def _retrying(self, attempt: Callable[[], Awaitable[None]], what: str) -> None:
-        """Run `attempt` until it succeeds, with backoff; see the module docstring for the ordering."""
+        """Run `attempt` until it succeeds, with backoff; the retry steps are in the module docstring."""
         delay, start, n = self.s.retry_initial_s, time.monotonic(), 0
         while True:
             try:
@@ -265,27 +270,7 @@ class BatchLoop:
 
     def _reset_processor(self) -> None:
         """Step 2 of a retry: forget unsaved in-memory state, reopen the last saved state."""
-        p = self.processor
-        if hasattr(p, "reset"):
-            p.reset()
-        elif hasattr(p, "states") and hasattr(p, "revoke") and hasattr(p, "assign"):
-            parts = list(p.states)
-            p.revoke(parts)
-            p.assign(parts)
-
-    async def _commit(self, topic: str, ends: dict[int, int]) -> None:
-        """Step 5b. With a processor that parks events, commit only up to its first parked offset
-        per partition, so a committed offset means "everything before it is in Feast (or
-        dead-lettered)" — what a downstream reader gating on it (the trainer) needs."""
-        from aiokafka.structs import TopicPartition
-
-        if hasattr(self.processor, "commit_positions"):
-            ends = {p: off for p, off in self.processor.commit_positions().items()}
-        todo = {TopicPartition(topic, p): off for p, off in ends.items() if off > self.committed.get(p, -1)}
-        if todo:
-            await self.consumer.commit(todo)
-            for tp, off in todo.items():
-                self.committed[tp.partition] = off
+        self.processor.reset()
 
     def _woken(self) -> bool:
         if self.wake is not None and self.wake.is_set():
@@ -293,14 +278,40 @@ class BatchLoop:
             return True
         return False
 
-    async def _handle(self, records: list[SourceRecord] | None) -> bool:
-        """Steps 1-3 in the processor thread, 4 here (await acks), 5a state save; the caller commits."""
+    async def _process_and_commit(self, topic: str, records: list[SourceRecord] | None,
+                                  ends: dict[int, int]) -> None:
+        """One batch, from its records to its offset commit: the only statement of the order in
+        which its effects become durable (each step starts once the one before has succeeded; any
+        failure raises to `_retrying`, which retries the whole method: nothing of the failed attempt
+        is committed). `records` None: a retry of the parked records (`processor.parks` only).
+
+          1. process, in the processor thread: skip offsets <= the saved high-water mark, decode
+             (bad records become dead letters), compute, and write Feast online + offline (and any
+             pair files); the processor returns once its writes are flushed — first, so nothing
+             is committed that is not in Feast
+          2. failpoint `worker.<topic>.after_feast_write` (when something was applied or dead-lettered)
+          3. produce the outputs and the dead letters, and await every ack: a failed send raises
+          4. save the processor's state and high-water marks (one SQLite transaction per
+             partition) — only once the outputs are acknowledged, since a replay skips offsets
+             <= hwm and so would not produce them again
+          5. count (the status counters)
+          6. commit offsets — last, so a committed offset is never ahead of the saved state: the
+             batch's ends, or for a processor that parks, per partition only up to its first
+             parked offset (`processor.commit_positions`)
+        A retry of parked records that applied and dead-lettered nothing saves and commits nothing."""
+        from aiokafka.structs import TopicPartition
+
+        p = self.processor
+        # 1. process: decode, compute, write Feast
         if records is None:
-            res = await self._in_thread(self.processor.retry_parked)
+            res = await self._in_thread(p.retry_parked)
         else:
-            res = await self._in_thread(self.processor.process, records)
-        if res.applied or res.dead:  # Feast written; nothing produced, saved or committed yet
+            res = await self._in_thread(p.process, records)
+        wrote = bool(res.applied or res.dead)
+        # 2. Feast written; nothing produced, saved or committed yet
+        if wrote:
             failpoint(f"worker.{self.s.topic}.after_feast_write")
+        # 3. produce outputs + dead letters, await their acks
         futs = []
         if res.outputs and self.s.output_topic:
             out_topic = self.config.topic(self.s.output_topic)
@@ -308,7 +319,7 @@ class BatchLoop:
             futs += [await send(out_topic, key=k, value=v) for k, v in res.outputs]
         n_out = len(futs)
         for d in res.dead:
-            futs.append(await self.producer.send(f"{d.record.topic}.dlq", key=d.record.key, value=d.record.value,
+            futs.append(await self.producer.send(d.dlq_topic, key=d.record.key, value=d.record.value,
                                                  headers=d.headers()))
             kind = d.reason_kind(d.reason)
             self.counters.dlq_reasons[kind] = self.counters.dlq_reasons.get(kind, 0) + 1
@@ -318,17 +329,28 @@ class BatchLoop:
             for md in acks[:n_out]:
                 if md.offset >= produced.get(md.partition, 0):
                     produced[md.partition] = md.offset + 1
-        if hasattr(self.processor, "save") and (records is not None or res.applied or res.dead):
-            await self._in_thread(self.processor.save, res.hwm)
-        self.counters.processed += res.applied
-        self.counters.dead_lettered += len(res.dead)
-        self.counters.skipped += res.skipped
-        self.counters.duplicates += res.duplicates
-        self.counters.folded += getattr(res, "folded", 0)
-        self.counters.parked = self.processor.n_parked() if hasattr(self.processor, "n_parked") else 0
+        # 4. save state + high-water marks
+        if records is not None or wrote:
+            await self._in_thread(p.save, res.hwm)
+        # 5. count
+        c = self.counters
+        c.processed += res.applied
+        c.dead_lettered += len(res.dead)
+        c.skipped += res.skipped
+        c.duplicates += res.duplicates
+        c.folded += res.folded
+        c.parked = p.n_parked()
         if records is not None:
-            self.counters.batches += 1
-        return bool(res.applied or res.dead)
+            c.batches += 1
+        # 6. commit offsets (up to the first parked one)
+        if records is None and not wrote:
+            return
+        todo = {TopicPartition(topic, part): off for part, off in p.commit_positions(ends).items()
+                if off > self.committed.get(part, -1)}
+        if todo:
+            await self.consumer.commit(todo)
+            for tp, off in todo.items():
+                self.committed[tp.partition] = off
 
     def owned(self) -> set[int]:
         """Partitions of the input topic this loop owns now."""
@@ -350,6 +372,6 @@ class BatchLoop:
                     await c.stop()
                 except Exception:  # closing after a broker loss must not mask the real error
                     log.warning("closing a Kafka client failed", exc_info=True)
-        if self.processor is not None and hasattr(self.processor, "revoke") and hasattr(self.processor, "states"):
-            await self._in_thread(self.processor.revoke, list(self.processor.states))
+        if self.processor is not None:
+            await self._in_thread(self.processor.close)
         self.executor.shutdown(wait=True)

@@ -10,7 +10,7 @@ Tansu quirks the rest of `streams/` designs around: a group join waits ~half the
 timeout (keep it ~8 s); `end_offsets` is wrong; listing all of a group's committed offsets fails
 (pass partitions); kafka-python's `list_topics()` fails; a client's metadata request for an
 unknown topic creates it with default partitions, so topics are created explicitly up front
-(`create_topics`) with the partition counts we choose.
+(`streams.contract.topics.create_topics`) with the partition counts we choose.
 """
 from __future__ import annotations
 
@@ -23,12 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PARTITIONS = {"items": 2, "interactions": 4, "item_tokens": 2, "interactions_by_item": 4,
-                      "items.dlq": 1, "interactions.dlq": 1, "interactions_by_item.dlq": 1}
+from streams.errors import StreamsError
 
 
-class BrokerError(RuntimeError):
-    pass
+class BrokerError(StreamsError, RuntimeError):
+    """The embedded broker cannot start (no binary, port taken) or died."""
 
 
 def tansu_binary() -> str:
@@ -143,7 +142,8 @@ class EmbeddedBroker:
         self.kill()
         self.start()
         if topics:
-            from trm.config import KafkaConfig
+            from streams.contract.topics import create_topics
+            from streams.kafka_config import KafkaConfig
 
             create_topics(config or KafkaConfig(bootstrap_servers=self.bootstrap))
         return self
@@ -155,41 +155,10 @@ class EmbeddedBroker:
         self.stop()
 
 
-def create_topics(config, partitions: dict[str, int] | None = None, timeout_s: float = 15.0) -> dict[str, int]:
-    """Create the contract's topics (names prefixed by config.topic_prefix) with explicit partition counts.
-
-    Existing topics are left as they are. Returns {full topic name: partitions}. Uses kafka-python's
-    admin `create_topics` (its `list_topics()` fails against Tansu, so "already exists" errors are
-    how we learn a topic is there).
-    """
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    wanted = {config.topic(name): n for name, n in (partitions or DEFAULT_PARTITIONS).items()}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            admin = KafkaAdminClient(client_id="trm-admin", request_timeout_ms=10000, **config.kafka_python_kwargs())
-            break
-        except Exception as exc:  # NoBrokersAvailable while a broker is still starting
-            if time.monotonic() > deadline:
-                raise BrokerError(f"cannot reach Kafka at {config.bootstrap_servers}: {exc}; "
-                                  f"start one with `trm broker` or set TRM_KAFKA_BOOTSTRAP") from exc
-            time.sleep(0.3)
-    try:
-        for name, n in wanted.items():
-            try:
-                admin.create_topics([NewTopic(name=name, num_partitions=n, replication_factor=1)])
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        admin.close()
-    return wanted
-
-
 def main_broker(port: int | None, prefix_topics: bool = True, storage: str = "memory://tansu/") -> int:
     """`trm broker`: run until interrupted, printing the bootstrap address."""
-    from trm.config import KafkaConfig
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
 
     b = EmbeddedBroker(port=port, storage=storage)
     try:

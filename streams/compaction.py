@@ -47,7 +47,6 @@ before the first stream write) is never merged or deleted: the glob always match
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -56,6 +55,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from tokenizer.manifest import fsync_dir, fsync_file  # the project's one fsync helper (bottom layer)
 
 DEFAULT_OLDER_THAN_S = 60.0
 DEFAULT_MIN_FILES = 2
@@ -118,19 +119,6 @@ def _remove_stale_tmp(d: Path, older_than_s: float, now: float) -> list[Path]:
     return removed
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _merge(inputs: list[Path], out: Path, join_key: str, schema, keep_duplicates: bool) -> int:
     """Merge `inputs` into parquet `out` (dedup unless keep_duplicates); return rows written."""
     import duckdb
@@ -167,8 +155,7 @@ def _merge(inputs: list[Path], out: Path, join_key: str, schema, keep_duplicates
                               for n in names}).cast(schema)
                 w.write_table(t, row_group_size=ROWS_PER_BATCH)
                 rows += len(t)
-        with open(out, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(out)
         return rows
     finally:
         con.close()
@@ -183,7 +170,7 @@ def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MI
     Nothing is merged when fewer than `min_files` files qualify. `join_key` defaults to the
     view's entity key (streams.feast_sink.JOIN_KEYS); the output has the view's offline schema.
     """
-    from .feast_sink import JOIN_KEYS, OFFLINE_SCHEMAS, offline_dir
+    from .feast_sink import JOIN_KEYS, offline_dir, offline_schemas
 
     t0 = time.perf_counter()
     res = CompactionResult(view)
@@ -194,7 +181,7 @@ def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MI
     join_key = join_key or JOIN_KEYS.get(view)
     if join_key is None and not keep_duplicates:
         raise KeyError(f"unknown feature view {view!r} (known: {sorted(JOIN_KEYS)}): pass join_key or keep_duplicates")
-    schema = OFFLINE_SCHEMAS.get(view)
+    schema = offline_schemas(repo).get(view)
 
     import fcntl
 
@@ -230,12 +217,12 @@ def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MI
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            _fsync_dir(d)  # the rename is durable before any input disappears
+            fsync_dir(d, best_effort=True)  # the rename is durable before any input disappears
             if delete_grace_s > 0:  # let queries that listed the inputs before the rename finish
                 time.sleep(delete_grace_s)
             for p in inputs:
                 p.unlink(missing_ok=True)
-            _fsync_dir(d)
+            fsync_dir(d, best_effort=True)
             res.merged, res.output = len(inputs), final
         after = _parquet_files(d)
         res.files_after, res.rows_after = len(after), _num_rows(after)
@@ -249,10 +236,10 @@ def compact_repo(repo: str | os.PathLike, views=None, min_files: int = DEFAULT_M
                  older_than_s: float = DEFAULT_OLDER_THAN_S, keep_duplicates: bool = False,
                  tmp_older_than_s: float = DEFAULT_TMP_OLDER_THAN_S, delete_grace_s: float = DEFAULT_DELETE_GRACE_S,
                  progress: bool = False) -> list[CompactionResult]:
-    """`compact_view` for every view of the offline store (default: those in OFFLINE_SCHEMAS)."""
-    from .feast_sink import OFFLINE_SCHEMAS
+    """`compact_view` for every view of the offline store (default: every view the repo defines)."""
+    from .feast_sink import offline_schemas
 
-    views = list(views or OFFLINE_SCHEMAS)
+    views = list(views or offline_schemas(repo))
     it = views
     if progress:
         from tqdm import tqdm
@@ -266,69 +253,3 @@ def compact_repo(repo: str | os.PathLike, views=None, min_files: int = DEFAULT_M
                                 keep_duplicates=keep_duplicates, tmp_older_than_s=tmp_older_than_s,
                                 delete_grace_s=delete_grace_s))
     return out
-
-
-# -- `trm compact` ---------------------------------------------------------------------------
-
-def _compact_cmd(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    repo = args.repo or os.environ.get("TRM_FEAST_REPO")
-    if not repo:
-        print("error: no Feast repo: pass --repo DIR or set TRM_FEAST_REPO", file=sys.stderr)
-        return 2
-    repo = Path(repo)
-    if not (repo / "data" / "offline").is_dir():
-        print(f"error: {repo} has no data/offline directory (is it a materialized Feast repo?)", file=sys.stderr)
-        return 2
-    from .feast_sink import JOIN_KEYS
-
-    if args.view and args.view not in JOIN_KEYS:
-        print(f"error: unknown view {args.view!r}; known: {', '.join(sorted(JOIN_KEYS))}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    results = compact_repo(repo, [args.view] if args.view else None, min_files=args.min_files,
-                           older_than_s=args.older_than, keep_duplicates=args.keep_duplicates,
-                           tmp_older_than_s=args.tmp_older_than, delete_grace_s=args.delete_grace,
-                           progress=not args.quiet)
-    table = Table(title=f"offline compaction of {repo}")
-    for col in ("view", "files before", "files after", "rows before", "rows after", "seconds", "note"):
-        table.add_column(col, justify="left" if col in ("view", "note") else "right")
-    for r in results:
-        note = r.skipped or f"merged {r.merged} files into one"
-        if r.removed_tmp:
-            note += f"; removed {len(r.removed_tmp)} stale temp file(s)"
-        table.add_row(r.view, f"{r.files_before:,}", f"{r.files_after:,}", f"{r.rows_before:,}",
-                      f"{r.rows_after:,}", f"{r.seconds:.2f}", note)
-    Console(width=max(120, Console().width)).print(table)
-    fb, fa = sum(r.files_before for r in results), sum(r.files_after for r in results)
-    rb, ra = sum(r.rows_before for r in results), sum(r.rows_after for r in results)
-    print(f"compacted: files {fb:,} -> {fa:,}, rows {rb:,} -> {ra:,} in {time.perf_counter() - t0:.2f} s")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "compact", help="merge the offline store's small parquet part files (run periodically)",
-        description="Merge each view's parquet part files older than --older-than into one part file "
-                    "(temp name, atomic rename, then delete the inputs), dropping rows that the point-in-time "
-                    "join could never pick (same join key and event_timestamp, older `created`). Safe while "
-                    "workers write and the trainer reads.")
-    p.add_argument("--repo", default=None, help="materialized Feast repo directory (default: $TRM_FEAST_REPO)")
-    p.add_argument("--view", default=None, help="compact only this feature view (default: all)")
-    p.add_argument("--older-than", type=float, default=DEFAULT_OLDER_THAN_S, metavar="SECONDS",
-                   help="merge only part files last modified at least this long ago, leaving in-flight "
-                        "writers' fresh files alone (default: %(default)g)")
-    p.add_argument("--min-files", type=int, default=DEFAULT_MIN_FILES,
-                   help="do nothing for a view with fewer qualifying files (default: %(default)s)")
-    p.add_argument("--keep-duplicates", action="store_true",
-                   help="merge only: keep rows duplicated in (join key, event_timestamp) with an older `created`")
-    p.add_argument("--tmp-older-than", type=float, default=DEFAULT_TMP_OLDER_THAN_S, metavar="SECONDS",
-                   help="delete temp files (.part-*.tmp) left by killed writers/compactions once this old "
-                        "(default: %(default)g)")
-    p.add_argument("--delete-grace", type=float, default=DEFAULT_DELETE_GRACE_S, metavar="SECONDS",
-                   help="wait this long between publishing the merged file and deleting its inputs, so joins "
-                        "already running finish on the files they listed (default: %(default)g)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_compact_cmd)

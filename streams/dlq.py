@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .contract.topics import dlq_of
+
 
 @dataclass(frozen=True)
 class SourceRecord:
@@ -30,7 +32,7 @@ class DeadLetter:
 
     @property
     def dlq_topic(self) -> str:
-        return f"{self.record.topic}.dlq"
+        return dlq_of(self.record.topic)
 
     @staticmethod
     def reason_kind(reason: str) -> str:

@@ -12,33 +12,107 @@ with less per-row overhead (rows land in the same tables `get_online_features` r
 Idempotent: the online write is an upsert per entity; replaying a batch re-writes the same
 values, and an offline re-write adds rows identical in entity, event_timestamp and values, which
 the point-in-time join (latest event_timestamp, then latest `created`) resolves to the same value.
+
+The part-file schema of a view is derived from its FeatureView (`offline_schema`): the entity's
+join key, the view's features in declaration order (Feast types mapped to Arrow), then
+`event_timestamp` and `created` as timestamp[us, UTC]. A FeastSink derives it from the views in
+its store's registry; compaction from the repo's own definitions.py (`offline_schemas`);
+`OFFLINE_SCHEMAS` from the project's feature_repo/definitions.py, loaded on first use. A Feast type with no Arrow mapping here, or a
+view whose source reads other timestamp columns, raises FeatureDefinitionError naming the view.
 """
 from __future__ import annotations
 
 import os
 import uuid
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TS = pa.timestamp("us", tz="UTC")
-I64_LIST = pa.list_(pa.int64())
+from .errors import StreamsError
 
-# offline part-file schema per feature view (join key, features, event_timestamp, created)
-OFFLINE_SCHEMAS: dict[str, pa.Schema] = {
-    "item_tokens": pa.schema([("item_id", pa.int64()), ("gen_tokens", I64_LIST), ("mem_tokens", I64_LIST),
-                              ("tokenizer_version", pa.string()), ("created_at", pa.int64()),
-                              ("retired", pa.bool_()), ("event_timestamp", TS), ("created", TS)]),
-    "user_history": pa.schema([("user_id", pa.int64()), ("hist_gen_tokens", I64_LIST),
-                               ("hist_item_ids", I64_LIST), ("user_n_events", pa.int64()),
-                               ("user_n_positives", pa.int64()), ("event_timestamp", TS), ("created", TS)]),
-    "item_stats": pa.schema([("item_id", pa.int64()), ("item_n_interactions", pa.int64()),
-                             ("item_n_positives", pa.int64()), ("event_timestamp", TS), ("created", TS)]),
-}
+TS = pa.timestamp("us", tz="UTC")
+EVENT_TIMESTAMP, CREATED = "event_timestamp", "created"  # the timestamp columns every part file ends with
+# the entity key of each view (the definitions' entities; tests/test_feature_definitions.py checks them)
 JOIN_KEYS = {"item_tokens": "item_id", "user_history": "user_id", "item_stats": "item_id"}
+
+
+class FeatureDefinitionError(StreamsError, ValueError):
+    """A feature view the part-file writer cannot derive a schema for."""
+
+
+def arrow_type(dtype) -> pa.DataType:
+    """A Feast type (feast.types) -> the Arrow type of its parquet column."""
+    from feast.types import Array, Bool, Int64, String
+
+    if isinstance(dtype, Array):
+        return pa.list_(arrow_type(dtype.base_type))
+    prim = {Int64: pa.int64(), String: pa.string(), Bool: pa.bool_()}
+    if dtype in prim:
+        return prim[dtype]
+    raise FeatureDefinitionError(f"no parquet column type for Feast type {dtype}")
+
+
+def offline_schema(view, entity) -> pa.Schema:
+    """The part-file schema of FeatureView `view` whose entity is `entity` (a feast Entity)."""
+    from feast.types import from_value_type
+
+    src = view.batch_source
+    if src is not None:  # the writer fills these two columns: the source must read the same ones
+        for want, got in ((EVENT_TIMESTAMP, src.timestamp_field), (CREATED, src.created_timestamp_column)):
+            if got != want:
+                raise FeatureDefinitionError(
+                    f"view {view.name}: its source's timestamp column is {got!r}, the writer's {want!r}")
+    cols = [(entity.join_key, arrow_type(from_value_type(entity.value_type)))]
+    for f in view.features:
+        try:
+            cols.append((f.name, arrow_type(f.dtype)))
+        except FeatureDefinitionError as exc:
+            raise FeatureDefinitionError(f"view {view.name}, feature {f.name}: {exc}") from None
+    return pa.schema(cols + [(EVENT_TIMESTAMP, TS), (CREATED, TS)])
+
+
+def schemas_from_definitions(objects: Iterable) -> dict[str, pa.Schema]:
+    """{view name: part-file schema} for every FeatureView among `objects` (a definitions module's
+    values), in declaration order."""
+    from feast import Entity, FeatureView
+
+    objects = list(objects)
+    entities = {o.name: o for o in objects if isinstance(o, Entity)}
+    out: dict[str, pa.Schema] = {}
+    for v in objects:
+        if isinstance(v, FeatureView) and v.name not in out:
+            if len(v.entities) != 1 or v.entities[0] not in entities:
+                raise FeatureDefinitionError(f"view {v.name}: expected one entity defined beside it, got {v.entities}")
+            out[v.name] = offline_schema(v, entities[v.entities[0]])
+    return out
+
+
+def offline_schemas(repo: str | Path | None = None) -> dict[str, pa.Schema]:
+    """{view: part-file schema} of the definitions.py in `repo` (every materialized repo has its
+    copy), else of the project's feature_repo/definitions.py."""
+    if repo is not None and (Path(repo) / "definitions.py").is_file():
+        return _schemas_of(str(Path(repo).resolve()))
+    return _schemas_of(None)
+
+
+@lru_cache(maxsize=None)
+def _schemas_of(repo: str | None) -> dict[str, pa.Schema]:
+    from .feature_repo_tools import load_definitions, project_definitions
+
+    mod = load_definitions(Path(repo)) if repo is not None else project_definitions()
+    return schemas_from_definitions(vars(mod).values())
+
+
+def __getattr__(name: str):
+    """`OFFLINE_SCHEMAS`: {view: part-file schema} of the project's definitions, derived when first
+    imported, so importing this module never needs feast or the definitions file."""
+    if name == "OFFLINE_SCHEMAS":
+        return offline_schemas()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def offline_dir(repo_path: str | Path, view: str) -> Path:
@@ -84,17 +158,20 @@ class FeastSink:
         self.repo_path = Path(repo_path)
         self.store = FeatureStore(repo_path=str(self.repo_path))
         self.provider = self.store._get_provider()
-        self.views = {name: self.store.get_feature_view(name) for name in OFFLINE_SCHEMAS}
+        self.views = {name: self.store.get_feature_view(name) for name in JOIN_KEYS}
+        # part-file schemas from the registry's views: no definitions file needed where workers run
+        self.schemas = {name: offline_schema(fv, self.store.get_entity(fv.entities[0]))
+                        for name, fv in self.views.items()}
         self.writer_id = writer_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._seq = 0
-        for view in OFFLINE_SCHEMAS:
+        for view in self.views:
             offline_dir(self.repo_path, view).mkdir(parents=True, exist_ok=True)
 
     def write(self, view: str, rows: list[dict], online: bool = True, offline: bool = True) -> None:
         if not rows:
             return
-        if view not in OFFLINE_SCHEMAS:
-            raise KeyError(f"unknown feature view {view!r}; known: {sorted(OFFLINE_SCHEMAS)}")
+        if view not in self.schemas:
+            raise KeyError(f"unknown feature view {view!r}; known: {sorted(self.schemas)}")
         now = datetime.now(timezone.utc)
         if offline:
             self.write_offline(view, rows, now)
@@ -121,9 +198,9 @@ class FeastSink:
         self.provider.online_write_batch(self.store.config, fv, data, None)
 
     def write_offline(self, view: str, rows: list[dict], created: datetime | None = None) -> Path:
-        schema = OFFLINE_SCHEMAS[view]
+        schema = self.schemas[view]
         created = created or datetime.now(timezone.utc)
-        cols = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name not in ("event_timestamp", "created")}
+        cols = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name not in (EVENT_TIMESTAMP, CREATED)}
         ts = [r["event_timestamp"] for r in rows]
         if all(isinstance(t, int) for t in ts):  # epoch seconds: vectorised, no datetime per row
             cols["event_timestamp"] = pa.array([t * 1_000_000 for t in ts], pa.int64()).cast(TS)

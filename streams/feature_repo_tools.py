@@ -2,7 +2,8 @@
 
 The copy is self-contained: definitions derive their parquet paths from their own location, the
 registry and SQLite online store are relative to the copy, and every view's offline directory is
-seeded with an empty part file so the DuckDB glob matches before the first stream write.
+seeded with an empty part file so the DuckDB glob matches before the first stream write. The seed
+files take their schema from the copied definitions (streams.feast_sink.schemas_from_definitions).
 """
 from __future__ import annotations
 
@@ -13,13 +14,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from .feast_sink import OFFLINE_SCHEMAS, offline_dir
+from .errors import StreamsError
+from .feast_sink import offline_dir, schemas_from_definitions
 
 SOURCE_REPO = Path(__file__).resolve().parent.parent / "feature_repo"
 REPO_FILES = ("feature_store.yaml", "definitions.py")
 
 
-def _load_definitions(repo: Path):
+class DefinitionsNotFound(StreamsError, FileNotFoundError):
+    """No feature_repo/definitions.py where the project's definitions should be."""
+
+
+def load_definitions(repo: Path):
+    """Import `repo`/definitions.py as a fresh module (feast objects; nothing is applied)."""
     name = f"_trm_feature_repo_{abs(hash(str(repo)))}"
     spec = importlib.util.spec_from_file_location(name, repo / "definitions.py")
     mod = importlib.util.module_from_spec(spec)
@@ -28,9 +35,20 @@ def _load_definitions(repo: Path):
     return mod
 
 
+def project_definitions():
+    """The project's feature definitions: feature_repo/definitions.py of the source tree.
+
+    An installed copy of `streams` (the image's `pip install .`) has no feature_repo/ beside it:
+    there, pass the repo (every materialized repo holds its copy of definitions.py)."""
+    if not (SOURCE_REPO / "definitions.py").is_file():
+        raise DefinitionsNotFound(f"no Feast definitions.py in {SOURCE_REPO}: run from a source checkout, "
+                                  "or read the schemas of a materialized repo (feast_sink.offline_schemas(repo))")
+    return load_definitions(SOURCE_REPO)
+
+
 def materialize_repo(work_dir: str | Path, source: str | Path = SOURCE_REPO, apply: bool = True) -> Path:
     """Copy the feature repo into `work_dir` (created), seed offline dirs, `apply`; return the repo path."""
-    from feast import Entity, FeatureView, FeatureStore
+    from feast import Entity, FeatureService, FeatureStore, FeatureView
     from feast.data_source import PushSource
 
     repo = Path(work_dir).resolve()
@@ -41,14 +59,14 @@ def materialize_repo(work_dir: str | Path, source: str | Path = SOURCE_REPO, app
             raise FileNotFoundError(f"{src / f} is missing: is {src} the project's feature_repo/?")
         shutil.copy2(src / f, repo / f)
     (repo / "data").mkdir(exist_ok=True)
-    for view, schema in OFFLINE_SCHEMAS.items():
+    mod = load_definitions(repo)
+    for view, schema in schemas_from_definitions(vars(mod).values()).items():
         d = offline_dir(repo, view)
         d.mkdir(parents=True, exist_ok=True)
         seed = d / "part-00000000-seed.parquet"
         if not seed.exists():
             pq.write_table(schema.empty_table(), seed)
     if apply:
-        mod = _load_definitions(repo)
-        objs = [v for v in vars(mod).values() if isinstance(v, (Entity, FeatureView, PushSource))]
+        objs = [v for v in vars(mod).values() if isinstance(v, (Entity, FeatureView, PushSource, FeatureService))]
         FeatureStore(repo_path=str(repo)).apply(objs)
     return repo

@@ -1,13 +1,14 @@
 """Interaction agent: per-user recent positive history *as tokens*, co-like pairs, and the item-keyed
 repartition of the accepted interactions (`interactions_by_item`, counted by item_stats_agent.py).
 
-Processing order of one batch (the worker loop in `batch_loop.py` drives it):
+What one batch computes (when each effect is written, produced, saved and committed:
+`BatchLoop._process_and_commit`):
   1. decode    – framed Avro -> InteractionEvent; bad bytes/content become dead letters
   2. compute   – skip offsets <= the partition's high-water mark (already applied); apply the
                  rest in event-time order to the in-memory state:
                  a. *late*: an event older than the partition's watermark (newest event time
                     accepted) minus `allowed_lateness_s` is dead-lettered (`late: ...`): state that
-                    old is compacted, it cannot be placed exactly (state.py)
+                    old is compacted, it cannot be placed exactly (state/user_history.py)
                  b. *duplicate*: the same (user_id, item_id, event_time, label) as an accepted
                     event is a no-op (counted in `duplicates`): not in item counters, user
                     features or pairs, parked or not; the dedup set is part of the saved state
@@ -16,20 +17,16 @@ Processing order of one batch (the worker loop in `batch_loop.py` drives it):
                     need no tokens, the item-stats agent counts them. User features need the
                     item's gen-tokens: an interaction whose item has no tokens yet is *parked*
                     (with its original bytes), and so is every later one of the same user,
-                    keeping each history in order
+                    keeping each history in order; the rest is applied to its user
+                    (`PartitionState.apply`: the history rules live there)
   3. write     – Feast online + offline rows, each stamped with the event time that produced it
                  (offline: one row per (entity, event time); online: the entity's latest), and the
                  batch's co-like pairs; files are flushed (renamed into place) before returning
-  4. produce   – the forwarded interactions to `interactions_by_item` and dead letters to
-                 `interactions.dlq`, awaiting acks
-  5. commit    – compact state older than the horizon, save state + watermark + high-water mark
-                 (one SQLite transaction), then commit offsets — per partition only up to its
-                 first parked interaction, so a committed offset means every earlier interaction
-                 is in Feast or dead-lettered
-A crash between 3 and 5 replays the batch from the saved state: the same values are written
-again (idempotent) and the forwarded interactions are sent again (the item-stats agent drops the
-copies). A crash between the state save and the offset commit replays offsets that are <= hwm,
-which are skipped (nothing forwarded twice from them).
+A crash after the Feast write and before the state save replays the batch from the saved state:
+the same values are written again (idempotent) and the forwarded interactions are sent again (the
+item-stats agent drops the copies). A crash between the state save and the offset commit replays
+offsets that are <= hwm, which are skipped (nothing forwarded twice from them). Offsets are
+committed per partition only up to its first parked interaction (`commit_positions`).
 
 Parked interactions retry whenever new item tokens arrive and on idle polls; one parked longer
 than `park_timeout_s` is dead-lettered with the reason, and the user's queue moves on.
@@ -43,18 +40,16 @@ added with the positives around it in event time; pairs already written are not 
 """
 from __future__ import annotations
 
-import bisect
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .codec import AvroCodec, DecodeError
+from .contract.codec import AvroCodec, DecodeError
+from .contract.events import InteractionEvent, InvalidEvent
 from .dlq import DeadLetter, SourceRecord
-from .events import InteractionEvent, InvalidEvent
 from .pairs import PairWriter
 from .partitioned import PartitionedProcessor
+from .processor import BatchResult
 from .state import DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState
 
 
@@ -66,20 +61,10 @@ def by_item_record(codec: AvroCodec, schema_id: int, uid: int, iid: int, label: 
                                             "src_partitions": n_src}, schema_id=schema_id)
 
 
-@dataclass
-class BatchResult:
-    dead: list[DeadLetter] = field(default_factory=list)
-    outputs: list[tuple[bytes | None, bytes]] = field(default_factory=list)  # (key, value) to the output topic
-    applied: int = 0
-    parked: int = 0
-    skipped: int = 0  # <= hwm: already applied before a restart
-    duplicates: int = 0  # an interaction already applied (same user, item, event time, label): a no-op
-    folded: int = 0  # item-stats: events older than the compaction cutoff, counted in the base
-    hwm: dict[int, int] = field(default_factory=dict)  # partition -> last offset seen in this batch
-
-
 class InteractionProcessor(PartitionedProcessor):
     """Pure computation + Feast/pair writes; the async loop owns Kafka. Not thread-safe: one thread."""
+
+    parks = True
 
     def __init__(self, sink, state_dir: str | Path, pairs_dir: str | Path | None,
                  tokens_of: Callable[[int], list[int] | None], topic: str, history_len: int = 20,
@@ -113,8 +98,10 @@ class InteractionProcessor(PartitionedProcessor):
 
         gc.freeze()  # loaded state is long-lived: keep the collector from rescanning it (see app.tune_gc)
 
-    def commit_positions(self) -> dict[int, int]:
-        """Per partition, the offset safe to commit: the first parked one, else past the hwm."""
+    def commit_positions(self, ends: dict[int, int] | None = None) -> dict[int, int]:
+        """Per partition, the offset safe to commit: the first parked one, else past the hwm — so
+        a committed offset means every earlier interaction is in Feast or dead-lettered (what a
+        reader gating on it, the trainer, needs). The batch's `ends` do not matter."""
         out = {}
         for p, st in self.states.items():
             first_parked = min((q[0].offset for q in st.parked.values()), default=None)
@@ -124,7 +111,7 @@ class InteractionProcessor(PartitionedProcessor):
     def n_parked(self) -> int:
         return sum(s.n_parked() for s in self.states.values())
 
-    # -- steps 1-3 --
+    # -- a batch --
     def process(self, records: list[SourceRecord]) -> BatchResult:
         res = BatchResult()
         todo: list[tuple[int, int, int, InteractionEvent, SourceRecord]] = []
@@ -144,7 +131,9 @@ class InteractionProcessor(PartitionedProcessor):
         todo.sort(key=lambda x: x[:3])
         now = time.time()
         changes = _Changes()
+        users, pairs, window = changes.users, changes.pairs, self._window()
         outputs, sid = res.outputs, self._by_item_sid
+        tokens_of = self.tokens_of
         n_src = self.n_partitions or max(self.states, default=0) + 1
         # the oldest event time each partition can still place exactly: in event-time order, the
         # watermark moving within the batch never makes a later event of the batch late
@@ -162,12 +151,14 @@ class InteractionProcessor(PartitionedProcessor):
             outputs.append(by_item_record(self.codec, sid, ev.user_id, ev.item_id, ev.label, t, part, st.watermark,
                                           n_src))
             # user features need the item's tokens, and each user's events in order
-            if ev.user_id in st.parked or self.tokens_of(ev.item_id) is None:
-                st.new_rows.append((ev.item_id, t, ev.label, ev.user_id, None))  # not applied to the user yet
+            if ev.user_id in st.parked or tokens_of(ev.item_id) is None:
                 st.park(Parked(off, r.key, r.value, ev.user_id, ev.item_id, ev.label, t, now))
                 res.parked += 1
                 continue
-            self._apply_user(st, ev.user_id, ev.item_id, ev.label, t, changes)
+            near = st.apply(ev.user_id, ev.item_id, ev.label, t, tokens_of(ev.item_id) if ev.label else None,
+                            users, window)
+            if near is not None:
+                _add_pairs(pairs, ev.user_id, ev.item_id, t, near)
             res.applied += 1
         res.applied += self._drain(changes, res, now)
         self._write(changes)
@@ -184,6 +175,10 @@ class InteractionProcessor(PartitionedProcessor):
         return res
 
     # -- internals --
+    def _window(self) -> int:
+        """How many positives around an applied one it pairs with (0: no pairs are written)."""
+        return self.pair_window if self.pairs is not None else 0
+
     def _drain(self, changes: "_Changes", res: BatchResult, now: float) -> int:
         """Unpark every user's longest prefix whose items now have tokens, applied in event-time order."""
         ready: list[tuple[int, int, int, PartitionState, Parked]] = []
@@ -198,6 +193,7 @@ class InteractionProcessor(PartitionedProcessor):
                         break
         ready.sort(key=lambda x: x[:3])
         applied = 0
+        window = self._window()
         for _, part, _, st, p in ready:
             st.unpark(p)
             if self.tokens_of(p.item_id) is None:
@@ -206,82 +202,12 @@ class InteractionProcessor(PartitionedProcessor):
                                            f"after the interaction arrived; user history skipped it "
                                            f"(item counters include it: forwarded when accepted)"))
                 continue
-            self._apply_user(st, p.user_id, p.item_id, p.label, p.event_time, changes, parked=True)
+            near = st.apply(p.user_id, p.item_id, p.label, p.event_time,
+                            self.tokens_of(p.item_id) if p.label else None, changes.users, window, parked=True)
+            if near is not None:
+                _add_pairs(changes.pairs, p.user_id, p.item_id, p.event_time, near)
             applied += 1
         return applied
-
-    def _apply_user(self, st: PartitionState, uid: int, iid: int, label: int, t: int, changes: "_Changes",
-                    parked: bool = False) -> None:
-        """Apply one (accepted, non-duplicate) event to the user's features and emit the user's rows:
-        at t in order; at every event time >= t when it is older than the user's newest event."""
-        u = st.user(uid)
-        if label:
-            toks, tok = st.token_ref(iid, self.tokens_of(iid))
-        else:
-            toks, tok = None, 0
-        if parked:  # its row was saved when it was accepted
-            st.applied_later.append((tok, iid, t, uid, label))
-        else:
-            st.new_rows.append((iid, t, label, uid, tok))
-        evs = u.events
-        if evs is None:  # the first event within the horizon: the base is the state before it
-            u.base = (u.n_events, u.n_positives, tuple(u.history))
-            evs = u.events = []
-        if evs and evs[-1][0] > t:
-            self._insert_late(u, uid, (t, iid, label, toks), changes)
-            return
-        evs.append((t, iid, label, toks))
-        u.n_events += 1
-        if label:
-            u.n_positives += 1
-            if self.pairs is not None:
-                hist = u.history
-                pa_, pb, pu, pt = changes.pairs
-                for k in range(max(0, len(hist) - self.pair_window), len(hist)):
-                    prev_iid = hist[k][0]
-                    if prev_iid != iid:
-                        if prev_iid < iid:
-                            pa_.append(prev_iid)
-                            pb.append(iid)
-                        else:
-                            pa_.append(iid)
-                            pb.append(prev_iid)
-                        pu.append(uid)
-                        pt.append(t)
-            u.history.append((iid, t, toks))
-            while len(u.history) > self.history_len:
-                u.history.popleft()
-        changes.users[(uid, t)] = _user_row(uid, t, u.history, u.n_events, u.n_positives)
-
-    def _insert_late(self, u, uid: int, ev: tuple, changes: "_Changes") -> None:
-        """An event older than the user's newest: insert it at its event-time position and
-        recompute the user's state from the base, re-stamping the row of every event time >= it."""
-        evs = u.events
-        t, iid, label, _ = ev
-        k = bisect.bisect_right(evs, t, key=_t)
-        evs.insert(k, ev)
-        n, npos, hist = u.base
-        hist = deque(hist)
-        nh, window = self.history_len, min(self.pair_window, self.history_len)
-        pairs = changes.pairs if self.pairs is not None and label else None
-        after = 0  # positives after the late one (it is in the pair window of the next `window`)
-        for j, (tj, ij, lj, gj) in enumerate(evs):
-            n += 1
-            if lj:
-                npos += 1
-                if pairs is not None:
-                    if j == k:  # the late positive with the positives before it
-                        for h in list(hist)[len(hist) - min(window, len(hist)):]:
-                            _add_pair(pairs, h[0], iid, uid, t)
-                    elif j > k and after < window:
-                        after += 1
-                        _add_pair(pairs, iid, ij, uid, tj)
-                hist.append((ij, tj, gj))
-                if len(hist) > nh:
-                    hist.popleft()
-            if j >= k and (j + 1 == len(evs) or evs[j + 1][0] != tj):
-                changes.users[(uid, tj)] = _user_row(uid, tj, hist, n, npos)
-        u.n_events, u.n_positives, u.history = n, npos, hist
 
     def _write(self, changes: "_Changes") -> None:
         if changes.users:
@@ -290,22 +216,27 @@ class InteractionProcessor(PartitionedProcessor):
             self.pairs.write(*changes.pairs)
 
 
-def _t(e: tuple) -> int:
-    return e[0]
-
-
-def _user_row(uid: int, t: int, hist, n: int, npos: int) -> dict:
-    return {"user_id": uid, "event_timestamp": t, "hist_gen_tokens": [x for h in hist for x in h[2]],
-            "hist_item_ids": [h[0] for h in hist], "user_n_events": n, "user_n_positives": npos}
-
-
-def _add_pair(pairs: tuple, a: int, b: int, uid: int, t: int) -> None:
-    if a != b:
-        pa_, pb, pu, pt = pairs
-        pa_.append(min(a, b))
-        pb.append(max(a, b))
-        pu.append(uid)
-        pt.append(t)
+def _add_pairs(pairs: tuple, uid: int, iid: int, t: int, near: tuple) -> None:
+    """Co-like pairs of positive `iid` at `t` with its neighbours (PartitionState.apply): one per
+    other item, (smaller id, larger id), stamped with the later positive's event time."""
+    pa_, pb, pu, pt = pairs
+    before, after = near
+    for prev in before:
+        if prev != iid:
+            if prev < iid:
+                pa_.append(prev)
+                pb.append(iid)
+            else:
+                pa_.append(iid)
+                pb.append(prev)
+            pu.append(uid)
+            pt.append(t)
+    for nxt, tn in after:
+        if nxt != iid:
+            pa_.append(min(iid, nxt))
+            pb.append(max(iid, nxt))
+            pu.append(uid)
+            pt.append(tn)
 
 
 class _Changes:

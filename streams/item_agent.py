@@ -1,24 +1,24 @@
 """Item agent: item events -> hybrid tokens -> Feast (online + offline) and the `item_tokens` topic.
 
-Processing order of one batch (driven by `batch_loop.py`):
+What one batch computes (when it is written, produced and committed: `BatchLoop._process_and_commit`):
   1. decode   – framed Avro -> ItemEvent; bad bytes/content become dead letters
   2. compute  – one `encode_texts` call for the batch's texts (the encoder is the cost, so it
                 runs batched); a retire keeps the item's tokens and sets `retired=True` — marked,
                 not forgotten (a retire without text reuses the tokens in the online store)
-  3. write    – Feast online + offline, stamped with each item event's event time
-  4. produce  – ItemTokensEvent to `item_tokens`, dead letters to `items.dlq`, awaiting acks
-  5. commit   – offsets
-Tokens are a pure function of (text, tokenizer artifact), so a replay rewrites identical values.
+  3. write    – Feast online + offline, stamped with each item event's event time; the outputs are
+                ItemTokensEvents for `item_tokens` (dead letters go to `items.dlq`)
+No state of its own (`BaseProcessor`'s defaults): tokens are a pure function of (text, tokenizer
+artifact), so a replay rewrites identical values.
 """
 from __future__ import annotations
 
-from .codec import AvroCodec, DecodeError
+from .contract.codec import AvroCodec, DecodeError
+from .contract.events import InvalidEvent, ItemEvent, ItemTokensEvent
 from .dlq import DeadLetter, SourceRecord
-from .events import InvalidEvent, ItemEvent, ItemTokensEvent
-from .interaction_agent import BatchResult
+from .processor import BaseProcessor, BatchResult
 
 
-class ItemProcessor:
+class ItemProcessor(BaseProcessor):
     def __init__(self, sink, tokenizer, codec: AvroCodec | None = None):
         self.sink = sink
         self.tokenizer = tokenizer

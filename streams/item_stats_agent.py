@@ -2,32 +2,31 @@
 
 `interactions` is keyed by user_id, so one item's events are spread over every partition. The
 interaction agent forwards each interaction it accepts (not late, not a duplicate; parked ones
-too: counters need no tokens) to `interactions_by_item`, keyed by item_id, *before* it saves its
-state and commits (batch_loop.py: outputs are acknowledged first). Here every event of an item
+too: counters need no tokens) to `interactions_by_item`, keyed by item_id, acknowledged before it
+saves its state and commits (`BatchLoop._process_and_commit`). Here every event of an item
 arrives on one partition, owned by one worker, so the counts need nobody else's state — exact
 with any number of workers.
 
-Processing order of one batch (batch_loop.py drives it):
+What one batch computes (when it is written, saved and committed: `BatchLoop._process_and_commit`):
   1. decode    – framed Avro `InteractionByItem`; bad bytes become dead letters
   2. compute   – skip offsets <= the partition's high-water mark; in event-time order, drop
                  copies (a replay of the interaction agent between its produce and its commit
                  re-sends a batch: same (user_id, item_id, event_time, label)) and count the rest
-                 in the item's `ItemEvents` (state.py: `ItemStatsState`)
+                 in the item's `ItemEvents` (state/item_counts.py: `ItemStatsState`)
   3. write     – Feast `item_stats`: for each item of the batch, one row per distinct event time
                  >= the batch's earliest event of the item, counting the events with event_time
                  <= t (a late event re-stamps the item's later rows)
-  4. commit    – compact, save state + high-water mark (one SQLite transaction), commit offsets
-A crash before the save replays the batch from the saved state: the same rows again.
+A crash before the state save replays the batch from the saved state: the same rows again.
 """
 from __future__ import annotations
 
 import bisect
 from pathlib import Path
 
-from .codec import AvroCodec, DecodeError
+from .contract.codec import AvroCodec, DecodeError
 from .dlq import DeadLetter, SourceRecord
-from .interaction_agent import BatchResult
 from .partitioned import PartitionedProcessor
+from .processor import BatchResult
 from .state import DEFAULT_ALLOWED_LATENESS_S, ItemStatsState
 
 RECORD = "InteractionByItem"

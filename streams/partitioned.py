@@ -1,14 +1,16 @@
 """Per-input-partition durable state, shared by the stateful processors (interaction agent,
 item-stats agent). The state follows the partition: opened on assignment, closed on revocation,
 one SQLite file per partition in a shared directory, with the high-water mark that makes a replay
-skip what was already applied. The batch loop calls assign/revoke/hwm/log_reset/save.
+skip what was already applied (streams/state/store.py).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from .processor import BaseProcessor
 
-class PartitionedProcessor:
+
+class PartitionedProcessor(BaseProcessor):
     """Subclasses set `state_dir`, `topic`, `states = {}` and implement `open_state(path)`."""
 
     state_dir: Path
@@ -52,8 +54,17 @@ class PartitionedProcessor:
         return True
 
     def save(self, hwm: dict[int, int]) -> None:
-        """Step 5a: compact what is older than the horizon, then make the state, watermarks and
-        high-water marks durable (before the offset commit)."""
+        """Compact what is older than the horizon, then make the state, watermarks and high-water
+        marks durable (when: `BatchLoop._process_and_commit`)."""
         for p, st in self.states.items():
             st.compact()
             st.save(hwm.get(p))
+
+    def reset(self) -> None:
+        """Reopen every owned partition's state from its file: unsaved changes are gone."""
+        parts = list(self.states)
+        self.revoke(parts)
+        self.assign(parts)
+
+    def close(self) -> None:
+        self.revoke(list(self.states))

@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from trm.config import KafkaConfig
+from streams.errors import StreamsError
+from streams.kafka_config import KafkaConfig
 
-from .codec import AvroCodec
-from .events import INTERACTIONS, ITEMS, InteractionEvent, ItemEvent
+from .contract.codec import AvroCodec
+from .contract.events import InteractionEvent, ItemEvent
+from .contract.topics import INTERACTIONS, ITEMS
 
 
-class PublishError(RuntimeError):
+class PublishError(StreamsError, RuntimeError):
     pass
 
 
@@ -101,7 +103,7 @@ def publish_events(config: KafkaConfig, topic: str, events: Sequence, key: Calla
 
 def item_events(data_dir: str | Path, limit: int | None = None) -> list[ItemEvent]:
     """Item upserts stamped at created_at (60 s before the first rating), in event-time order."""
-    from trm.data import load_movielens
+    from streams.movielens import load_movielens
 
     ds = load_movielens(data_dir)
     evs = sorted((ItemEvent.from_item(it) for it in ds.items.values()), key=lambda e: (e.event_time, e.item_id))
@@ -109,7 +111,7 @@ def item_events(data_dir: str | Path, limit: int | None = None) -> list[ItemEven
 
 
 def interaction_events(data_dir: str | Path, limit: int | None = None) -> list[InteractionEvent]:
-    from trm.data import load_movielens
+    from streams.movielens import load_movielens
 
     ds = load_movielens(data_dir)
     its = ds.interactions[:limit] if limit else ds.interactions

@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from trm.config import KafkaConfig
+from streams.kafka_config import KafkaConfig
 
-from .codec import AvroCodec, DecodeError
+from .contract.codec import AvroCodec, DecodeError
+from .contract.topics import ITEM_TOKENS
 
 log = logging.getLogger(__name__)
 
 
 class TokenCache:
-    def __init__(self, config: KafkaConfig, topic: str = "item_tokens"):
+    def __init__(self, config: KafkaConfig, topic: str = ITEM_TOKENS):
         self.config = config
         self.topic = config.topic(topic)
         self.gen: dict[int, list[int]] = {}
@@ -49,7 +50,7 @@ class TokenCache:
                 if not parts:
                     # topics are created up front (create_topics); a missing one means it was not
                     await asyncio.sleep(0.2)
-                    await consumer._client.force_metadata_update()
+                    await consumer.topics()  # a fresh metadata request
                     parts = None
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)

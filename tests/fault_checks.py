@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pandas as pd
 
-from tests.test_streams_integration import assert_pit_row, consume_all, reference
+from tests.stream_checks import assert_pit_row, consume_all, reference
 
 PIT_FEATURES = ["user_history:hist_item_ids", "user_history:hist_gen_tokens", "user_history:user_n_events",
                 "user_history:user_n_positives", "item_stats:item_n_interactions", "item_stats:item_n_positives",

@@ -18,7 +18,7 @@ N_INTERACTIONS = 2000
 
 def small_slice(n_interactions: int = N_INTERACTIONS, max_items: int = N_ITEMS):
     """The first interactions (event-time order) restricted to the first `max_items` items seen."""
-    from trm.data import load_movielens
+    from streams.movielens import load_movielens
 
     ds = load_movielens(DATA)
     keep: dict[int, object] = {}
@@ -64,8 +64,8 @@ def broker():
 
 @pytest.fixture()
 def kafka_config(broker):
-    from streams.broker import create_topics
-    from trm.config import KafkaConfig
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
 
     cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
     create_topics(cfg)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from streams.movielens import PUBLISH_LEAD_S, DataError, load_movielens
 from trm import DEFAULT_DATA_DIR
-from trm.data import PUBLISH_LEAD_S, DataError, load_movielens
 
 
 @pytest.fixture(scope="module")

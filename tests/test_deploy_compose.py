@@ -2,7 +2,7 @@
 
 What a `docker compose up` would only reveal at runtime is checked here: KRaft settings that agree
 with each other, health checks that call binaries present in their images, TRM_* wiring that
-matches trm/config.py and feature_store.yaml, commands that the real `trm` CLI parser accepts,
+matches streams/kafka_config.py, trm/config.py and feature_store.yaml, commands that the real `trm` CLI parser accepts,
 and a worker service that can be scaled.
 """
 from __future__ import annotations
@@ -76,7 +76,8 @@ def yaml_vars(path: Path) -> set[str]:
 def _config_env_names() -> set[str]:
     """Every TRM_* variable the code reads (config, bootstrap, healthcheck)."""
     names: set[str] = set()
-    for path in (REPO_ROOT / "trm" / "config.py", REPO_ROOT / "deploy" / "bootstrap.py"):
+    for path in (REPO_ROOT / "streams" / "kafka_config.py", REPO_ROOT / "trm" / "config.py",
+                 REPO_ROOT / "streams" / "contract" / "topics.py", REPO_ROOT / "deploy" / "bootstrap.py"):
         names |= set(re.findall(r'"(TRM_[A-Z_]+)"', path.read_text()))
     return names
 
@@ -210,15 +211,15 @@ def test_init_creates_planned_topics(services, monkeypatch):
     assert init["entrypoint"][-1] == "/app/deploy/bootstrap.py"
     assert (REPO_ROOT / "deploy" / "bootstrap.py").is_file()
     monkeypatch.setenv("TRM_TOPIC_PARTITIONS", _env(init)["TRM_TOPIC_PARTITIONS"])
-    plan = bootstrap.topic_plan()
-    from streams.broker import DEFAULT_PARTITIONS
+    plan = bootstrap.topic_plan_from_env()
+    from streams.contract.topics import TOPICS
 
-    assert set(plan) == set(DEFAULT_PARTITIONS), "production topics must match the streams contract"
+    assert set(plan) == set(TOPICS), "production topics must match the streams contract"
     assert plan["interactions"] >= 6, "interactions partitions cap the number of busy workers"
     assert plan["items.dlq"] >= 1 and plan["interactions.dlq"] >= 1
     monkeypatch.setenv("TRM_TOPIC_PARTITIONS", "interactions=zero")
     with pytest.raises(SystemExit, match="TRM_TOPIC_PARTITIONS"):
-        bootstrap.topic_plan()
+        bootstrap.topic_plan_from_env()
 
 
 def _trm_argv(svc: dict) -> list[str]:
@@ -313,7 +314,7 @@ def test_bootstrap_requests_partitions_replication_and_topic_configs(monkeypatch
     """What init sends to Kafka (a fake admin client records it; Tansu ignores topic configs)."""
     import kafka.admin
 
-    from trm.config import KafkaConfig
+    from streams.kafka_config import KafkaConfig
 
     sent = {}
 

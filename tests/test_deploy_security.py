@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from streams.kafka_config import KafkaConfig
 from trm import REPO_ROOT
-from trm.config import KafkaConfig
 
 SECURE_ENV = {
     "TRM_KAFKA_BOOTSTRAP": "b-1.kafka.test:9096,b-2.kafka.test:9096",
@@ -260,4 +260,4 @@ def test_every_kafka_client_in_the_project_is_built_from_kafka_config():
     missing = [f"{path}:{line} {name}(...) does not use KafkaConfig.{CLIENTS[name]}()"
                for path, line, name, scope in calls if f"{CLIENTS[name]}(" not in scope]
     assert not missing, ("Kafka clients built without the shared security settings:\n" + "\n".join(missing)
-                         + "\nPass **config.<method>() from trm.config.KafkaConfig.")
+                         + "\nPass **config.<method>() from streams.kafka_config.KafkaConfig.")

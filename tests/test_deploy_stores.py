@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: the shared fixture modules
-from services import (INSTALL_HINT, ServiceError, feast_prod_env, postgres_server,  # noqa: F401 (fixtures)
-                      redis_server, start_postgres, start_redis)
+from tests.services import INSTALL_HINT, ServiceError, start_postgres, start_redis
 from trm import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "deploy"))
@@ -197,8 +196,7 @@ def test_container_healthcheck_against_the_native_stores(feast_prod_env, tmp_pat
 def test_bootstrap_creates_planned_topics_idempotently(monkeypatch):
     """deploy/bootstrap.py's topic step against a real Kafka-protocol broker (embedded Tansu)."""
     from streams.broker import EmbeddedBroker
-
-    from trm.config import KafkaConfig
+    from streams.kafka_config import KafkaConfig
 
     with EmbeddedBroker() as broker:
         monkeypatch.setenv("TRM_TOPIC_PARTITIONS", "interactions=5,items=3")

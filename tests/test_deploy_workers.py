@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: the shared fixture modules
-from services import postgres_server, redis_server  # noqa: E402,F401 (fixtures)
-from streams_fixtures import ml_slice, tiny_tokenizer  # noqa: E402,F401 (fixtures)
 
 from trm import REPO_ROOT  # noqa: E402
 
@@ -80,11 +78,10 @@ def two_workers_run(tmp_path_factory, redis_server, postgres_server, broker_modu
                     tiny_tokenizer):
     """Publish the MovieLens slice to two workers sharing a group; return what they and the store did."""
     from streams.app import StreamWorker, WorkerSettings
-    from streams.events import InteractionEvent, ItemEvent
+    from streams.contract.events import InteractionEvent, ItemEvent
     from streams.feast_sink import FeastSink
+    from streams.kafka_config import KafkaConfig
     from streams.publisher import publish_kind
-
-    from trm.config import KafkaConfig
 
     items, its = ml_slice
     tmp_path = tmp_path_factory.mktemp("two-workers")

@@ -15,8 +15,7 @@ import struct
 import fastavro
 import pytest
 
-from tests.streams_fixtures import broker, feast_repo, kafka_config, ml_slice, tiny_tokenizer  # noqa: F401
-from tests.test_streams_integration import _run_worker, consume_all
+from tests.stream_checks import consume_all, run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +40,8 @@ def _frame(schema_id: int, body: bytes) -> bytes:
 def test_bad_input_is_dead_lettered_or_handled_and_the_worker_goes_on(kafka_config, feast_repo, tiny_tokenizer,
                                                                         ml_slice):  # noqa: F811
     from streams.app import WorkerSettings
-    from streams.codec import AvroCodec
-    from streams.events import InteractionEvent, ItemEvent
+    from streams.contract.codec import AvroCodec
+    from streams.contract.events import InteractionEvent, ItemEvent
     from streams.feast_sink import FeastSink
     from streams.publisher import publish_kind, publish_raw
     from tokenizer.hybrid import HybridTokenizer
@@ -131,7 +130,7 @@ def test_bad_input_is_dead_lettered_or_handled_and_the_worker_goes_on(kafka_conf
         await pk("interactions", [InteractionEvent.from_interaction(i) for i in good_inter])
         await w.wait_for(interactions=len(bad_inter) + 3 + n_inter_good + 1, timeout=90)
 
-    status = asyncio.run(_run_worker(settings, publish))
+    status = asyncio.run(run_worker(settings, publish))
 
     # -- every offset is accounted for; the worker never died and processed the good ones after
     st_i, st_n = status["items"], status["interactions"]
@@ -171,6 +170,7 @@ def test_bad_input_is_dead_lettered_or_handled_and_the_worker_goes_on(kafka_conf
     # itself (a read at t0+200 does not see the future), and the t0+500 row was re-stamped (a later
     # `created` supersedes the first one: a read at t0+600 sees both, in event-time order)
     import pandas as pd
+
     from streams.feast_sink import to_utc
     h = sink.store.get_historical_features(
         entity_df=pd.DataFrame({"user_id": [U_ORDER] * 2, "event_timestamp": [to_utc(t0 + 200), to_utc(t0 + 600)]}),

@@ -22,8 +22,7 @@ import pytest
 
 from tests.fault_checks import assert_recovered, committed_total
 from tests.services import start_s3
-from tests.streams_fixtures import feast_repo, ml_slice, tiny_tokenizer  # noqa: F401
-from tests.test_streams_integration import HISTORY_LEN
+from tests.stream_checks import HISTORY_LEN
 
 pytestmark = pytest.mark.integration
 CHUNK = 50
@@ -32,12 +31,13 @@ CHUNK = 50
 @pytest.mark.parametrize("storage", ["memory", "s3"])
 def test_broker_kill_9_and_restart(storage, feast_repo, tiny_tokenizer, ml_slice, tmp_path):  # noqa: F811
     from streams.app import StreamWorker, WorkerSettings
-    from streams.broker import EmbeddedBroker, create_topics
-    from streams.events import INTERACTIONS, InteractionEvent, ItemEvent
+    from streams.broker import EmbeddedBroker
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import INTERACTIONS, create_topics
     from streams.feast_sink import FeastSink
+    from streams.kafka_config import KafkaConfig
     from streams.publisher import publish_kind
     from tokenizer.hybrid import HybridTokenizer
-    from trm.config import KafkaConfig
 
     items, its = ml_slice
     n, m = len(items), len(its)

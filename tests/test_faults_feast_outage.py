@@ -16,8 +16,7 @@ import pytest
 
 from tests.fault_checks import assert_recovered, committed_total
 from tests.services import RedisServer, restart_redis, start_redis
-from tests.streams_fixtures import broker, kafka_config, ml_slice, tiny_tokenizer  # noqa: F401
-from tests.test_streams_integration import HISTORY_LEN
+from tests.stream_checks import HISTORY_LEN
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +41,8 @@ def redis_repo(work: Path, redis: RedisServer) -> Path:
 def test_online_store_outage_commits_nothing_and_the_batch_is_retried(kafka_config, tiny_tokenizer, ml_slice,  # noqa: F811
                                                                     tmp_path):
     from streams.app import StreamWorker, WorkerSettings
-    from streams.events import INTERACTIONS, InteractionEvent, ItemEvent
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import INTERACTIONS
     from streams.publisher import publish_kind
     from tokenizer.hybrid import HybridTokenizer
 

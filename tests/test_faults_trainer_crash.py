@@ -6,7 +6,7 @@ at four different points, and restarted after each kill; the fifth run finishes 
 3. after the checkpoint directory's rename, before `LATEST` moves to it (`trainer.before_pointer`),
 4. inside the publisher's copy of a model version, before its rename (`trainer.mid_publish`).
 
-Kills 2-4 land exactly where named: `trm.failpoints` pauses the trainer there and the test kills
+Kills 2-4 land exactly where named: `streams.failpoints` pauses the trainer there and the test kills
 it while it waits. Right after every kill (before the restart) both pointers (checkpoints and
 published model versions) must name a complete directory that verifies against its manifest and
 loads into freshly built models. At the end, from the trainer's progress journal: every event
@@ -30,9 +30,8 @@ from pathlib import Path
 import pytest
 
 from tests.fault_checks import committed_total
-from tests.streams_fixtures import ROOT, broker, kafka_config  # noqa: F401 (fixtures)
-from tests.test_trainer_kafka import publish
-from tests.trainer_fixtures import K, L, TOKENIZER_VERSION, event_stream, make_repo
+from tests.streams_fixtures import ROOT
+from tests.trainer_fixtures import TOKENIZER_VERSION, K, L, event_stream, make_repo, publish
 
 pytestmark = pytest.mark.integration
 N, BATCH = 600, 50

@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+
 import pytest
 
-from tests.streams_fixtures import ROOT, broker, feast_repo, ml_slice, tiny_tokenizer  # noqa: F401
 from tests.fault_checks import assert_recovered, committed_total
-from tests.test_streams_integration import HISTORY_LEN
+from tests.stream_checks import HISTORY_LEN
+from tests.streams_fixtures import ROOT
 
 pytestmark = pytest.mark.integration
 CHUNK = 100
@@ -41,11 +42,11 @@ def _status(repo):
 
 def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(broker, feast_repo, tiny_tokenizer,  # noqa: F811
                                                                      ml_slice, tmp_path):
-    from streams.broker import create_topics
-    from streams.events import InteractionEvent, ItemEvent
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
     from streams.publisher import publish_kind
     from tokenizer.hybrid import HybridTokenizer
-    from trm.config import KafkaConfig
 
     cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
     create_topics(cfg)
@@ -119,14 +120,14 @@ def _wait_file(path, proc, log_path, timeout=120.0) -> None:
 def test_kill_9_between_the_feast_write_and_the_commit(broker, feast_repo, tiny_tokenizer, ml_slice,  # noqa: F811
                                                        tmp_path):
     """The narrow window: rows are in Feast, nothing is produced, saved or committed yet. A failpoint
-    (trm/failpoints.py) pauses the worker exactly there and the test kills it -9 by PID — first in
+    (streams/failpoints.py) pauses the worker exactly there and the test kills it -9 by PID — first in
     the item agent, then (restarted) in the interaction agent. The replays must rewrite identical
     values: no loss, no double count, no duplicate row that changes a point-in-time answer."""
-    from streams.broker import create_topics
-    from streams.events import InteractionEvent, ItemEvent
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
     from streams.publisher import publish_kind
     from tokenizer.hybrid import HybridTokenizer
-    from trm.config import KafkaConfig
 
     cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
     create_topics(cfg)

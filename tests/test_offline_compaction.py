@@ -23,7 +23,7 @@ from streams.compaction import LOCK_NAME, SEED_NAME, compact_repo, compact_view
 from streams.feast_sink import OFFLINE_SCHEMAS, FeastSink, offline_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-FEATURES = [  # what the trainer reads (trainer/batch.py FEATURES), without importing torch here
+FEATURES = [  # what the trainer reads (the FeatureService ranker_features, feature_repo/definitions.py)
     "item_tokens:gen_tokens", "item_tokens:mem_tokens", "item_tokens:tokenizer_version",
     "item_tokens:created_at", "item_tokens:retired",
     "user_history:hist_gen_tokens", "user_history:hist_item_ids",
@@ -288,7 +288,7 @@ def test_k8s_cronjob_runs_a_command_the_cli_accepts():
     cm = yaml.safe_load((base / "configmap.yaml").read_text())["data"]
     argv = [re.sub(r"\$\((\w+)\)", lambda m: cm[m.group(1)], a) for a in pod["containers"][0]["args"]]
     args = build_parser().parse_args(argv)
-    assert args.func.__module__ == "streams.compaction" and args.repo == cm["TRM_FEAST_REPO"]
+    assert args.func.__module__ == "trm.cli.compact" and args.repo == cm["TRM_FEAST_REPO"]
     mount = pod["containers"][0]["volumeMounts"][0]
     assert mount["mountPath"] == str(offline_dir(args.repo, "x").parent)  # where the workers write
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.streams_fixtures import ROOT, broker, feast_repo, ml_slice, tiny_tokenizer  # noqa: F401
+from tests.streams_fixtures import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -82,10 +82,11 @@ def test_publish_file_then_worker_subprocess(broker, feast_repo, tiny_tokenizer,
 
 
 def test_publisher_never_reports_success_for_unacknowledged_sends():
-    from streams.broker import EmbeddedBroker, create_topics
-    from streams.events import InteractionEvent
+    from streams.broker import EmbeddedBroker
+    from streams.contract.events import InteractionEvent
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
     from streams.publisher import PublishError, make_producer, publish_kind
-    from trm.config import KafkaConfig
 
     b = EmbeddedBroker().start()
     cfg = KafkaConfig(bootstrap_servers=b.bootstrap)

@@ -5,9 +5,9 @@ import struct
 
 import pytest
 
-from streams.codec import AvroCodec, DecodeError
-from streams.events import InteractionEvent, InvalidEvent, ItemEvent, ItemTokensEvent
-from streams.registry import SchemaRegistry, default_registry
+from streams.contract.codec import AvroCodec, DecodeError
+from streams.contract.events import InteractionEvent, InvalidEvent, ItemEvent, ItemTokensEvent
+from streams.contract.registry import SchemaRegistry, default_registry
 
 ITEM_V1, INTERACTION_V1, TOKENS_V1, ITEM_V2 = 1, 2, 3, 4
 

@@ -7,128 +7,22 @@ the worker's code: exact tokens, histories, counters, point-in-time rows, dead l
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from datetime import timedelta
 
 import pandas as pd
 import pytest
 
-from tests.streams_fixtures import broker, feast_repo, kafka_config, ml_slice, tiny_tokenizer  # noqa: F401
+from tests.stream_checks import HISTORY_LEN, assert_pit_row, consume_all, reference, reference_pairs, run_worker
 
 pytestmark = pytest.mark.integration
 
-HISTORY_LEN = 20
 UNKNOWN_ITEM, UNKNOWN_USER = 99_999_999, 999_999
-
-
-def reference(interactions, gen_of, n=HISTORY_LEN):
-    """Per user and per item: [(t, state after every event with time <= t)] in event-time order."""
-    users: dict[int, list] = defaultdict(list)
-    items: dict[int, list] = defaultdict(list)
-    ustate: dict[int, dict] = {}
-    icount: dict[int, list] = defaultdict(lambda: [0, 0])
-    for it in interactions:
-        st = ustate.setdefault(it.user_id, {"hist": [], "n": 0, "npos": 0})
-        if it.item_id in gen_of:  # user features only for items with tokens
-            st["n"] += 1
-            if it.label:
-                st["npos"] += 1
-                st["hist"] = (st["hist"] + [it.item_id])[-n:]
-            snap = {"hist_item_ids": list(st["hist"]), "hist_gen_tokens": [x for i in st["hist"] for x in gen_of[i]],
-                    "user_n_events": st["n"], "user_n_positives": st["npos"]}
-            tl = users[it.user_id]
-            if tl and tl[-1][0] == it.event_time:
-                tl[-1] = (it.event_time, snap)
-            else:
-                tl.append((it.event_time, snap))
-        c = icount[it.item_id]
-        c[0] += 1
-        c[1] += it.label
-        tl = items[it.item_id]
-        snap = {"item_n_interactions": c[0], "item_n_positives": c[1]}
-        if tl and tl[-1][0] == it.event_time:
-            tl[-1] = (it.event_time, snap)
-        else:
-            tl.append((it.event_time, snap))
-    return users, items
-
-
-def state_before(timeline, t):
-    """The state a row at `t - 1 µs` must see: the last entry stamped strictly before t."""
-    last = None
-    for ts, snap in timeline:
-        if ts >= t:
-            break
-        last = snap
-    return last
-
-
-def assert_pit_row(row, users_tl, items_tl) -> bool:
-    """A joined row equals the from-scratch state strictly before its event; True if the user had history."""
-    t = int(round((row.event_timestamp + timedelta(microseconds=1)).timestamp()))
-    u = state_before(users_tl.get(row.user_id, []), t)
-    i = state_before(items_tl.get(row.item_id, []), t)
-    if u is None:
-        assert pd.isna(row.user_n_events)
-    else:
-        assert (list(row.hist_item_ids), list(row.hist_gen_tokens), row.user_n_events, row.user_n_positives) == \
-            (u["hist_item_ids"], u["hist_gen_tokens"], u["user_n_events"], u["user_n_positives"])
-    if i is None:
-        assert pd.isna(row.item_n_interactions)
-    else:
-        assert (row.item_n_interactions, row.item_n_positives) == (i["item_n_interactions"], i["item_n_positives"])
-    return u is not None
-
-
-def reference_pairs(interactions, gen_of, window=5):
-    per_user = defaultdict(list)
-    pairs = set()
-    for it in interactions:
-        if it.label and it.item_id in gen_of:
-            prev = per_user[it.user_id]
-            for p in prev[-window:]:
-                if p != it.item_id:
-                    pairs.add((min(p, it.item_id), max(p, it.item_id), it.user_id, it.event_time))
-            prev.append(it.item_id)
-    return pairs
-
-
-def consume_all(cfg, topic, expect, timeout=20.0):
-    """Every record of a topic (assign + seek to beginning: no group, no end_offsets)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(**cfg.kafka_python_kwargs(), enable_auto_commit=False, consumer_timeout_ms=1000)
-    parts = c.partitions_for_topic(topic) or {0}
-    tps = [TopicPartition(topic, p) for p in parts]
-    c.assign(tps)
-    c.seek_to_beginning(*tps)
-    out = []
-    import time
-
-    deadline = time.monotonic() + timeout
-    while len(out) < expect and time.monotonic() < deadline:
-        for recs in c.poll(timeout_ms=500).values():
-            out.extend(recs)
-    c.close()
-    return out
-
-
-async def _run_worker(settings, publish=None, wait=None):
-    from streams.app import StreamWorker
-
-    async with StreamWorker(settings) as w:
-        await w.wait_ready()
-        if publish is not None:
-            await publish(w)
-        if wait is not None:
-            await w.wait_for(**wait)
-        return w.status()
 
 
 def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, tmp_path):  # noqa: F811
     from streams.app import WorkerSettings
-    from streams.codec import AvroCodec
-    from streams.events import InteractionEvent, ItemEvent
+    from streams.contract.codec import AvroCodec
+    from streams.contract.events import InteractionEvent, ItemEvent
     from streams.feast_sink import FeastSink, to_utc
     from streams.pairs import load_pairs
     from streams.publisher import publish_kind, publish_raw
@@ -178,7 +72,7 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
         await asyncio.to_thread(publish_kind, cfg, "items", [retire_event], progress=False)
         await w.wait_for(items=len(items) + 2, timeout=30)
 
-    status = asyncio.run(_run_worker(settings, publish))
+    status = asyncio.run(run_worker(settings, publish))
     assert status["items"]["processed"] == len(items) + 1 and status["items"]["dead_lettered"] == 1
     assert status["interactions"]["processed"] == len(inter)
     assert status["interactions"]["dead_lettered"] == len(bad_interactions) + 1
@@ -278,7 +172,7 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
     async def linger(w):
         await asyncio.sleep(3)
 
-    st = asyncio.run(_run_worker(replay, publish=linger))
+    st = asyncio.run(run_worker(replay, publish=linger))
     assert st["interactions"]["log_resets"] == 0
     assert st["interactions"]["processed"] == 0 and st["interactions"]["duplicates"] == 0
     assert sink.read_online("user_history", list(users_tl)) == before_u
@@ -286,7 +180,7 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
     replay2 = WorkerSettings(repo_path=feast_repo, kafka=cfg, agents=("interactions",), app_id="t-replay2",
                              history_len=HISTORY_LEN, state_dir=tmp_path / "state2", pairs_dir=tmp_path / "pairs2",
                              park_timeout_s=6.0)
-    st = asyncio.run(_run_worker(replay2, wait={"interactions": n_inter}))
+    st = asyncio.run(run_worker(replay2, wait={"interactions": n_inter}))
     assert st["interactions"]["processed"] == len(inter)
     sink2 = FeastSink(feast_repo)
     assert sink2.read_online("user_history", list(users_tl)) == before_u

@@ -5,12 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pandas as pd
-import pytest
 
-from streams.codec import AvroCodec
+from streams.contract.codec import AvroCodec
+from streams.contract.events import InteractionEvent
 from streams.dlq import SourceRecord
-from streams.events import InteractionEvent
-from tests.streams_fixtures import feast_repo  # noqa: F401
 
 CODEC = AvroCodec()
 TOKENS = {10: [1, 9, 17], 20: [2, 10, 18], 30: [3, 11, 19]}

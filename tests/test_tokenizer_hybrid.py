@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tokenizer_fixtures import (artifact_copy, fitted_tokenizer, saved_artifact, subset_config,  # noqa: F401
-                                tok_embeddings, tok_subset)
+from tests.tokenizer_fixtures import subset_config
 
 
 def test_tokens_follow_the_contract(fitted_tokenizer, tok_subset):
@@ -193,9 +192,9 @@ def test_cli_encode_prints_the_saved_tokens(saved_artifact, fitted_tokenizer, ca
 def test_cli_fit_writes_a_loadable_artifact(tmp_path, capsys):
     """`trm tokenizer fit` on a small MovieLens-layout directory, with a cutoff."""
     import pandas as pd
+    from tokenizer_fixtures import DATA
 
     from tokenizer.hybrid import HybridTokenizer
-    from tokenizer_fixtures import DATA
     from trm.cli import main
 
     data = tmp_path / "ml"

@@ -1,10 +1,8 @@
-"""The tokenizer's parts on real MovieLens embeddings: RQ-Kmeans, BPE, n-grams, alignment."""
+"""The tokenizer's parts on real MovieLens embeddings: RQ-Kmeans, BPE, n-grams, alignment; the manifest helper."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tokenizer_fixtures import fitted_tokenizer, tok_embeddings, tok_subset  # noqa: F401 (fixtures)
 
 
 # --- RQ-Kmeans ---------------------------------------------------------------------------------
@@ -206,3 +204,100 @@ def test_projector_starts_as_identity(tok_embeddings):
 
     out = ResidualProjector(384, 64).project(tok_embeddings[:20])
     np.testing.assert_allclose(out, tok_embeddings[:20], atol=1e-6)
+
+
+# --- manifest (tokenizer/manifest.py) ----------------------------------------------------------
+def _sealed_dir(tmp_path, **extra):
+    from tokenizer.manifest import seal
+
+    d = tmp_path / "sealed"
+    d.mkdir()
+    (d / "a.bin").write_bytes(b"alpha")
+    (d / "b.json").write_bytes(b"{}")
+    return d, seal(d, extra=extra or None)
+
+
+def test_manifest_seal_then_verify(tmp_path):
+    import hashlib
+    import json
+
+    from tokenizer.manifest import MANIFEST, read_manifest, read_verified, sha256_file, verify
+
+    d, written = _sealed_dir(tmp_path, format="x", format_version=1)
+    assert written == read_manifest(d) == verify(d, exact=True, required=["a.bin"])
+    assert written["files"] == {"a.bin": hashlib.sha256(b"alpha").hexdigest(), "b.json": sha256_file(d / "b.json")}
+    assert (written["format"], written["format_version"]) == ("x", 1)
+    raw = (d / MANIFEST).read_text()
+    assert raw.endswith("}\n") and json.loads(raw) == written  # sorted keys, one trailing newline
+    assert read_verified(d, written, ["b.json", "a.bin"]) == {"b.json": b"{}", "a.bin": b"alpha"}
+
+
+def test_manifest_errors_name_what_failed(tmp_path):
+    from tokenizer.manifest import (
+        MANIFEST,
+        DigestMismatch,
+        FileMissing,
+        FilesDiffer,
+        ManifestError,
+        ManifestMissing,
+        ManifestUnreadable,
+        NotListed,
+        read_verified,
+        remove_manifest,
+        verify,
+    )
+
+    d, written = _sealed_dir(tmp_path)
+    with pytest.raises(NotListed) as e:
+        verify(d, required=["a.bin", "c.bin", "d.bin"])
+    assert e.value.names == ["c.bin", "d.bin"]
+    (d / "extra").write_bytes(b"")
+    verify(d)  # not exact: an unlisted file is tolerated
+    with pytest.raises(FilesDiffer) as e:
+        verify(d, exact=True)
+    assert e.value.names == ["extra"]
+    (d / "a.bin").write_bytes(b"alphA")
+    with pytest.raises(DigestMismatch, match="a.bin") as e:
+        verify(d)
+    assert (e.value.name, e.value.path) == ("a.bin", d / "a.bin")
+    with pytest.raises(DigestMismatch):
+        read_verified(d, written, ["a.bin"])
+    (d / "b.json").unlink()
+    with pytest.raises(FileMissing) as e:
+        read_verified(d, written, ["b.json"])
+    assert e.value.name == "b.json"
+    (d / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(ManifestUnreadable, match="JSON object"):
+        verify(d)
+    (d / MANIFEST).write_text('{"files": ')
+    with pytest.raises(ManifestUnreadable) as e:
+        verify(d)
+    assert e.value.detail and e.value.path == d / MANIFEST
+    remove_manifest(d)
+    with pytest.raises(ManifestMissing):
+        verify(d)
+    remove_manifest(d)  # idempotent
+    assert all(issubclass(c, ManifestError) for c in (NotListed, FilesDiffer, DigestMismatch, FileMissing,
+                                                       ManifestUnreadable, ManifestMissing))
+
+
+def test_manifest_fsync_dir_best_effort(tmp_path):
+    from tokenizer.manifest import fsync_dir, fsync_file
+
+    fsync_dir(tmp_path)
+    (tmp_path / "f").write_bytes(b"x")
+    fsync_file(tmp_path / "f")
+    with pytest.raises(OSError):
+        fsync_dir(tmp_path / "nope")
+    fsync_dir(tmp_path / "nope", best_effort=True)  # compaction's mode: a failing fsync is not an error
+
+
+def test_manifest_module_imports_nothing_of_the_project():
+    """tokenizer/ is the bottom layer: trainer/ and streams/ import this module, never the reverse."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tokenizer.manifest, tokenizer.artifact, tokenizer.hybrid; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'streams', 'trainer', 'trm'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

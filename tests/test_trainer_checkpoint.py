@@ -4,10 +4,17 @@ import json
 import pytest
 import torch
 
-from trainer_fixtures import featurizer, joined_frame, small_config
-
-from trainer.checkpoint import (CheckpointError, ModelPublisher, TrainState, load_checkpoint, load_latest,
-                                read_pointer, save_checkpoint, verify)
+from tests.trainer_fixtures import featurizer, joined_frame, small_config
+from trainer.checkpoint import (
+    CheckpointError,
+    ModelPublisher,
+    TrainState,
+    load_checkpoint,
+    load_latest,
+    read_pointer,
+    save_checkpoint,
+    verify,
+)
 from trainer.learner import Learner, LearnerConfig
 
 NAMES = ["trm", "id", "gen_only", "two_gram", "prefix_ngram"]
@@ -106,3 +113,16 @@ def test_pointer_ignores_partial_writes_and_publisher_versions(tmp_path):
     assert pub.maybe_publish(p4, 4).name == "v4"
     assert read_pointer(tmp_path / "models").name == "v4"
     assert len(list(ck.glob("ckpt-*"))) == 3  # older checkpoints pruned
+
+
+def test_unreadable_manifest_and_published_digests(tmp_path):
+    """A truncated manifest is a CheckpointError; a published version keeps the checkpoint's digests."""
+    cfg, _ = batches(0)
+    lr = Learner(["gen_only"], cfg)
+    path = save_checkpoint(tmp_path / "ckpt", lr.models, lr.optimizers, TrainState(step=1))
+    ck_manifest = verify(path)
+    v1 = ModelPublisher(tmp_path / "models", every=1).publish(path, 1)
+    assert verify(v1)["files"] == {k: d for k, d in ck_manifest["files"].items() if not k.startswith("optim.")}
+    (path / "manifest.json").write_text('{"files": {')
+    with pytest.raises(CheckpointError, match="manifest.json is not valid JSON .*: tampered or truncated"):
+        verify(path)

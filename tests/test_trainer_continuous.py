@@ -4,12 +4,11 @@ import json
 import pytest
 import torch
 
-from trainer_fixtures import event_stream, featurizer, make_repo, small_config
-
+from tests.trainer_fixtures import event_stream, featurizer, make_repo, small_config
 from trainer.checkpoint import read_pointer, read_state
-from trainer.continuous import ContinuousTrainer, TrainerCrash, run_events
-from trainer.dataset import FeastJoiner
 from trainer.learner import Learner, LearnerConfig
+from trainer.pit_join import FeastJoiner
+from trainer.prequential import ContinuousTrainer, TrainerCrash, run_events
 
 pytestmark = pytest.mark.integration
 NAMES = ["trm", "id", "gen_only", "two_gram", "prefix_ngram"]

@@ -6,8 +6,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from trainer_fixtures import L, K, TOKENIZER_VERSION, event_stream, make_repo
-
+from tests.trainer_fixtures import TOKENIZER_VERSION, K, L, event_stream, make_repo
 from trainer.metrics import DAY, UNSEEN, age_bucket, gauc, summarize
 
 

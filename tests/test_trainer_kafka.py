@@ -2,24 +2,15 @@
 and a trainer killed mid-stream resumes without skipping (or double-training) events."""
 import pytest
 
-from tests.streams_fixtures import broker, kafka_config  # noqa: F401 (fixtures)
-from trainer_fixtures import event_stream, featurizer, make_repo, small_config
-
+from tests.trainer_fixtures import event_stream, featurizer, make_repo, publish, small_config
 from trainer.checkpoint import read_pointer, read_state
-from trainer.continuous import ContinuousTrainer, TrainerCrash, follow_sync
-from trainer.dataset import FeastJoiner
+from trainer.kafka_source import follow_sync
 from trainer.learner import Learner, LearnerConfig
+from trainer.pit_join import FeastJoiner
+from trainer.prequential import ContinuousTrainer, TrainerCrash
 
 pytestmark = pytest.mark.integration
 N = 300
-
-
-def publish(cfg, events):
-    from streams.events import InteractionEvent
-    from streams.publisher import publish_kind
-
-    evs = [InteractionEvent(f"r{i}", e.user_id, e.item_id, e.label, e.event_time) for i, e in enumerate(events)]
-    publish_kind(cfg, "interactions", evs, progress=False)
 
 
 def make(joiner, ck, fail_at=None):
@@ -70,7 +61,7 @@ def test_follow_waits_for_the_feature_workers(kafka_config, tmp_path):  # noqa: 
 
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from trainer.continuous import follow
+    from trainer.kafka_source import follow
 
     stream = event_stream(120)
     joiner = FeastJoiner(str(make_repo(tmp_path, stream)))

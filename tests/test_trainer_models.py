@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer_fixtures import K, L, featurizer, joined_frame, small_config
-
+from tests.trainer_fixtures import K, L, featurizer, joined_frame, small_config
 from trainer.models import MODEL_NAMES, TRM, build_model, count_params, semi_causal_mask
 from trainer.models.backbone import token_mix
 from trainer.models.embedding import GenTokenEmbedding

@@ -1,9 +1,8 @@
 """Point-in-time joins through a real Feast repo: future values and the event's own label never leak."""
 import pytest
 
-from trainer_fixtures import T0, TOKENIZER_VERSION, Event, event_stream, feature_rows, item_tokens, make_repo
-
-from trainer.dataset import entity_frame, events_frame, historical_features
+from tests.trainer_fixtures import T0, TOKENIZER_VERSION, Event, event_stream, feature_rows, item_tokens, make_repo
+from trainer.pit_join import entity_frame, events_frame, historical_features
 
 pytestmark = pytest.mark.integration
 
@@ -16,6 +15,7 @@ def stream():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, stream):
     from feast import FeatureStore
+
     from streams.feast_sink import FeastSink
 
     repo = make_repo(tmp_path_factory.mktemp("pit"), stream)

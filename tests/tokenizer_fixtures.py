@@ -32,7 +32,7 @@ def subset_config():
 
 @lru_cache(maxsize=1)
 def dataset():
-    from trm.data import load_movielens
+    from streams.movielens import load_movielens
 
     return load_movielens(DATA)
 

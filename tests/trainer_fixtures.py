@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from trainer.batch import Featurizer
+from trainer.featurizer import Featurizer
 from trainer.models import RankerConfig
 
 L, K = 3, 16
@@ -118,3 +118,12 @@ def joined_frame(n: int = 64, seed: int = 0, null_every: int = 5) -> pd.DataFram
 
 def featurizer(cfg: RankerConfig) -> Featurizer:
     return Featurizer.for_config(cfg, TOKENIZER_VERSION)
+
+
+def publish(cfg, events):
+    """Publish `events` as InteractionEvents to the interactions topic (acknowledged)."""
+    from streams.contract.events import InteractionEvent
+    from streams.publisher import publish_kind
+
+    evs = [InteractionEvent(f"r{i}", e.user_id, e.item_id, e.label, e.event_time) for i, e in enumerate(events)]
+    publish_kind(cfg, "interactions", evs, progress=False)

@@ -2,6 +2,8 @@
 
 Modules, one concept each: `encoder` (frozen MiniLM), `alignment` (collaborative projection),
 `rq_kmeans` (gen-tokens), `bpe` (mem-tokens), `ngrams` (comparison tokenizations), `hybrid`
-(the fitted whole and its artifact), `cli` (`trm tokenizer ...`). Nothing heavy is imported here,
-so `import tokenizer.cli` stays cheap for `trm --help`.
+(the fitted whole: fit and encode), `artifact` (its versioned, checksummed directory: save and
+load), `manifest` (the sha256-manifest helper the trainer's checkpoints share), `errors` (the
+`TokenizerError` root). The bottom layer: it imports nothing of the project's other packages
+(the `trm tokenizer` command lives in trm/cli/tokenizer.py). Nothing heavy is imported here.
 """

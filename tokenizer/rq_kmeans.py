@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokenizer.errors import TokenizerError
 
 ASSIGN_MODES = ("cosine", "l2")
 
 
-class QuantizerError(ValueError):
+class QuantizerError(TokenizerError):
     """Bad input to the residual quantizer (shape, count or an unfitted codebook)."""
 
 

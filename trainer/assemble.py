@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .batch import Featurizer
+from .featurizer import Featurizer
 from .models import MODEL_NAMES, RankerConfig
 
 
@@ -36,9 +36,9 @@ def build_trainer(repo: str | Path, tok: TokenizerInfo, checkpoint_dir: str | Pa
                   checkpoint_every: int = 1, keep_predictions: bool = False, journal_path: str | Path | None = None):
     """A ContinuousTrainer over the Feast repo at `repo` training `models` on the same joined batches."""
     from .checkpoint import ModelPublisher
-    from .continuous import ContinuousTrainer
-    from .dataset import FeastJoiner
     from .learner import Learner, LearnerConfig
+    from .pit_join import FeastJoiner
+    from .prequential import ContinuousTrainer
 
     cfg = RankerConfig(num_levels=tok.num_levels, codebook_size=tok.codebook_size, **(config or {}))
     lcfg = LearnerConfig(**(learner or {}))

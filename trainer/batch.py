@@ -1,29 +1,14 @@
-"""Joined Feast rows -> padded tensors, one `Batch` for every model.
+"""The padded model inputs every ranker reads: one `Batch` per joined micro-batch.
 
-Missing features arrive as null/NaN. An item with no usable tokens (not yet tokenized, wrong
-length, out-of-range ids, or another tokenizer version) is still scored: it gets the per-level
-"unknown" gen-tokens and an empty wide side, and is counted in `FeaturizeStats`.
+Built by `trainer.featurizer.Featurizer` from the point-in-time joined Feast rows; each model
+sees only the fields in its `inputs` (`Batch.select`), so a baseline cannot read what it must not.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
 
-import numpy as np
-import pandas as pd
 import torch
-
-from .models.config import RankerConfig
-
-STAT_COLUMNS = ("user_n_events", "user_n_positives", "item_n_interactions", "item_n_positives")
-FEATURES = (  # Feast feature references the trainer reads (docs/contracts.md)
-    "item_tokens:gen_tokens", "item_tokens:mem_tokens", "item_tokens:tokenizer_version",
-    "item_tokens:created_at", "item_tokens:retired",
-    "user_history:hist_gen_tokens", "user_history:hist_item_ids",
-    "user_history:user_n_events", "user_history:user_n_positives",
-    "item_stats:item_n_interactions", "item_stats:item_n_positives",
-)
 
 
 @dataclass
@@ -52,117 +37,3 @@ class Batch:
     def slice(self, sl: slice) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
                                 if getattr(self, f.name) is not None})
-
-
-@dataclass
-class FeaturizeStats:
-    rows: int = 0
-    unknown_item: int = 0  # no usable tokens: scored with the unknown token
-    stale_version: int = 0  # tokens from another tokenizer version (subset of unknown_item)
-    retired: int = 0
-    no_history: int = 0
-
-    def add(self, other: "FeaturizeStats") -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-def _ints(v) -> list[int] | None:
-    """A Feast array cell as a list of ints; None for null/NaN."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    return [int(x) for x in v]
-
-
-def _pad(rows: list[list[int]], width: int, keep: str = "head") -> torch.Tensor:
-    out = np.full((len(rows), width), -1, dtype=np.int64)
-    for i, r in enumerate(rows):
-        r = r[:width] if keep == "head" else r[-width:] if r else r
-        out[i, :len(r)] = r
-    return torch.from_numpy(out)
-
-
-@dataclass
-class Featurizer:
-    """Turns a joined frame into a `Batch` under one tokenizer geometry and version."""
-
-    num_levels: int
-    codebook_size: int
-    hist_len: int = 20
-    max_wide: int = 8
-    tokenizer_version: str | None = None  # rows with another version are treated as unknown items
-    ngrams: bool = True  # compute two_gram / prefix_ngram (tokenizer.ngrams) for those baselines
-    _ngram_fns: tuple[Callable, Callable] | None = field(default=None, repr=False)
-    _ngram_cache: dict = field(default_factory=dict, repr=False)  # gen tuple -> (two_gram, prefix_ngram)
-
-    @classmethod
-    def for_config(cls, cfg: RankerConfig, tokenizer_version: str | None = None, ngrams: bool = True) -> "Featurizer":
-        return cls(cfg.num_levels, cfg.codebook_size, cfg.hist_len, cfg.max_wide, tokenizer_version, ngrams)
-
-    def _ngram_functions(self) -> tuple[Callable, Callable]:
-        if self._ngram_fns is None:
-            from tokenizer.ngrams import prefix_ngram, two_gram  # comparison tokenizations (contract)
-            self._ngram_fns = (two_gram, prefix_ngram)
-        return self._ngram_fns
-
-    def _valid_gen(self, gen: list[int] | None) -> bool:
-        L, K = self.num_levels, self.codebook_size
-        return gen is not None and len(gen) == L and all(l * K <= g < (l + 1) * K for l, g in enumerate(gen))
-
-    def __call__(self, df: pd.DataFrame) -> tuple[Batch, FeaturizeStats]:
-        L, K, H = self.num_levels, self.codebook_size, self.hist_len
-        n = len(df)
-        st = FeaturizeStats(rows=n)
-        unknown = [L * K + l for l in range(L)]
-        col = lambda c: df[c].tolist() if c in df.columns else [None] * n  # noqa: E731
-        gens, mems, known = [], [], []
-        versions = col("tokenizer_version")
-        for g, m, v in zip(col("gen_tokens"), col("mem_tokens"), versions):
-            g = _ints(g)
-            ok = self._valid_gen(g)
-            if ok and self.tokenizer_version is not None and v != self.tokenizer_version:
-                ok = False
-                st.stale_version += 1
-            known.append(ok)
-            gens.append(g if ok else unknown)
-            mems.append((_ints(m) or []) if ok else [])
-        st.unknown_item = n - sum(known)
-        st.retired = sum(1 for r in col("retired") if r is True or r == 1)
-
-        hist_gen = np.full((n, H, L), -1, dtype=np.int64)
-        for i, h in enumerate(col("hist_gen_tokens")):
-            h = _ints(h) or []
-            h = h[len(h) % L:]  # whole items only
-            items = np.asarray(h, dtype=np.int64).reshape(-1, L)[-H:]
-            hist_gen[i, :len(items)] = items
-        hist_ids = _pad([_ints(h) or [] for h in col("hist_item_ids")], H, keep="tail")
-        st.no_history = int((hist_gen[:, 0, 0] < 0).sum())
-
-        stats = np.zeros((n, len(STAT_COLUMNS)), dtype=np.float32)
-        for j, c in enumerate(STAT_COLUMNS):
-            if c in df.columns:
-                stats[:, j] = np.log1p(pd.to_numeric(df[c], errors="coerce").fillna(0).clip(lower=0).to_numpy(np.float32))
-
-        batch = Batch(
-            label=torch.tensor(df["label"].to_numpy(np.float32)),
-            known=torch.tensor(known, dtype=torch.bool),
-            stats=torch.from_numpy(stats),
-            gen=torch.tensor(gens, dtype=torch.int64).view(n, L),
-            mem=_pad(mems, self.max_wide),
-            hist_gen=torch.from_numpy(hist_gen),
-            item_id=torch.tensor(df["item_id"].to_numpy(np.int64)),
-            hist_ids=hist_ids,
-        )
-        if self.ngrams:
-            grams = [self._ngrams(g) if k else ([], []) for g, k in zip(gens, known)]
-            batch.two_gram = _pad([g[0] for g in grams], self.max_wide)
-            batch.prefix_ngram = _pad([g[1] for g in grams], self.max_wide)
-        return batch, st
-
-    def _ngrams(self, gen: list[int]) -> tuple[list[int], list[int]]:
-        key = tuple(gen)
-        hit = self._ngram_cache.get(key)
-        if hit is None:
-            two, prefix = self._ngram_functions()
-            hit = self._ngram_cache[key] = (list(two(gen)), list(prefix(gen)))
-        return hit

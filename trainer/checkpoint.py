@@ -5,10 +5,12 @@ a complete checkpoint or none. It holds every model (safetensors), every optimiz
 tensors only, loaded with weights_only=True), the torch RNG state, the consumed offsets, the
 tokenizer version and the step, plus a manifest of sha256 digests checked on load.
 `LATEST` (a one-line pointer replaced with os.replace) names the newest complete one.
+
+Hashing, fsync and the manifest itself are tokenizer/manifest.py's (shared with the tokenizer
+artifact); this module keeps the checkpoint's layout, its failpoints and its error messages.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,12 +21,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from trm.failpoints import failpoint
+from streams.failpoints import failpoint
+from tokenizer import manifest as mf
+from tokenizer.manifest import MANIFEST, fsync_dir, fsync_file
+from trainer.errors import TrainerError
 
-MANIFEST, STATE, POINTER = "manifest.json", "state.json", "LATEST"
+STATE, POINTER = "state.json", "LATEST"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TrainerError, RuntimeError):
     """A checkpoint is missing, incomplete, tampered with, or does not fit the models."""
 
 
@@ -37,34 +42,13 @@ class TrainState:
     extra: dict = field(default_factory=dict)  # model config, model names, ...
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_pointer(root: Path, target: str) -> None:
     """Atomically point root/LATEST at `target` (a directory name inside root)."""
     tmp = root / f".{POINTER}.{os.getpid()}.tmp"
     tmp.write_text(target + "\n")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, root / POINTER)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def remove_stale_temps(root: str | Path) -> list[str]:
@@ -95,34 +79,25 @@ def read_pointer(root: str | Path) -> Path | None:
     return root / name
 
 
-def _seal(tmp: Path) -> None:
-    """fsync every file and write the manifest of their digests."""
-    files = sorted(p for p in tmp.iterdir() if p.is_file())
-    for p in files:
-        _fsync_file(p)
-    manifest = {"files": {p.name: _sha256(p) for p in files}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
-
-
 def verify(path: str | Path) -> dict:
-    """Check the manifest against the files; returns the manifest or raises CheckpointError."""
+    """Check the manifest against the files; returns the manifest or raises CheckpointError.
+
+    Exact: a file the manifest does not list is refused too, so nothing rides along unverified.
+    """
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
+        return mf.verify(path, exact=True)
+    except mf.ManifestMissing:
         raise CheckpointError(f"{path}: no {MANIFEST}; not a complete checkpoint") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}/{MANIFEST} is not valid JSON ({exc}): tampered or truncated") from None
-    expected = manifest.get("files", {})
-    present = {p.name for p in path.iterdir() if p.is_file()} - {MANIFEST}
-    if present != set(expected):
-        raise CheckpointError(f"{path}: files {sorted(present ^ set(expected))} differ from the manifest")
-    for name, digest in expected.items():
-        if _sha256(path / name) != digest:
-            raise CheckpointError(f"{path}/{name}: sha256 does not match the manifest; the file was modified")
-    return manifest
+    except mf.ManifestUnreadable as exc:
+        raise CheckpointError(f"{path}/{MANIFEST} is not valid JSON ({exc.detail}): tampered or truncated") from None
+    except mf.FilesDiffer as exc:
+        raise CheckpointError(f"{path}: files {exc.names} differ from the manifest") from None
+    except mf.DigestMismatch as exc:
+        raise CheckpointError(f"{path}/{exc.name}: sha256 does not match the manifest; "
+                              "the file was modified") from None
+    except mf.ManifestError as exc:  # e.g. a listed file deleted while it was being checked
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def save_checkpoint(root: str | Path, models: dict[str, torch.nn.Module],
@@ -139,12 +114,12 @@ def save_checkpoint(root: str | Path, models: dict[str, torch.nn.Module],
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         failpoint("trainer.mid_checkpoint")  # weights written, state and manifest not yet
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=1, sort_keys=True))
-        _seal(tmp)
+        mf.seal(tmp)  # fsync every file, then write the manifest of their digests last
         final = root / f"ckpt-{state.step:09d}"
         if final.exists():  # a replayed step after a crash: the new one replaces it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         failpoint("trainer.before_pointer")  # complete checkpoint in place, LATEST still names the previous one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,14 +195,16 @@ class ModelPublisher:
                     continue
                 shutil.copy2(f, tmp / f.name)
             failpoint("trainer.mid_publish")  # version copied under its temporary name, not renamed
+            # the checkpoint's digests, less the optimizers': the copies are checked against the
+            # originals' hashes, not re-hashed (a bad copy then fails verify instead of being sealed)
             manifest = json.loads((tmp / MANIFEST).read_text())
-            manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("optim.")}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            files = {k: v for k, v in manifest["files"].items() if not k.startswith("optim.")}
             for f in tmp.iterdir():
-                _fsync_file(f)
-            _fsync_dir(tmp)
+                if f.name != MANIFEST:
+                    fsync_file(f)
+            mf.write_manifest(tmp, files, extra={k: v for k, v in manifest.items() if k != "files"})
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         write_pointer(self.root, final.name)
         self.last_published = step
         versions = sorted(self.root.glob("v*"), key=lambda p: int(p.name[1:]))

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .batch import Featurizer
 from .checkpoint import load_checkpoint, read_pointer, read_state
+from .featurizer import Featurizer
 from .metrics import plot_results, results_table, summarize
 from .models import RankerConfig, build_model
 
@@ -71,7 +71,7 @@ def evaluate(repo: str | Path, checkpoint: str | Path, events: pd.DataFrame, fit
 
     With `out_dir`: writes metrics.json, scores.parquet and auc_by_age.png there.
     """
-    from .dataset import FeastJoiner
+    from .pit_join import FeastJoiner
 
     models, cfg, info = load_models(checkpoint)
     need_ngrams = any(n in ("two_gram", "prefix_ngram") for n in models)
@@ -93,7 +93,7 @@ def evaluate(repo: str | Path, checkpoint: str | Path, events: pd.DataFrame, fit
 
 def window_events(data_dir: str | Path, start: float | None, end: float | None) -> pd.DataFrame:
     """Labelled MovieLens events with start <= event_time < end; values in [0, 1] are time quantiles."""
-    from trm.data import load_movielens
+    from streams.movielens import load_movielens
 
     ds = load_movielens(data_dir)
     to_t = lambda v, default: default if v is None else (ds.time_quantile(v) if 0 <= v <= 1 else int(v))  # noqa: E731

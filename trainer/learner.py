@@ -3,7 +3,8 @@
 Every batch is first scored by every model in eval mode (those scores are the prequential
 metrics: the model has not trained on these rows yet), then each model takes its optimizer
 steps on it. Models share the global torch RNG in a fixed order, so a run restored from a
-checkpoint (which saves the RNG) continues bit-identically.
+checkpoint (which saves the RNG) continues bit-identically. The protocol around it (join,
+featurize, score, train, checkpoint, the reported metrics) is trainer/prequential.py.
 """
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ Order of work, each step finished before the next starts unless stated:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -25,12 +24,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trm import DEFAULT_DATA_DIR
-
-MODELS = ("trm", "id", "gen_only", "two_gram", "prefix_ngram", "trm_no_ntp")  # last: the NTP ablation
+from trm.demo import MODELS, DemoError
 
 
 @dataclass
@@ -48,10 +46,6 @@ class DemoConfig:
     freshness_probes: int = 200
     timeout_s: float = 900.0
     trainer: dict = field(default_factory=dict)  # RankerConfig overrides
-
-
-class DemoError(RuntimeError):
-    """A clear, user-facing failure (port taken, malformed data, a part that died)."""
 
 
 class Processes:
@@ -109,84 +103,19 @@ def fit_tokenizer(cfg: DemoConfig, before, cutoff: int, console):
     return tok
 
 
-def measure_freshness(kafka, repo: Path, next_id: int, n: int, rate_per_s: float) -> list[float]:
-    """Publish `n` new items at `rate_per_s`; ms from send to visible in the online store, each."""
-    from streams.events import ItemEvent
-    from streams.feast_sink import FeastSink
-    from streams.publisher import make_producer
-    from streams.codec import AvroCodec
-
-    sink, codec, producer = FeastSink(repo), AvroCodec(), make_producer(kafka, linger_ms=0)
-    sent: dict[int, float] = {}
-    seen: dict[int, float] = {}
-    now = int(time.time())
-    try:
-        for k in range(n):
-            iid = next_id + k
-            ev = ItemEvent(iid, f"Freshness probe {k}", f"Freshness probe {k}. Genres: Documentary",
-                           ["Documentary"], now, now)
-            producer.send(kafka.topic("items"), key=str(iid).encode(), value=codec.encode(ev.to_record(), "ItemEvent"))
-            producer.flush()
-            sent[iid] = time.perf_counter()
-            _poll_online(sink, sent, seen)
-            time.sleep(1.0 / rate_per_s)
-        deadline = time.monotonic() + 30
-        while len(seen) < len(sent) and time.monotonic() < deadline:
-            _poll_online(sink, sent, seen)
-            time.sleep(0.01)
-    finally:
-        producer.close(timeout=5)
-    if len(seen) < len(sent):
-        raise DemoError(f"{len(sent) - len(seen)} freshness probes never reached the online store in 30 s")
-    return [(seen[i] - sent[i]) * 1000 for i in sent]
-
-
-def _poll_online(sink, sent: dict[int, float], seen: dict[int, float]) -> None:
-    pending = [i for i in sent if i not in seen]
-    if not pending:
-        return
-    rows = sink.read_online("item_tokens", pending, ["tokenizer_version"])
-    t = time.perf_counter()
-    for i, r in rows.items():
-        if r.get("tokenizer_version"):
-            seen[i] = t
-
-
-def raw_consume_rate(kafka, topic: str, n: int) -> float:
-    """Messages/s of a bare aiokafka consumer reading `n` messages of `topic` from the start."""
-    import asyncio
-
-    from aiokafka import AIOKafkaConsumer
-
-    async def run() -> float:
-        c = AIOKafkaConsumer(kafka.topic(topic), auto_offset_reset="earliest", enable_auto_commit=False,
-                             group_id=None, **kafka.aiokafka_kwargs())
-        await c.start()
-        try:
-            got, t0 = 0, None
-            while got < n:
-                data = await c.getmany(timeout_ms=1000, max_records=10000)
-                if not data:
-                    break
-                t0 = t0 or time.perf_counter()
-                got += sum(len(v) for v in data.values())
-            return got / (time.perf_counter() - t0) if t0 else 0.0
-        finally:
-            await c.stop()
-
-    return asyncio.run(run())
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from streams.broker import BrokerError, EmbeddedBroker, create_topics, port_in_use
+    from streams.broker import BrokerError, EmbeddedBroker, port_in_use
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import create_topics
     from streams.feature_repo_tools import materialize_repo
+    from streams.kafka_config import KafkaConfig
+    from streams.movielens import DataError, load_movielens
     from streams.publisher import publish_kind
-    from streams.events import InteractionEvent, ItemEvent
-    from trm.config import KafkaConfig
-    from trm.data import DataError, load_movielens
+    from trm.demo.probes import measure_freshness, raw_consume_rate
+    from trm.demo.report import _json_default, build_report, print_summary, write_markdown
 
     console = Console() if sys.stdout.isatty() else Console(width=160)  # a log file gets the whole table
     t_start = time.perf_counter()
@@ -308,8 +237,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int, cutoff: int, tok,
                    stop: threading.Event) -> dict:
     """The continuous trainer on a thread of this process: follow the interactions topic."""
+    from streams.contract.topics import DEFAULT_WORKER_GROUPS
     from trainer.assemble import TokenizerInfo, build_trainer
-    from trainer.continuous import follow_sync
+    from trainer.kafka_source import follow_sync
 
     result: dict = {"done": threading.Event()}
     info = TokenizerInfo(tok.num_levels, tok.codebook_size, tok.version, cutoff)
@@ -324,7 +254,7 @@ def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int,
             t = time.perf_counter()
             result["events"] = follow_sync(tr, kafka, group_id="trm-demo-trainer", batch_size=cfg.batch_size,
                                            max_events=n_events, idle_timeout_s=None,
-                                           feature_group="trm-worker-interactions", feature_wait_s=cfg.timeout_s)
+                                           feature_group=DEFAULT_WORKER_GROUPS.interactions, feature_wait_s=cfg.timeout_s)
             result["wall_s"] = time.perf_counter() - t
         except BaseException as exc:  # surfaced by the main thread
             result["error"] = exc
@@ -333,147 +263,3 @@ def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int,
 
     threading.Thread(target=run, name="trm-demo-trainer", daemon=True).start()
     return result
-
-
-def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, fresh, raw, pub_items, pub_inter,
-                 out: Path) -> dict:
-    import numpy as np
-
-    from trainer.metrics import plot_curves, plot_results, summarize
-
-    preds = tr.prediction_frame()
-    preds.to_parquet(out / "trainer" / "predictions.parquet")  # every prequential score, for re-analysis
-    after = preds[preds["event_time"] >= cutoff]
-    counts = tr.learner.param_counts()
-    models, summ = {}, {}
-    for name in cfg.models:
-        s = summ[name] = summarize(after, f"score_{name}", fit_cutoff=cutoff)
-        dense, sparse = counts[name]
-        models[name] = {"auc": s["auc"], "gauc": s["gauc"], "logloss": s["logloss"], "n": s["n"],
-                        "auc_by_item_age": s["by_age"], "dense_params": dense, "sparse_params": sparse}
-    plot_results(summ, str(out / "auc_by_item_age.png"))
-    plot_curves(str(out / "trainer" / "prequential.jsonl"), str(out / "prequential_auc.png"))
-    items_s = len(ds.items) / (marks["items"] - t_pub) if "items" in marks else None
-    inter_s = len(ds.interactions) / (marks["interactions"] - t_inter) if "interactions" in marks else None
-    t = tr.timings
-    return {
-        "data": str(cfg.data), "cutoff": cutoff, "tokenizer_version": tok.version,
-        "tokenizer": {k: tok.fit_report.get(k) for k in ("alignment", "rq", "bpe", "timings_s")},
-        "models": models,
-        "throughput": {
-            "encoder_items_per_s": (tok.fit_report.get("encoder") or {}).get("items_per_s"),
-            "pipeline_items_per_s": items_s,
-            "interactions_per_s": inter_s,
-            "raw_consume_per_s": raw,
-            "trainer_examples_per_s": tr.state.events_seen / t.total_s if t.total_s else None,
-            "trainer_join_share": t.join_s / t.total_s if t.total_s else None,
-        },
-        "freshness_ms": {"p50": float(np.percentile(fresh, 50)), "p99": float(np.percentile(fresh, 99)),
-                         "n": len(fresh)},
-        "events": {
-            "items_published": pub_items.sent, "interactions_published": pub_inter.sent,
-            "items_in_fit": sum(1 for i in ds.items.values() if i.created_at < cutoff),
-            "worker": {k: st.get(k) for k in ("items", "interactions")},
-            "trainer_events": tr.state.events_seen, "evaluated_events": len(after),
-            "trainer_unknown_item_rows": tr.fstats.unknown_item,
-        },
-        "stream_wall_s": t_stream,
-    }
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-def _f(x, nd=4) -> str:
-    return "—" if x is None or (isinstance(x, float) and x != x) else f"{x:.{nd}f}"
-
-
-def _age_cols(report: dict) -> list[str]:
-    first = next(iter(report["models"].values()))
-    return list(first["auc_by_item_age"].keys())
-
-
-def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    ages = _age_cols(report)
-    head = ["model", "AUC", "GAUC", "logloss", *[f"AUC {a}" for a in ages], "dense", "sparse"]
-    rows = []
-    for name, m in report["models"].items():
-        rows.append([name, _f(m["auc"]), _f(m["gauc"]), _f(m["logloss"]),
-                     *[_f((m["auc_by_item_age"].get(a) or {}).get("auc")) for a in ages],
-                     f"{m['dense_params']:,}", f"{m['sparse_params']:,}"])
-    return head, rows
-
-
-def print_summary(report: dict, console) -> None:
-    from rich.table import Table
-
-    head, rows = summary_rows(report)
-    t = Table(title="Prequential quality on events after the cutoff (scored before trained on)")
-    for h in head:
-        t.add_column(h, justify="left" if h == "model" else "right")
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
-    tp, fr = report["throughput"], report["freshness_ms"]
-    console.print(f"encoder {_f(tp['encoder_items_per_s'], 0)} items/s · pipeline {_f(tp['pipeline_items_per_s'], 0)} "
-                  f"items/s · interactions {_f(tp['interactions_per_s'], 0)}/s (raw consumer "
-                  f"{_f(tp['raw_consume_per_s'], 0)}/s) · trainer {_f(tp['trainer_examples_per_s'], 0)} examples/s · "
-                  f"freshness p50 {fr['p50']:.0f} ms, p99 {fr['p99']:.0f} ms")
-
-
-def write_markdown(report: dict, path: Path) -> None:
-    head, rows = summary_rows(report)
-    lines = ["# TRM demo report", "",
-             f"Data `{report['data']}`, tokenizer `{report['tokenizer_version']}`, cutoff {report['cutoff']} "
-             f"({time.strftime('%Y-%m-%d', time.gmtime(report['cutoff']))}).", "",
-             "## Prequential quality (events after the cutoff, each scored before it was trained on)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "![AUC by item age](auc_by_item_age.png)", "", "![Prequential AUC](prequential_auc.png)", "",
-              "## Throughput and freshness", "", "```json",
-              json.dumps({"throughput": report["throughput"], "freshness_ms": report["freshness_ms"],
-                          "events": report["events"]}, indent=2, default=_json_default), "```", ""]
-    path.write_text("\n".join(lines))
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="run the whole pipeline on one machine (embedded broker + Feast)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="MovieLens-layout directory")
-    p.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (must be new or empty)")
-    p.add_argument("--cutoff-quantile", type=float, default=0.5, help="tokenizer fit cutoff on the timeline")
-    p.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
-    p.add_argument("--models", default=",".join(MODELS), help="comma list of models to train")
-    p.add_argument("--batch-size", type=int, default=2048, help="trainer micro-batch (events per PIT join)")
-    p.add_argument("--levels", type=int, default=3)
-    p.add_argument("--codebook", type=int, default=256)
-    p.add_argument("--mem-vocab", type=int, default=8192)
-    p.add_argument("--freshness-probes", type=int, default=200)
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds the replay may take")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb/faust chatter, not ours
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # and the worker's
-    cfg = DemoConfig(data=args.data, out=args.out, cutoff_quantile=args.cutoff_quantile, port=args.port,
-                     models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-                     batch_size=args.batch_size, levels=args.levels, codebook=args.codebook,
-                     mem_vocab=args.mem_vocab, freshness_probes=args.freshness_probes, timeout_s=args.timeout)
-    try:
-        run_demo(cfg)
-    except DemoError as exc:
-        print(f"trm demo: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -1,4 +1,4 @@
-"""A local schema registry: schema id -> parsed Avro schema, read from `streams/schemas/`.
+"""A local schema registry: schema id -> parsed Avro schema, read from `streams/contract/schemas/`.
 
 The ids in `registry.json` are what the Confluent framing carries on the wire, so they are
 stable by construction (a file, reviewed like code) rather than assigned by a server. A
@@ -13,10 +13,12 @@ from pathlib import Path
 
 import fastavro
 
+from streams.errors import StreamsError
+
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
-class SchemaNotFound(KeyError):
+class SchemaNotFound(StreamsError, KeyError):
     """A schema id or record name the registry does not know."""
 
 

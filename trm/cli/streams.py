@@ -12,19 +12,19 @@ DEFAULT_DATA = "data/ml-latest-small"
 
 
 def _broker(args) -> int:
-    from .broker import main_broker
+    from streams.broker import main_broker
 
     return main_broker(args.port, prefix_topics=not args.no_topics, storage=args.storage)
 
 
 def _topics(args) -> int:
-    from trm.config import KafkaConfig
-
-    from .broker import BrokerError, create_topics
+    from streams.contract.topics import create_topics
+    from streams.errors import StreamsError
+    from streams.kafka_config import KafkaConfig
 
     try:
         made = create_topics(KafkaConfig.from_env())
-    except BrokerError as exc:
+    except StreamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for t, n in made.items():
@@ -35,11 +35,10 @@ def _topics(args) -> int:
 def _publish(args) -> int:
     from kafka.errors import KafkaError
 
-    from trm.config import KafkaConfig
-    from trm.data import DataError
-
-    from .broker import BrokerError, create_topics
-    from .publisher import PublishError, events_from_file, interaction_events, item_events, publish_kind
+    from streams.contract.topics import create_topics
+    from streams.errors import StreamsError
+    from streams.kafka_config import KafkaConfig
+    from streams.publisher import events_from_file, interaction_events, item_events, publish_kind
 
     config = KafkaConfig.from_env()
     try:
@@ -51,7 +50,7 @@ def _publish(args) -> int:
             events = interaction_events(args.data, args.limit)
         create_topics(config)  # explicit partition counts; never let a metadata request auto-create
         res = publish_kind(config, args.kind, events, speedup=args.speedup, progress=not args.quiet)
-    except (DataError, PublishError, BrokerError, KafkaError) as exc:
+    except (StreamsError, KafkaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"published {res.sent} {args.kind} events to {res.topic} in {res.seconds:.2f} s "
@@ -60,8 +59,7 @@ def _publish(args) -> int:
 
 
 def _worker(args) -> int:
-    from .app import WorkerSettings, run_worker
-
+    from streams.app import WorkerSettings, run_worker
     from trm.config import feast_repo_path, tokenizer_artifact_path
 
     repo = args.repo or os.environ.get("TRM_FEAST_REPO")
@@ -76,7 +74,7 @@ def _worker(args) -> int:
 
 
 def _feast_repo(args) -> int:
-    from .feature_repo_tools import materialize_repo
+    from streams.feature_repo_tools import materialize_repo
 
     repo = materialize_repo(args.out)
     print(f"feature repo applied at {repo}")

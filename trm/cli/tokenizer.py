@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def register(subparsers) -> None:
@@ -82,8 +81,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
 
+    from streams.movielens import DataError, load_movielens
     from tokenizer.hybrid import HybridTokenizer, TokenizerError
-    from trm.data import DataError, load_movielens
 
     console = Console()
     try:
@@ -119,8 +118,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from streams.movielens import DataError, load_movielens
     from tokenizer.hybrid import ArtifactError, HybridTokenizer
-    from trm.data import DataError, load_movielens
 
     console = Console()
     try:
@@ -155,9 +154,3 @@ def cmd_encode(args: argparse.Namespace) -> int:
     console.print(table)
     return 0
 
-
-if __name__ == "__main__":  # `python -m tokenizer.cli ...` without the trm front
-    parser = argparse.ArgumentParser(prog="tokenizer")
-    register(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args()
-    sys.exit(ns.func(ns))

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from streams.errors import StreamsError
+
 PUBLISH_LEAD_S = 60  # an item is published this long before its first rating
 POSITIVE_RATING = 4.0  # rating >= 4 is a positive (label 1), as is common for MovieLens CTR-style tasks
 
 
-class DataError(ValueError):
+class DataError(StreamsError, ValueError):
     """The data directory is missing files or holds malformed rows."""
 
 

@@ -11,13 +11,15 @@ import struct
 
 import fastavro
 
+from streams.errors import StreamsError
+
 from .registry import SchemaRegistry, default_registry
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
 
 
-class DecodeError(ValueError):
+class DecodeError(StreamsError, ValueError):
     """Bytes that are not a valid framed Avro record; the message says why (it becomes the DLQ reason)."""
 
 

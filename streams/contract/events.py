@@ -1,21 +1,21 @@
 """Typed events on the topics (see docs/contracts.md) and their Avro dict forms.
 
+`from_item` / `from_interaction` take any record with the MovieLens loader's fields
+(streams/movielens.py); the contract itself imports no data source.
+
 `from_record` validates what Avro cannot (ids positive, label 0/1, times sane) and raises
 `InvalidEvent` with a reason that the workers put on the dead-letter record.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from trm.data import Interaction, Item
+from streams.errors import StreamsError
 
-ITEMS, INTERACTIONS, ITEM_TOKENS = "items", "interactions", "item_tokens"
-INTERACTIONS_BY_ITEM = "interactions_by_item"  # internal: accepted interactions keyed by item_id
-ITEM_STATS = "item_stats"  # the item-stats agent (consumes INTERACTIONS_BY_ITEM)
 MAX_EPOCH_S = 4_102_444_800  # 2100-01-01: a time past this is a unit mistake (ms or µs sent as s)
 
 
-class InvalidEvent(ValueError):
+class InvalidEvent(StreamsError, ValueError):
     """A decodable event whose content breaks the contract."""
 
 
@@ -35,7 +35,7 @@ class ItemEvent:
     op: str = "upsert"  # upsert | retire
 
     @classmethod
-    def from_item(cls, item: Item, op: str = "upsert", event_time: int | None = None) -> "ItemEvent":
+    def from_item(cls, item, op: str = "upsert", event_time: int | None = None) -> "ItemEvent":
         return cls(item.item_id, item.title, item.text(), list(item.genres), item.created_at,
                    item.created_at if event_time is None else event_time, op)
 
@@ -65,7 +65,7 @@ class InteractionEvent:
     query: str | None = None
 
     @classmethod
-    def from_interaction(cls, it: Interaction, request_id: str | None = None) -> "InteractionEvent":
+    def from_interaction(cls, it, request_id: str | None = None) -> "InteractionEvent":
         rid = request_id or f"{it.user_id}-{it.item_id}-{it.event_time}"
         return cls(rid, it.user_id, it.item_id, it.label, it.event_time)
 
@@ -100,16 +100,3 @@ class ItemTokensEvent:
 
     def to_record(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Counters:
-    """What a worker reports: processed, dead-lettered, parked (waiting for item tokens)."""
-    processed: int = 0
-    dead_lettered: int = 0
-    parked: int = 0
-    skipped: int = 0  # offsets <= the saved high-water mark: applied before a restart
-    duplicates: int = 0  # interactions already applied (same user, item, event time, label): no-ops
-    folded: int = 0  # item-stats: events older than the compaction cutoff, counted in the base
-    batches: int = 0
-    dlq_reasons: dict[str, int] = field(default_factory=dict)

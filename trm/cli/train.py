@@ -8,16 +8,15 @@ DEFAULT_RUN = Path("runs") / "trainer"
 
 
 def _models(value: str) -> list[str]:
-    from .models import MODEL_NAMES
+    from trainer.models import MODEL_NAMES
 
     names = MODEL_NAMES if value == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
     return list(names)
 
 
 def _tokenizer(args):
+    from trainer.assemble import TokenizerInfo, tokenizer_info
     from trm.config import tokenizer_artifact_path
-
-    from .assemble import TokenizerInfo, tokenizer_info
 
     artifact = tokenizer_artifact_path(args.artifact)
     if artifact is not None:
@@ -30,11 +29,11 @@ def _tokenizer(args):
 def _train(args) -> int:
     from rich.console import Console
 
-    from trm.config import KafkaConfig, feast_repo_path
-
-    from .assemble import build_trainer
-    from .continuous import follow_sync, run_events
-    from .models import count_params
+    from streams.kafka_config import KafkaConfig
+    from trainer.assemble import build_trainer
+    from trainer.kafka_source import follow_sync
+    from trainer.prequential import run_events
+    from trm.config import feast_repo_path
 
     console = Console()
     tok = _tokenizer(args)
@@ -56,7 +55,7 @@ def _train(args) -> int:
                            idle_timeout_s=args.idle_timeout if args.idle_timeout > 0 else None,
                            feature_group=args.feature_group or None)
     else:
-        from .evaluate import window_events
+        from trainer.evaluate import window_events
 
         events = window_events(args.data, args.start, args.end)
         done = run_events(tr, list(events.itertuples(index=False)), args.batch_size, max_events=args.max_events)
@@ -69,16 +68,15 @@ def _train(args) -> int:
 
 
 def read_latest(ck: Path) -> str:
-    from .checkpoint import read_pointer
+    from trainer.checkpoint import read_pointer
 
     p = read_pointer(ck)
     return str(p) if p else "none"
 
 
 def _eval(args) -> int:
+    from trainer.evaluate import evaluate, print_results, window_events
     from trm.config import feast_repo_path
-
-    from .evaluate import evaluate, print_results, window_events
 
     events = window_events(args.data, args.start, args.end)
     if events.empty:
@@ -91,6 +89,7 @@ def _eval(args) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from streams.contract.topics import DEFAULT_WORKER_GROUPS, TRAINER_GROUP
     from trm import DEFAULT_DATA_DIR
 
     t = subparsers.add_parser("train", help="train TRM and baselines continuously on point-in-time Feast features")
@@ -120,8 +119,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--backbone", choices=("rankmixer", "transformer"), default=None)
     t.add_argument("--max-events", type=int, default=None)
     t.add_argument("--bootstrap", default=None, help="--follow: Kafka bootstrap (default TRM_KAFKA_BOOTSTRAP)")
-    t.add_argument("--group-id", default="trm-trainer", help="--follow: the trainer's consumer group")
-    t.add_argument("--feature-group", default="trm-worker-interactions",
+    t.add_argument("--group-id", default=TRAINER_GROUP, help="--follow: the trainer's consumer group")
+    t.add_argument("--feature-group", default=DEFAULT_WORKER_GROUPS.interactions,
                    help="--follow: wait until this (streams worker) group committed past a batch ('' : don't)")
     t.add_argument("--idle-timeout", type=float, default=0, help="--follow: stop after this many idle seconds (0: never)")
     t.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="without --follow: MovieLens dir to replay")

@@ -1,0 +1,12 @@
+"""Durable per-partition state of the stateful agents, one SQLite file per input partition:
+
+  store.py         the shared part: open (WAL), `meta`, high-water mark, save transaction, log reset
+  user_history.py  the interaction agent's users: history as tokens, counts, dedup, parking
+  item_counts.py   the item-stats agent's per-item counts (of `interactions_by_item`)
+"""
+from .item_counts import ItemEvents, ItemStatsState
+from .store import DEFAULT_ALLOWED_LATENESS_S, PartitionStore
+from .user_history import Parked, PartitionState, UserHistoryState, UserState, tokens_blob, user_row
+
+__all__ = ["DEFAULT_ALLOWED_LATENESS_S", "ItemEvents", "ItemStatsState", "Parked", "PartitionState",
+           "PartitionStore", "UserHistoryState", "UserState", "tokens_blob", "user_row"]
