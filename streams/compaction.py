@@ -161,6 +161,20 @@ def _merge(inputs: list[Path], out: Path, join_key: str, schema, keep_duplicates
         con.close()
 
 
+def _view_schema(repo, d: Path, view: str):
+    """The view's part-file schema, read from its seed file (materialize_repo writes it from the
+    repo's definitions) — no feast import, so `trm compact` starts in a second; derived from the
+    repo's definitions.py only where no seed file exists."""
+    import pyarrow.parquet as pq
+
+    seed = d / SEED_NAME
+    if seed.is_file():
+        return pq.read_schema(seed).remove_metadata()
+    from .feast_sink import offline_schemas
+
+    return offline_schemas(repo).get(view)
+
+
 def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MIN_FILES,
                  older_than_s: float = DEFAULT_OLDER_THAN_S, keep_duplicates: bool = False,
                  tmp_older_than_s: float = DEFAULT_TMP_OLDER_THAN_S, delete_grace_s: float = DEFAULT_DELETE_GRACE_S,
@@ -170,7 +184,7 @@ def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MI
     Nothing is merged when fewer than `min_files` files qualify. `join_key` defaults to the
     view's entity key (streams.feast_sink.JOIN_KEYS); the output has the view's offline schema.
     """
-    from .feast_sink import JOIN_KEYS, offline_dir, offline_schemas
+    from .feast_sink import JOIN_KEYS, offline_dir
 
     t0 = time.perf_counter()
     res = CompactionResult(view)
@@ -181,7 +195,7 @@ def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MI
     join_key = join_key or JOIN_KEYS.get(view)
     if join_key is None and not keep_duplicates:
         raise KeyError(f"unknown feature view {view!r} (known: {sorted(JOIN_KEYS)}): pass join_key or keep_duplicates")
-    schema = offline_schemas(repo).get(view)
+    schema = _view_schema(repo, d, view)
 
     import fcntl
 
@@ -236,10 +250,10 @@ def compact_repo(repo: str | os.PathLike, views=None, min_files: int = DEFAULT_M
                  older_than_s: float = DEFAULT_OLDER_THAN_S, keep_duplicates: bool = False,
                  tmp_older_than_s: float = DEFAULT_TMP_OLDER_THAN_S, delete_grace_s: float = DEFAULT_DELETE_GRACE_S,
                  progress: bool = False) -> list[CompactionResult]:
-    """`compact_view` for every view of the offline store (default: every view the repo defines)."""
-    from .feast_sink import offline_schemas
+    """`compact_view` for every view of the offline store (default: the project's views)."""
+    from .feast_sink import JOIN_KEYS
 
-    views = list(views or offline_schemas(repo))
+    views = list(views or JOIN_KEYS)
     it = views
     if progress:
         from tqdm import tqdm

@@ -50,7 +50,9 @@ class TokenCache:
                 if not parts:
                     # topics are created up front (create_topics); a missing one means it was not
                     await asyncio.sleep(0.2)
-                    await consumer.topics()  # a fresh metadata request
+                    # aiokafka has no public refresh (`topics()` fills a separate copy, and the
+                    # background refresh waits metadata_max_age_ms, 5 min): force the client's own
+                    await consumer._client.force_metadata_update()
                     parts = None
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)

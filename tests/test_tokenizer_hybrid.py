@@ -133,7 +133,7 @@ def _rewrite(artifact, name: str, data: bytes) -> None:
     mpath = artifact / "manifest.json"
     manifest = json.loads(mpath.read_text())
     manifest["files"][name] = hashlib.sha256(data).hexdigest()
-    from tokenizer.hybrid import _version_of
+    from tokenizer.artifact import version_of as _version_of
 
     manifest["version"] = _version_of(manifest["files"])
     mpath.write_text(json.dumps(manifest))

@@ -19,22 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from tokenizer import artifact
-
-# the artifact's names, re-exported: callers and tests import them from here
-from tokenizer.artifact import (  # noqa: F401
-    ALL_FILES,
-    BPE_FILE,
-    CODEBOOKS_FILE,
-    CONFIG_FILE,
-    ENCODER_FILE,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    PROJECTION_FILE,
-    REPORT_FILE,
-    VERSIONED_FILES,
-)
-from tokenizer.artifact import version_of as _version_of  # noqa: F401  (tests recompute versions with it)
+from tokenizer.artifact import CONFIG_FILE
 from tokenizer.encoder import EMBED_DIM, MODEL_NAME, ContentEncoder
 from tokenizer.errors import ArtifactError, TokenizerError  # noqa: F401  (re-exported: callers catch them here)
 from tokenizer.manifest import sha256_bytes

@@ -139,8 +139,9 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
     workers = WorkerGroups.of_interactions_group(feature_group) if feature_group else None
     if workers is not None:  # the same worker app's item-stats group counts the items
         item_topic = kafka.topic(INTERACTIONS_BY_ITEM)
-        await gate.topics()  # a metadata request: partitions_for_topic answers from it
-        parts = gate.partitions_for_topic(item_topic)
+        # aiokafka has no public metadata refresh: `topics()` answers from a separate copy, so
+        # partitions_for_topic would stay empty on a Kafka that sends only the topics asked for
+        parts = (await gate._client.fetch_all_metadata()).partitions_for_topic(item_topic)
         if parts:
             item_gate = AIOKafkaConsumer(group_id=workers.item_stats, enable_auto_commit=False,
                                          **kafka.aiokafka_kwargs())

@@ -6,7 +6,7 @@
 """
 from .item_counts import ItemEvents, ItemStatsState
 from .store import DEFAULT_ALLOWED_LATENESS_S, PartitionStore
-from .user_history import Parked, PartitionState, UserHistoryState, UserState, tokens_blob, user_row
+from .user_history import Parked, PartitionState, UserState, tokens_blob, user_row
 
 __all__ = ["DEFAULT_ALLOWED_LATENESS_S", "ItemEvents", "ItemStatsState", "Parked", "PartitionState",
-           "PartitionStore", "UserHistoryState", "UserState", "tokens_blob", "user_row"]
+           "PartitionStore", "UserState", "tokens_blob", "user_row"]

@@ -440,5 +440,3 @@ class PartitionState(PartitionStore):
         self._parked_new.clear()
         self._parked_done.clear()
 
-
-UserHistoryState = PartitionState  # what it holds; PartitionState is the name the code has always used

@@ -139,7 +139,6 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 2. tokenizer
     tok = fit_tokenizer(cfg, before, cutoff, console)
-    rep = tok.fit_report
 
     # 3. feature store + broker
     console.print("[bold]3/6[/] feast apply → OUT/feature_repo; starting the embedded broker")
