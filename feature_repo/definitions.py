@@ -63,6 +63,11 @@ user_history = FeatureView(
         Field(name="hist_item_ids", dtype=Array(Int64)),
         Field(name="user_n_events", dtype=Int64),
         Field(name="user_n_positives", dtype=Int64),
+        # the user's last R applied events, positives and negatives, oldest first (R = recent_len):
+        Field(name="recent_item_ids", dtype=Array(Int64)),
+        Field(name="recent_gen_tokens", dtype=Array(Int64)),  # L per event, flattened (-1 x L: not known)
+        Field(name="recent_labels", dtype=Array(Int64)),  # 0/1
+        Field(name="last_event_time", dtype=Int64),  # the user's newest event (epoch s): recency
     ],
     source=user_history_push,
     online=True,
@@ -80,13 +85,15 @@ item_stats = FeatureView(
     online=True,
 )
 
-# The features the rankers read (trainer/featurizer.py READS) and the item age the metrics bucket
-# by (created_at). The trainer fetches this service by name (trainer/pit_join.py FEATURE_SERVICE).
+# The features the rankers read (trainer/featurizer.py READS), the user's recent labelled events
+# and recency (recent_*, last_event_time; for rankers that read them) and the item age the metrics
+# bucket by (created_at). The trainer fetches this service by name (trainer/pit_join.py FEATURE_SERVICE).
 ranker_features = FeatureService(
     name="ranker_features",
     features=[
         item_tokens[["gen_tokens", "mem_tokens", "tokenizer_version", "created_at", "retired"]],
-        user_history[["hist_gen_tokens", "hist_item_ids", "user_n_events", "user_n_positives"]],
+        user_history[["hist_gen_tokens", "hist_item_ids", "user_n_events", "user_n_positives",
+                      "recent_item_ids", "recent_gen_tokens", "recent_labels", "last_event_time"]],
         item_stats[["item_n_interactions", "item_n_positives"]],
     ],
     description="Point-in-time features of the continuous trainer and `trm eval`.",

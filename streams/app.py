@@ -54,6 +54,7 @@ class WorkerSettings:
     agents: tuple[str, ...] = AGENTS
     app_id: str = DEFAULT_WORKER_GROUPS.app_id
     history_len: int = 20
+    recent_len: int = 20  # R: a user's last applied events (positives and negatives) in its row
     pair_window: int = 5
     park_timeout_s: float = 900.0  # generous: a full catalogue replay tokenizes for minutes
     # event-time seconds an interaction may lag the newest one of its partition and still be placed
@@ -112,8 +113,8 @@ class StreamWorker:
         return InteractionProcessor(FeastSink(self.s.repo_path, writer_id=f"interactions-{os.getpid()}"),
                                     self.s.state_dir, self.s.pairs_dir, self.tokens.get,
                                     self.config.topic(INTERACTIONS), history_len=self.s.history_len,
-                                    pair_window=self.s.pair_window, park_timeout_s=self.s.park_timeout_s,
-                                    allowed_lateness_s=self.s.allowed_lateness_s)
+                                    recent_len=self.s.recent_len, pair_window=self.s.pair_window,
+                                    park_timeout_s=self.s.park_timeout_s, allowed_lateness_s=self.s.allowed_lateness_s)
 
     def _make_item_stats_processor(self):
         from .feast_sink import FeastSink

@@ -150,7 +150,8 @@ def _value_proto(v: Any):
 
 class FeastSink:
     """`sink.write("item_tokens", rows)`: rows are dicts with the join key, the features and
-    `event_timestamp` (epoch seconds or datetime). Online and offline are written before it returns."""
+    `event_timestamp` (epoch seconds or datetime); a feature a row lacks is written as null, online
+    and offline alike. Online and offline are written before it returns."""
 
     def __init__(self, repo_path: str | Path, writer_id: str | None = None):
         from feast import FeatureStore
@@ -193,7 +194,7 @@ class FeastSink:
             if cur is None or _ts_key(r["event_timestamp"]) >= _ts_key(cur["event_timestamp"]):
                 latest[r[key]] = r
         data = [(EntityKey(join_keys=[key], entity_values=[Value(int64_val=int(eid))]),
-                 {n: _value_proto(r[n]) for n in names}, to_utc(r["event_timestamp"]), created)
+                 {n: _value_proto(r.get(n)) for n in names}, to_utc(r["event_timestamp"]), created)
                 for eid, r in latest.items()]
         self.provider.online_write_batch(self.store.config, fv, data, None)
 

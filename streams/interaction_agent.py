@@ -1,4 +1,5 @@
-"""Interaction agent: per-user recent positive history *as tokens*, co-like pairs, and the item-keyed
+"""Interaction agent: per-user recent positive history *as tokens*, the user's recent labelled events
+(positives and negatives, with tokens), co-like pairs, and the item-keyed
 repartition of the accepted interactions (`interactions_by_item`, counted by item_stats_agent.py).
 
 What one batch computes (when each effect is written, produced, saved and committed:
@@ -50,7 +51,7 @@ from .dlq import DeadLetter, SourceRecord
 from .pairs import PairWriter
 from .partitioned import PartitionedProcessor
 from .processor import BatchResult
-from .state import DEFAULT_ALLOWED_LATENESS_S, Parked, PartitionState
+from .state import DEFAULT_ALLOWED_LATENESS_S, DEFAULT_RECENT_LEN, Parked, PartitionState
 
 
 def by_item_record(codec: AvroCodec, schema_id: int, uid: int, iid: int, label: int, t: int, src: int,
@@ -68,14 +69,15 @@ class InteractionProcessor(PartitionedProcessor):
 
     def __init__(self, sink, state_dir: str | Path, pairs_dir: str | Path | None,
                  tokens_of: Callable[[int], list[int] | None], topic: str, history_len: int = 20,
-                 pair_window: int = 5, park_timeout_s: float = 300.0, codec: AvroCodec | None = None,
-                 allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S):
+                 recent_len: int = DEFAULT_RECENT_LEN, pair_window: int = 5, park_timeout_s: float = 300.0,
+                 codec: AvroCodec | None = None, allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S):
         self.sink = sink
         self.state_dir = Path(state_dir)
         self.pairs = PairWriter(pairs_dir) if pairs_dir else None
         self.tokens_of = tokens_of
         self.topic = topic
         self.history_len = history_len
+        self.recent_len = recent_len
         self.pair_window = pair_window
         self.park_timeout_s = park_timeout_s
         self.allowed_lateness_s = allowed_lateness_s
@@ -90,7 +92,7 @@ class InteractionProcessor(PartitionedProcessor):
 
     # -- partitions --
     def open_state(self, path: Path) -> PartitionState:
-        return PartitionState(path, self.history_len, self.allowed_lateness_s)
+        return PartitionState(path, self.history_len, self.allowed_lateness_s, recent_len=self.recent_len)
 
     def assign(self, partitions: list[int]) -> None:
         super().assign(partitions)
@@ -155,8 +157,7 @@ class InteractionProcessor(PartitionedProcessor):
                 st.park(Parked(off, r.key, r.value, ev.user_id, ev.item_id, ev.label, t, now))
                 res.parked += 1
                 continue
-            near = st.apply(ev.user_id, ev.item_id, ev.label, t, tokens_of(ev.item_id) if ev.label else None,
-                            users, window)
+            near = st.apply(ev.user_id, ev.item_id, ev.label, t, tokens_of(ev.item_id), users, window)
             if near is not None:
                 _add_pairs(pairs, ev.user_id, ev.item_id, t, near)
             res.applied += 1
@@ -202,8 +203,8 @@ class InteractionProcessor(PartitionedProcessor):
                                            f"after the interaction arrived; user history skipped it "
                                            f"(item counters include it: forwarded when accepted)"))
                 continue
-            near = st.apply(p.user_id, p.item_id, p.label, p.event_time,
-                            self.tokens_of(p.item_id) if p.label else None, changes.users, window, parked=True)
+            near = st.apply(p.user_id, p.item_id, p.label, p.event_time, self.tokens_of(p.item_id), changes.users,
+                            window, parked=True)
             if near is not None:
                 _add_pairs(changes.pairs, p.user_id, p.item_id, p.event_time, near)
             applied += 1

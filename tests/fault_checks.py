@@ -18,7 +18,8 @@ from tests.stream_checks import assert_pit_row, consume_all, reference
 
 PIT_FEATURES = ["user_history:hist_item_ids", "user_history:hist_gen_tokens", "user_history:user_n_events",
                 "user_history:user_n_positives", "item_stats:item_n_interactions", "item_stats:item_n_positives",
-                "item_tokens:gen_tokens"]
+                "item_tokens:gen_tokens", "user_history:recent_item_ids", "user_history:recent_gen_tokens",
+                "user_history:recent_labels", "user_history:last_event_time"]
 
 
 def committed_total(cfg, group: str, topic: str) -> int:

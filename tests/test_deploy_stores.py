@@ -145,17 +145,19 @@ def test_stream_feast_sink_writes_redis_online_and_offline_parts(prod_repo):
     from streams.feast_sink import FeastSink, offline_dir
 
     sink = FeastSink(prod_repo, writer_id="deploy-test")
+    user7 = {"hist_gen_tokens": [1, 9, 17, 2, 10, 18], "hist_item_ids": [11, 12], "user_n_events": 3,
+             "user_n_positives": 2, "recent_item_ids": [13, 11, 12], "recent_gen_tokens": [3, 11, 19, 1, 9, 17, 2, 10, 18],
+             "recent_labels": [0, 1, 1], "last_event_time": 1_700_000_010}
     rows = [
-        {"user_id": 7, "hist_gen_tokens": [1, 9, 17, 2, 10, 18], "hist_item_ids": [11, 12],
-         "user_n_events": 3, "user_n_positives": 2, "event_timestamp": 1_700_000_010},
+        {"user_id": 7, **user7, "event_timestamp": 1_700_000_010},
         {"user_id": 8, "hist_gen_tokens": [], "hist_item_ids": [], "user_n_events": 1,
-         "user_n_positives": 0, "event_timestamp": 1_700_000_020},
+         "user_n_positives": 0, "recent_item_ids": [14], "recent_gen_tokens": [4, 12, 20], "recent_labels": [0],
+         "last_event_time": 1_700_000_020, "event_timestamp": 1_700_000_020},
     ]
     sink.write("user_history", rows)
     got = FeastSink(prod_repo).read_online("user_history", [7, 8, 9])
-    assert got[7] == {"hist_gen_tokens": [1, 9, 17, 2, 10, 18], "hist_item_ids": [11, 12],
-                      "user_n_events": 3, "user_n_positives": 2}
-    assert got[8]["user_n_events"] == 1 and got[8]["user_n_positives"] == 0
+    assert got[7] == user7
+    assert got[8]["user_n_events"] == 1 and got[8]["user_n_positives"] == 0 and got[8]["recent_labels"] == [0]
     assert got[9]["user_n_events"] is None
     # the next batch's row for the same user and the same event second replaces the first
     sink.write("user_history", [{**rows[0], "user_n_events": 4, "user_n_positives": 3}])

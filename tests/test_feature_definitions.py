@@ -1,8 +1,10 @@
 """feature_repo/definitions.py is the one declaration: the parquet part files and the trainer's join follow it.
 
-* the part-file schemas derived from the FeatureViews are exactly the ones the stream always wrote;
+* the part-file schemas derived from the FeatureViews are exactly the ones the stream always wrote,
+  plus the user's recent labelled events and recency appended to user_history;
 * the `ranker_features` FeatureService names exactly what the featurizer reads (plus the item age
-  the metrics bucket by), in the order of the feature list the trainer joined before it existed.
+  the metrics bucket by), in the order of the feature list the trainer joined before it existed,
+  with the recent_* features and last_event_time after the user counts.
 """
 import pyarrow as pa
 import pytest
@@ -21,14 +23,17 @@ from trainer.pit_join import FEATURE_SERVICE
 
 TS = pa.timestamp("us", tz="UTC")
 I64_LIST = pa.list_(pa.int64())
-# the literal schemas streams/feast_sink.py declared before they were derived from the views
+# the literal schemas streams/feast_sink.py declared before they were derived from the views (user_history:
+# with the four features added since at its end)
 DECLARED = {
     "item_tokens": pa.schema([("item_id", pa.int64()), ("gen_tokens", I64_LIST), ("mem_tokens", I64_LIST),
                               ("tokenizer_version", pa.string()), ("created_at", pa.int64()),
                               ("retired", pa.bool_()), ("event_timestamp", TS), ("created", TS)]),
     "user_history": pa.schema([("user_id", pa.int64()), ("hist_gen_tokens", I64_LIST),
                                ("hist_item_ids", I64_LIST), ("user_n_events", pa.int64()),
-                               ("user_n_positives", pa.int64()), ("event_timestamp", TS), ("created", TS)]),
+                               ("user_n_positives", pa.int64()), ("recent_item_ids", I64_LIST),
+                               ("recent_gen_tokens", I64_LIST), ("recent_labels", I64_LIST),
+                               ("last_event_time", pa.int64()), ("event_timestamp", TS), ("created", TS)]),
     "item_stats": pa.schema([("item_id", pa.int64()), ("item_n_interactions", pa.int64()),
                              ("item_n_positives", pa.int64()), ("event_timestamp", TS), ("created", TS)]),
 }
@@ -40,6 +45,10 @@ JOINED_BEFORE = (
     "user_history:user_n_events", "user_history:user_n_positives",
     "item_stats:item_n_interactions", "item_stats:item_n_positives",
 )
+# the service: that list, the user's recent labelled events and recency after the user counts
+SERVICE = JOINED_BEFORE[:9] + (
+    "user_history:recent_item_ids", "user_history:recent_gen_tokens", "user_history:recent_labels",
+    "user_history:last_event_time") + JOINED_BEFORE[9:]
 METRIC_COLUMNS = ("created_at",)  # read by trainer.metrics.summarize (item age), not by the featurizer
 
 
@@ -81,8 +90,9 @@ def test_feature_service_is_what_the_featurizer_reads(definitions):
     services = [o for o in vars(definitions).values() if isinstance(o, FeatureService)]
     assert [s.name for s in services] == [FEATURE_SERVICE]
     refs = tuple(f"{p.name}:{f.name}" for p in services[0].feature_view_projections for f in p.features)
-    assert refs == JOINED_BEFORE  # same columns, same order as the list it replaced
-    assert sorted(r.split(":")[1] for r in refs) == sorted(READS + METRIC_COLUMNS)
+    assert refs == SERVICE  # the columns, in the order, of the list it replaced, then the recent ones
+    names = [r.split(":")[1] for r in refs]
+    assert len(set(names)) == len(names) and set(names) == set(READS) | set(METRIC_COLUMNS)
 
 
 def test_featurizer_reads_exactly_its_columns():
@@ -122,7 +132,7 @@ def test_the_store_agrees_with_the_definitions(tmp_path):
     assert joiner.features.name == FEATURE_SERVICE
     events = events_frame(stream[::-1])  # not in time order: the input order must come back
     by_service = joiner(events)
-    by_list = historical_features(joiner.store, events, list(JOINED_BEFORE))
+    by_list = historical_features(joiner.store, events, list(SERVICE))
     assert list(by_service.columns) == list(by_list.columns)
     assert not any(":" in c or "__" in c for c in by_service.columns)
     pd.testing.assert_frame_equal(by_service, by_list)

@@ -12,7 +12,15 @@ from datetime import timedelta
 import pandas as pd
 import pytest
 
-from tests.stream_checks import HISTORY_LEN, assert_pit_row, consume_all, reference, reference_pairs, run_worker
+from tests.stream_checks import (
+    HISTORY_LEN,
+    assert_no_label_leak,
+    assert_pit_row,
+    consume_all,
+    reference,
+    reference_pairs,
+    run_worker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +114,8 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
                         + [to_utc(0)]})
     feats = ["user_history:hist_item_ids", "user_history:hist_gen_tokens", "user_history:user_n_events",
              "user_history:user_n_positives", "item_stats:item_n_interactions", "item_stats:item_n_positives",
-             "item_tokens:gen_tokens", "item_tokens:retired"]
+             "item_tokens:gen_tokens", "item_tokens:retired", "user_history:recent_item_ids",
+             "user_history:recent_gen_tokens", "user_history:recent_labels", "user_history:last_event_time"]
     hist = sink.store.get_historical_features(entity_df=edf, features=feats).to_df()
     assert len(hist) == len(edf)  # no entity row dropped
     hist = hist.sort_values("event_timestamp", kind="stable")
@@ -119,6 +128,13 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
         # items are published 60 s before their first rating: tokens are there, not yet retired
         assert list(row.gen_tokens) == gen_of[row.item_id] and not row.retired
     assert n_with_history > len(sample) // 2
+
+    # -- no label leak through the trainer's join (the ranker_features service): for every event,
+    #    recent_* hold only the user's events of earlier seconds, and last_event_time < its time
+    from trainer.pit_join import events_frame, historical_features
+
+    joined = historical_features(sink.store, events_frame(its))
+    assert assert_no_label_leak(joined, its, gen_of) > len(its) // 2
 
     # -- item tokens in time: absent before created_at, retired only from the retire event on
     rid = retired.item_id

@@ -174,12 +174,12 @@ class RowStore:
         return self.rows[(view, eid, ts)]
 
 
-def make_fake(state_dir, tokens, allowed_lateness_s, sink=None, history_len=3, parts=(0, 1)):
+def make_fake(state_dir, tokens, allowed_lateness_s, sink=None, history_len=3, recent_len=5, parts=(0, 1)):
     from streams.interaction_agent import InteractionProcessor
 
     sink = sink or RowStore()
     p = InteractionProcessor(sink, state_dir, None, tokens.get, "interactions", history_len=history_len,
-                             park_timeout_s=1e9, allowed_lateness_s=allowed_lateness_s)
+                             recent_len=recent_len, park_timeout_s=1e9, allowed_lateness_s=allowed_lateness_s)
     p.assign(list(parts))
     return Pipeline(p, make_stats(sink, state_dir, allowed_lateness_s))
 
@@ -190,7 +190,7 @@ def step(p, records):
     return r
 
 
-def expected_rows(applied, tokens, history_len):
+def expected_rows(applied, tokens, history_len, recent_len=5):
     """From scratch: every (view, entity, event time) row the accepted events must leave in the store.
     `applied`: (user, item, label, t) in any order; a user's events have distinct times here."""
     from collections import defaultdict
@@ -204,14 +204,18 @@ def expected_rows(applied, tokens, history_len):
         evs.sort()
         n = npos = 0
         hist: list[int] = []
-        for t, i, lab in evs:
+        for k, (t, i, lab) in enumerate(evs):
             n += 1
             if lab:
                 npos += 1
                 hist = (hist + [i])[-history_len:]
+            recent = evs[max(0, k + 1 - recent_len):k + 1]  # the last R events, negatives too
             out[("user_history", u, t)] = {"user_id": u, "event_timestamp": t, "hist_item_ids": hist,
                                            "hist_gen_tokens": [x for j in hist for x in tokens[j]],
-                                           "user_n_events": n, "user_n_positives": npos}
+                                           "user_n_events": n, "user_n_positives": npos,
+                                           "recent_item_ids": [j for _, j, _ in recent],
+                                           "recent_gen_tokens": [x for _, j, _ in recent for x in tokens[j]],
+                                           "recent_labels": [lb for _, _, lb in recent], "last_event_time": t}
     for i, evs in by_item.items():
         evs.sort()
         for k, (t, _) in enumerate(evs):

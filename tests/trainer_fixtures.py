@@ -104,6 +104,7 @@ def joined_frame(n: int = 64, seed: int = 0, null_every: int = 5) -> pd.DataFram
         gen, mem = item_tokens(it)
         missing = null_every and i % null_every == 0
         h = [int(x) for x in rng.integers(1, 100, size=int(rng.integers(0, 6)))]
+        labs = [int(x) for x in rng.integers(0, 2, size=len(h))]
         rows.append(dict(
             user_id=int(rng.integers(1, 20)), item_id=it, label=int(rng.integers(2)), event_time=T0 + i,
             gen_tokens=None if missing else np.array(gen), mem_tokens=None if missing else np.array(mem),
@@ -112,7 +113,10 @@ def joined_frame(n: int = 64, seed: int = 0, null_every: int = 5) -> pd.DataFram
             hist_gen_tokens=np.array([g for x in h for g in item_tokens(x)[0]]) if h else None,
             hist_item_ids=np.array(h) if h else None,
             user_n_events=float(len(h)) if h else np.nan, user_n_positives=float(len(h)) if h else np.nan,
-            item_n_interactions=np.nan if missing else 3.0, item_n_positives=np.nan if missing else 1.0))
+            item_n_interactions=np.nan if missing else 3.0, item_n_positives=np.nan if missing else 1.0,
+            recent_item_ids=np.array(h) if h else None,
+            recent_gen_tokens=np.array([g for x in h for g in item_tokens(x)[0]]) if h else None,
+            recent_labels=np.array(labs) if h else None, last_event_time=float(T0 + i - 30) if h else np.nan))
     return pd.DataFrame(rows)
 
 

@@ -33,7 +33,8 @@ def tokenizer_info(artifact: str | Path, fit_cutoff: int | None = None) -> Token
 def build_trainer(repo: str | Path, tok: TokenizerInfo, checkpoint_dir: str | Path,
                   models: Sequence[str] = MODEL_NAMES, config: dict | None = None, learner: dict | None = None,
                   models_dir: str | Path | None = None, publish_every: int = 0, log_path: str | Path | None = None,
-                  checkpoint_every: int = 1, keep_predictions: bool = False, journal_path: str | Path | None = None):
+                  checkpoint_every: int = 1, keep_predictions: bool = False, journal_path: str | Path | None = None,
+                  peers: dict | None = None):
     """A ContinuousTrainer over the Feast repo at `repo` training `models` on the same joined batches."""
     from .checkpoint import ModelPublisher
     from .learner import Learner, LearnerConfig
@@ -49,7 +50,8 @@ def build_trainer(repo: str | Path, tok: TokenizerInfo, checkpoint_dir: str | Pa
     tr = ContinuousTrainer(Learner(list(models), cfg, lcfg), FeastJoiner(str(repo)), featurizer, checkpoint_dir,
                            publisher=publisher, log_path=Path(log_path) if log_path else None,
                            journal_path=Path(journal_path) if journal_path else None,
-                           checkpoint_every=checkpoint_every, keep_predictions=keep_predictions)
+                           checkpoint_every=checkpoint_every, keep_predictions=keep_predictions,
+                           peers=dict(peers or {}))
     if tok.fit_cutoff is not None:
         tr.state.extra["tokenizer_fit_cutoff"] = int(tok.fit_cutoff)
     return tr

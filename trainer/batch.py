@@ -17,7 +17,7 @@ class Batch:
 
     label: torch.Tensor  # (B,) float 0/1
     known: torch.Tensor  # (B,) bool: the item had usable tokens
-    stats: torch.Tensor  # (B, 4) log1p counts, missing -> 0
+    stats: torch.Tensor  # (B, F) request-time features, trainer/features.py DENSE_FEATURES (first 4: log1p counts)
     gen: torch.Tensor | None = None  # (B, L) level-offset gen ids; unknown -> L*K + level
     mem: torch.Tensor | None = None  # (B, M) mem-token ids
     hist_gen: torch.Tensor | None = None  # (B, H, L) history items' gen ids, oldest first
@@ -25,6 +25,9 @@ class Batch:
     prefix_ngram: torch.Tensor | None = None  # (B, M) prefix n-gram ids (SEMID)
     item_id: torch.Tensor | None = None  # (B,) ID baseline only
     hist_ids: torch.Tensor | None = None  # (B, H) ID baseline only
+    recent_gen: torch.Tensor | None = None  # (B, R, L) the user's last R labelled events' gen ids, oldest first
+    recent_ids: torch.Tensor | None = None  # (B, R) their item ids: ID baseline only
+    recent_labels: torch.Tensor | None = None  # (B, R) their labels 0/1; -1 pads (left)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])

@@ -4,9 +4,10 @@ Missing features arrive as null/NaN. An item with no usable tokens (not yet toke
 length, out-of-range ids, or another tokenizer version) is still scored: it gets the per-level
 "unknown" gen-tokens and an empty wide side, and is counted in `FeaturizeStats`.
 
-The joined columns it reads are `READS`; those and `created_at` (the item age the metrics bucket
-by) are the Feast FeatureService the trainer's join fetches (feature_repo/definitions.py,
-`trainer.pit_join.FEATURE_SERVICE`; tests/test_feature_definitions.py checks they agree).
+The joined columns it reads are `READS`, exactly the Feast FeatureService the trainer's join
+fetches (feature_repo/definitions.py, `trainer.pit_join.FEATURE_SERVICE`;
+tests/test_feature_definitions.py checks they agree). `created_at` is also the item age the
+metrics bucket by. The request-time features (rates, recency, token affinity) are trainer/features.py.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import pandas as pd
 import torch
 
 from .batch import Batch
+from .features import COUNT_COLUMNS, dense_features
 from .models.config import RankerConfig
 
-ITEM_COLUMNS = ("gen_tokens", "mem_tokens", "tokenizer_version", "retired")
+ITEM_COLUMNS = ("gen_tokens", "mem_tokens", "tokenizer_version", "retired", "created_at")
 HISTORY_COLUMNS = ("hist_gen_tokens", "hist_item_ids")
-STAT_COLUMNS = ("user_n_events", "user_n_positives", "item_n_interactions", "item_n_positives")
-READS = ITEM_COLUMNS + HISTORY_COLUMNS + STAT_COLUMNS  # joined feature columns `Featurizer.__call__` reads
+RECENT_COLUMNS = ("recent_item_ids", "recent_gen_tokens", "recent_labels", "last_event_time")
+STAT_COLUMNS = COUNT_COLUMNS
+READS = ITEM_COLUMNS + HISTORY_COLUMNS + RECENT_COLUMNS + STAT_COLUMNS  # joined columns `Featurizer.__call__` reads
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Featurizer:
     num_levels: int
     codebook_size: int
     hist_len: int = 20
+    recent_len: int = 20
     max_wide: int = 8
     tokenizer_version: str | None = None  # rows with another version are treated as unknown items
     ngrams: bool = True  # compute two_gram / prefix_ngram (tokenizer.ngrams) for those baselines
@@ -70,7 +74,8 @@ class Featurizer:
 
     @classmethod
     def for_config(cls, cfg: RankerConfig, tokenizer_version: str | None = None, ngrams: bool = True) -> "Featurizer":
-        return cls(cfg.num_levels, cfg.codebook_size, cfg.hist_len, cfg.max_wide, tokenizer_version, ngrams)
+        return cls(cfg.num_levels, cfg.codebook_size, cfg.hist_len, cfg.recent_len, cfg.max_wide, tokenizer_version,
+                   ngrams)
 
     def _ngram_functions(self) -> tuple[Callable, Callable]:
         if self._ngram_fns is None:
@@ -111,26 +116,54 @@ class Featurizer:
         hist_ids = _pad([_ints(h) or [] for h in col("hist_item_ids")], H, keep="tail")
         st.no_history = int((hist_gen[:, 0, 0] < 0).sum())
 
-        stats = np.zeros((n, len(STAT_COLUMNS)), dtype=np.float32)
-        for j, c in enumerate(STAT_COLUMNS):
-            if c in df.columns:
-                stats[:, j] = np.log1p(pd.to_numeric(df[c], errors="coerce").fillna(0).clip(lower=0).to_numpy(np.float32))
+        gen = torch.tensor(gens, dtype=torch.int64).view(n, L)
+        stats = dense_features(df, gen.numpy(), np.asarray(known, dtype=bool), L)
+        recent_gen, recent_ids, recent_labels = self._recent(col("recent_gen_tokens"), col("recent_item_ids"),
+                                                             col("recent_labels"), unknown)
 
         batch = Batch(
             label=torch.tensor(df["label"].to_numpy(np.float32)),
             known=torch.tensor(known, dtype=torch.bool),
             stats=torch.from_numpy(stats),
-            gen=torch.tensor(gens, dtype=torch.int64).view(n, L),
+            gen=gen,
             mem=_pad(mems, self.max_wide),
             hist_gen=torch.from_numpy(hist_gen),
             item_id=torch.tensor(df["item_id"].to_numpy(np.int64)),
             hist_ids=hist_ids,
+            recent_gen=recent_gen,
+            recent_ids=recent_ids,
+            recent_labels=recent_labels,
         )
         if self.ngrams:
             grams = [self._ngrams(g) if k else ([], []) for g, k in zip(gens, known)]
             batch.two_gram = _pad([g[0] for g in grams], self.max_wide)
             batch.prefix_ngram = _pad([g[1] for g in grams], self.max_wide)
         return batch, st
+
+    def _recent(self, gens: list, ids: list, labels: list, unknown: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The user's last `recent_len` labelled events, oldest first, right-aligned; -1 pads.
+
+        An event whose item tokens are unusable keeps its label and gets the unknown tokens."""
+        L, R = self.num_levels, self.recent_len
+        n = len(labels)
+        out_gen = np.full((n, R, L), -1, dtype=np.int64)
+        out_ids = np.full((n, R), -1, dtype=np.int64)
+        out_lab = np.full((n, R), -1, dtype=np.int64)
+        for i in range(n):
+            lab = _ints(labels[i]) or []
+            if not lab:
+                continue
+            k = min(len(lab), R)
+            out_lab[i, R - k:] = lab[-k:]
+            rid = _ints(ids[i]) or []
+            if len(rid) == len(lab):
+                out_ids[i, R - k:] = rid[-k:]
+            g = _ints(gens[i]) or []
+            rows = [g[j * L:(j + 1) * L] for j in range(len(lab))] if len(g) == len(lab) * L else [None] * len(lab)
+            for j, row in enumerate(rows[-k:]):
+                out_gen[i, R - k + j] = row if self._valid_gen(row) else unknown
+        return torch.from_numpy(out_gen), torch.from_numpy(out_ids), torch.from_numpy(out_lab)
 
     def _ngrams(self, gen: list[int]) -> tuple[list[int], list[int]]:
         key = tuple(gen)

@@ -22,6 +22,10 @@ class LearnerConfig:
     lr: float = 1e-3  # 2e-3 was unstable single-pass on MovieLens (seed spread up to 0.07 AUC)
     weight_decay: float = 0.0
     minibatch: int = 256  # optimizer-step size inside one joined micro-batch
+    # rows scored before the models train on them: a joined micro-batch is scored and trained
+    # chunk by chunk, so a row's score comes from weights that saw every earlier chunk (0: the
+    # whole batch first). 256 instead of 2,048 was worth +0.004 AUC on the validation window.
+    score_every: int = 256
     epochs_per_batch: int = 1
     grad_clip: float = 1.0
     seed: int = 0

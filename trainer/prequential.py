@@ -1,8 +1,9 @@
 """The prequential (predict-then-learn) protocol: where the headline metric comes from.
 
 Every micro-batch of labelled events is point-in-time joined (trainer.pit_join), featurized
-(trainer.featurizer), then scored by *every* model in eval mode before *any* model trains on it
-(`ContinuousTrainer.process`: `Learner.predict`, then `Learner.train`). A score therefore comes
+(trainer.featurizer), then, chunk by chunk (`LearnerConfig.score_every` rows), scored by *every*
+model in eval mode before *any* model trains on that chunk (`ContinuousTrainer.process`:
+`Learner.predict`, then `Learner.train`). A score therefore comes
 from weights that have seen neither that row nor any later one: the stream is its own test set
 and needs no hold-out split (progressive validation, as in river's evaluate.progressive_val_score).
 
@@ -65,6 +66,7 @@ class Timings:
     predict_s: float = 0.0
     train_s: float = 0.0
     checkpoint_s: float = 0.0
+    peers_s: float = 0.0  # peer learners (not the product's models): inside total_s
     total_s: float = 0.0
 
     def add(self, **kw: float) -> None:
@@ -113,6 +115,10 @@ class ContinuousTrainer:
     journal_path: Path | None = None  # progress journal: one JSON line per trained batch and per checkpoint
     checkpoint_every: int = 1  # batches between checkpoints (offsets advance only with them)
     keep_predictions: bool = False
+    # peer learners scored and trained on the same joined rows (trainer.peers.VWPeer): each scores
+    # and learns event by event; reported beside the models, never checkpointed (a restarted
+    # trainer starts its peers afresh)
+    peers: dict = field(default_factory=dict)
     fail_at: Callable[[str, int], None] | None = None  # test hook: (phase, step) -> may raise TrainerCrash
     state: TrainState = field(default_factory=TrainState)
     timings: Timings = field(default_factory=Timings)
@@ -164,12 +170,13 @@ class ContinuousTrainer:
         batch, fst = self.featurizer(joined)
         self.fstats.add(fst)
         t2 = time.perf_counter()
-        probs = self.learner.predict(batch)  # test ...
-        t3 = time.perf_counter()
-        self._hook("predicted")
-        parts = self.learner.train(batch)  # ... then train
+        probs, parts, predict_s = self._score_then_train(batch)
+        t3 = t2 + predict_s
         t4 = time.perf_counter()
         self._hook("trained")
+        for name, peer in self.peers.items():  # per event: each row scored, then learned
+            probs[name], parts[name] = peer.score_then_learn(joined), {}
+        self.timings.add(peers_s=time.perf_counter() - t4)
         self.state.step += 1
         self.state.events_seen += len(records)
         for r in records:
@@ -190,6 +197,29 @@ class ContinuousTrainer:
             self.predictions.append(joined[["user_id", "item_id", "label", "event_time", "created_at"]]
                                     .assign(known=batch.known.numpy(), **{f"score_{n}": p for n, p in probs.items()}))
         return metrics
+
+    def _score_then_train(self, batch) -> tuple[dict, dict, float]:
+        """Chunk by chunk (`LearnerConfig.score_every`): every model scores the chunk (test), then
+        every model trains on it. Returns the scores, the mean loss parts, seconds spent scoring."""
+        n = len(batch)
+        step = self.learner.lcfg.score_every or n
+        probs: dict[str, list] = {m: [] for m in self.learner.names}
+        sums: dict[str, dict[str, float]] = {m: {} for m in self.learner.names}
+        predict_s, chunks = 0.0, 0
+        for s in range(0, n, step):
+            chunk = batch.slice(slice(s, s + step))
+            t = time.perf_counter()
+            for m, p in self.learner.predict(chunk).items():  # test ...
+                probs[m].append(p)
+            predict_s += time.perf_counter() - t
+            if s == 0:
+                self._hook("predicted")
+            for m, part in self.learner.train(chunk).items():  # ... then train
+                for k, v in part.items():
+                    sums[m][k] = sums[m].get(k, 0.0) + v
+            chunks += 1
+        joined = {m: np.concatenate(p) if p else np.zeros(0, np.float32) for m, p in probs.items()}
+        return joined, {m: {k: v / max(chunks, 1) for k, v in d.items()} for m, d in sums.items()}, predict_s
 
     def checkpoint(self) -> float:
         """Write a checkpoint now (offsets included) and maybe publish a model version; seconds taken."""

@@ -14,15 +14,19 @@ event time it accepted. Exact detail is kept only for events within about H of i
 is compacted into base values, so memory and the SQLite tables stay bounded by the events of one
 horizon (plus the base values: one row per user):
   - per user (`UserState`): the applied events of the detail in event-time order, on top of
-    `base` = (n_events, n_positives, last-N history) before them; current state = base + detail;
+    `base` = (n_events, n_positives, last-N history, last-R recent list) before them; current
+    state = base + detail. The recent list is the last `recent_len` applied events, negatives
+    too, with their labels and gen-tokens (the ranker's labelled context), so a negative's
+    gen-tokens are saved as well;
   - the dedup set: keys (user_id, item_id, event_time, label) of the accepted events, by
     event-time bucket (H/16 wide: expiry drops whole buckets).
 SQLite: one `item_events` row per accepted event (dedup key, and user detail once applied to the
-user: `tok` = 0 for a negative, the id of its gen-tokens in `tokens` for a positive, NULL while
-parked or if never applied), `users` (the user's base and `tc`, the time it was compacted up to)
-for the compacted part, `meta` for hwm, watermark and cutoff. A batch inserts its rows; a
-compaction upserts the bases of the users it compacted and deletes their rows: O(batch +
-compacted users), all in the hwm's transaction.
+user: `tok` = the id of its gen-tokens in `tokens`, NULL while parked or if never applied; 0 in
+files of older code for a negative, whose tokens were not saved: it enters the recent list with
+L x -1 gen-tokens), `users` (the user's base, `recent` its recent list, NULL = empty in older
+files, and `tc`, the time it was compacted up to) for the compacted part, `meta` for hwm,
+watermark and cutoff. A batch inserts its rows; a compaction upserts the bases of the users it
+compacted and deletes their rows: O(batch + compacted users), all in the hwm's transaction.
 
 An event with event_time < watermark - H cannot be placed exactly any more and is refused
 (`PartitionState.late`: the processor dead-letters it). User detail is compacted below
@@ -43,6 +47,8 @@ from pathlib import Path
 
 from .store import DEFAULT_ALLOWED_LATENESS_S, PartitionStore
 
+DEFAULT_RECENT_LEN = 20  # R: the applied events (positives and negatives) of a user's recent list
+
 # what a positive's co-like neighbours come back as (`UserState.append`/`insert`): the item ids
 # of the positives before it, and (item_id, event_time) of those after it (only for a late one)
 Neighbours = tuple[list[int], Sequence[tuple[int, int]]]
@@ -52,10 +58,17 @@ def _t(e: tuple) -> int:
     return e[0]
 
 
-def user_row(uid: int, t: int, hist, n: int, npos: int) -> dict:
-    """The user's `user_history` Feast row at event time t: the state after its events <= t."""
+def user_row(uid: int, t: int, hist, n: int, npos: int, recent, gen_len: int) -> dict:
+    """The user's `user_history` Feast row at event time t: the state after its events <= t, so
+    its newest event is at t (`last_event_time`). A recent event without known gen-tokens (a
+    negative saved by older code) has `gen_len` x -1."""
+    gen: list[int] = []
+    for r in recent:
+        gen.extend((-1,) * gen_len if r[3] is None else r[3])
     return {"user_id": uid, "event_timestamp": t, "hist_gen_tokens": [x for h in hist for x in h[2]],
-            "hist_item_ids": [h[0] for h in hist], "user_n_events": n, "user_n_positives": npos}
+            "hist_item_ids": [h[0] for h in hist], "user_n_events": n, "user_n_positives": npos,
+            "recent_item_ids": [r[0] for r in recent], "recent_gen_tokens": gen,
+            "recent_labels": [r[2] for r in recent], "last_event_time": t}
 
 
 @dataclass(slots=True)
@@ -65,23 +78,32 @@ class UserState:
     n_positives: int = 0
     # last N positives, oldest first: (item_id, event_time, gen_tokens)
     history: deque = field(default_factory=deque)
+    # last R applied events, positives and negatives, oldest first:
+    # (item_id, event_time, label, gen_tokens|None); None: not saved by older code (a negative)
+    recent: deque = field(default_factory=deque)
     # detail within the horizon, in event-time order: (event_time, item_id, label, gen_tokens|None);
     # None when empty (then the base is the current state)
     events: list | None = None
-    # (n_events, n_positives, history tuple) before the first detail event; None when `events` is
+    # (n_events, n_positives, history tuple, recent tuple) before the first detail event; None
+    # when `events` is
     base: tuple | None = None
 
-    def append(self, ev: tuple, history_len: int, window: int = 0) -> list[int] | None:
+    def append(self, ev: tuple, history_len: int, recent_len: int, window: int = 0) -> list[int] | None:
         """Apply `ev` = (event_time, item_id, label, gen_tokens|None), not older than the user's
-        newest event: counted, and a positive enters the history, which keeps the last
-        `history_len`. For a positive and a `window`: the item ids of the up to `window`
-        positives before it, oldest first (its co-like neighbours); else None."""
+        newest event: counted, it enters the recent list, which keeps the last `recent_len`, and
+        a positive enters the history, which keeps the last `history_len`. For a positive and a
+        `window`: the item ids of the up to `window` positives before it, oldest first (its
+        co-like neighbours); else None."""
         evs = self.events
         if evs is None:  # the first event within the horizon: the base is the state before it
-            self.base = (self.n_events, self.n_positives, tuple(self.history))
+            self.base = (self.n_events, self.n_positives, tuple(self.history), tuple(self.recent))
             evs = self.events = []
         evs.append(ev)
         self.n_events += 1
+        rec = self.recent
+        rec.append((ev[1], ev[0], ev[2], ev[3]))
+        while len(rec) > recent_len:
+            rec.popleft()
         if not ev[2]:
             return None
         self.n_positives += 1
@@ -95,21 +117,26 @@ class UserState:
             hist.popleft()
         return before
 
-    def insert(self, ev: tuple, history_len: int, window: int, uid: int, rows: dict) -> Neighbours | None:
+    def insert(self, ev: tuple, history_len: int, recent_len: int, window: int, uid: int, rows: dict,
+               gen_len: int) -> Neighbours | None:
         """Place `ev`, older than the user's newest event, at its event-time position and recompute
         the state from the base (the rule of `append`, replayed), putting the row of every event
-        time >= its own into `rows` ((user, t) -> row: they are re-stamped). For a positive and a
-        `window`: its neighbours, the up to min(window, history_len) positives on either side."""
+        time >= its own into `rows` ((user, t) -> row: they are re-stamped; `gen_len`: see
+        `user_row`). For a positive and a `window`: its neighbours, the up to
+        min(window, history_len) positives on either side."""
         evs = self.events
         t = ev[0]
         k = bisect.bisect_right(evs, t, key=_t)
         evs.insert(k, ev)
-        n, npos, hist = self.base
-        hist = deque(hist)
+        n, npos, hist, rec = self.base
+        hist, rec = deque(hist), deque(rec)
         window = min(window, history_len)
         near = ([], []) if window and ev[2] else None
         for j, (tj, ij, lj, gj) in enumerate(evs):
             n += 1
+            rec.append((ij, tj, lj, gj))
+            while len(rec) > recent_len:
+                rec.popleft()
             if lj:
                 npos += 1
                 if near is not None:
@@ -121,31 +148,32 @@ class UserState:
                 while len(hist) > history_len:
                     hist.popleft()
             if j >= k and (j + 1 == len(evs) or evs[j + 1][0] != tj):
-                rows[(uid, tj)] = user_row(uid, tj, hist, n, npos)
-        self.n_events, self.n_positives, self.history = n, npos, hist
+                rows[(uid, tj)] = user_row(uid, tj, hist, n, npos, rec, gen_len)
+        self.n_events, self.n_positives, self.history, self.recent = n, npos, hist, rec
         return near
 
-    def fold(self, cut: int, history_len: int) -> None:
+    def fold(self, cut: int, history_len: int, recent_len: int) -> None:
         """Compaction: fold the detail older than `cut` into the base."""
         evs = self.events
         k = bisect.bisect_left(evs, cut, key=_t)
-        n, npos, hist = self.base
+        n, npos, hist, rec = self.base
         pos = [e for e in evs[:k] if e[2]]
         n, npos = n + k, npos + len(pos)
-        hl = history_len
+        hl, rl = history_len, recent_len
         hist = (list(hist) + [(e[1], e[0], e[3]) for e in pos[-hl:]])[-hl:] if hl else []
+        rec = (list(rec) + [(e[1], e[0], e[2], e[3]) for e in evs[max(0, k - rl):k]])[-rl:] if rl else []
         del evs[:k]
         if evs:
-            self.base = (n, npos, tuple(hist))
+            self.base = (n, npos, tuple(hist), tuple(rec))
         else:
             self.events = self.base = None  # the base is the current state
 
-    def base_values(self) -> tuple[int, int, list]:
-        """(n_events, n_positives, history) before the detail: what the `users` row holds."""
+    def base_values(self) -> tuple[int, int, list, list]:
+        """(n_events, n_positives, history, recent) before the detail: what the `users` row holds."""
         if self.events is None:
-            return self.n_events, self.n_positives, list(self.history)
-        n, npos, hist = self.base
-        return n, npos, list(hist)
+            return self.n_events, self.n_positives, list(self.history), list(self.recent)
+        n, npos, hist, rec = self.base
+        return n, npos, list(hist), list(rec)
 
 
 @dataclass
@@ -186,8 +214,9 @@ class PartitionState(PartitionStore):
         """
 
     def __init__(self, path: str | Path, history_len: int,
-                 allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S):
+                 allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S, recent_len: int = DEFAULT_RECENT_LEN):
         self.history_len = history_len
+        self.recent_len = recent_len
         super().__init__(path, allowed_lateness_s)
 
     def _migrate(self) -> None:
@@ -196,8 +225,11 @@ class PartitionState(PartitionStore):
         for c in ("user_id", "tok"):
             if c not in cols:
                 self.db.execute(f"ALTER TABLE item_events ADD COLUMN {c} INTEGER")
-        if "tc" not in {r[1] for r in self.db.execute("PRAGMA table_info(users)")}:
+        ucols = {r[1] for r in self.db.execute("PRAGMA table_info(users)")}
+        if "tc" not in ucols:
             self.db.execute("ALTER TABLE users ADD COLUMN tc INTEGER")
+        if "recent" not in ucols:  # files from before the recent list: NULL = an empty one
+            self.db.execute("ALTER TABLE users ADD COLUMN recent TEXT")
         self.db.executescript("""
             DROP INDEX IF EXISTS item_events_id;
             DROP INDEX IF EXISTS item_events_it;
@@ -211,18 +243,23 @@ class PartitionState(PartitionStore):
         # every user's detail older than user_cutoff is in its base, except users with parked
         # events (their `tc`)
         self.user_cutoff: int = meta.get("user_cutoff", -1)
-        # gen-token lists of the user detail's positives, saved once per (item, token list)
+        # gen-token lists of the user detail's events, saved once per (item, token list)
         vids: dict[int, tuple] = {}
         self._tok: dict[int, tuple] = {}  # item -> (token list seen, tuple, vid)
         for vid, iid, gen in self.db.execute("SELECT vid, item_id, gen FROM tokens ORDER BY vid"):
             vids[vid] = _blob_tokens(gen)
             self._tok[iid] = (None, vids[vid], vid)
         self._next_vid = max(vids, default=0) + 1
-        hl = self.history_len
+        # L, the gen-tokens per item (the newest list's): -1 x L stand for tokens older code did not save
+        self.gen_len = len(vids[self._next_vid - 1]) if vids else 0
+        hl, rl = self.history_len, self.recent_len
         self.users: dict[int, UserState] = {}
         tcs: dict[int, int] = {}
-        for uid, n, npos, hist, tc in self.db.execute("SELECT user_id, n_events, n_positives, history, tc FROM users"):
-            self.users[uid] = UserState(n, npos, deque((i, t, tuple(g)) for i, t, g in json.loads(hist)))
+        for uid, n, npos, hist, tc, rec in self.db.execute(
+                "SELECT user_id, n_events, n_positives, history, tc, recent FROM users"):
+            recent = json.loads(rec)[-rl:] if rec and rl else []
+            self.users[uid] = UserState(n, npos, deque((i, t, tuple(g)) for i, t, g in json.loads(hist)),
+                                        deque((i, t, lab, None if g is None else tuple(g)) for i, t, lab, g in recent))
             tcs[uid] = -1 if tc is None else tc
         # the dedup set, by event-time bucket (so expiry drops whole sets): per bucket the keys
         # (user_id, item_id, event_time, label) of the accepted events and their users
@@ -245,7 +282,8 @@ class PartitionState(PartitionStore):
                 u = self.users.get(uid)
                 if u is None:
                     u = self.users[uid] = UserState()
-                u.append((t, iid, lab, vids[tok] if lab else None), hl)
+                # tok = 0: a negative saved by older code, its tokens unknown
+                u.append((t, iid, lab, vids[tok] if tok else None), hl, rl)
         self.parked: dict[int, deque[Parked]] = {}
         for r in self.db.execute("SELECT * FROM parked ORDER BY off"):
             p = Parked(*r)
@@ -274,6 +312,7 @@ class PartitionState(PartitionStore):
                 self._next_vid += 1
                 c = self._tok[iid] = (cur, tup, vid)
                 self._new_tokens.append((vid, iid, tokens_blob(tup)))
+                self.gen_len = len(tup)
         return c[1], c[2]
 
     # -- acceptance --
@@ -313,13 +352,14 @@ class PartitionState(PartitionStore):
               parked: bool = False) -> Neighbours | None:
         """Apply one accepted (not late, not a duplicate) event to its user: in order, or inserted
         at its event-time position when older than the user's newest event; the user's rows it
-        changed go into `rows` ((user, t) -> row). `tokens`: the item's gen-tokens (a positive).
+        changed go into `rows` ((user, t) -> row). `tokens`: the item's gen-tokens (required for
+        a positive; a negative's enter its recent list, and None there saves none, tok = 0).
         `parked`: its row was saved when it was accepted. Returns a positive's co-like neighbours
         within `window` (UserState.append/insert), else None."""
         u = self.users.get(uid)
         if u is None:
             u = self.users[uid] = UserState()
-        if label:
+        if label or tokens is not None:
             toks, tok = self.token_ref(iid, tokens)
         else:
             toks, tok = None, 0
@@ -329,9 +369,10 @@ class PartitionState(PartitionStore):
             self.new_rows.append((iid, t, label, uid, tok))
         evs = u.events
         if evs and evs[-1][0] > t:
-            return u.insert((t, iid, label, toks), self.history_len, window, uid, rows)
-        before = u.append((t, iid, label, toks), self.history_len, window)
-        rows[(uid, t)] = user_row(uid, t, u.history, u.n_events, u.n_positives)
+            return u.insert((t, iid, label, toks), self.history_len, self.recent_len, window, uid, rows,
+                            self.gen_len)
+        before = u.append((t, iid, label, toks), self.history_len, self.recent_len, window)
+        rows[(uid, t)] = user_row(uid, t, u.history, u.n_events, u.n_positives, u.recent, self.gen_len)
         return None if before is None else (before, ())
 
     def park(self, p: Parked) -> None:
@@ -392,7 +433,7 @@ class PartitionState(PartitionStore):
                 self._dropped_rows[uid] = cut
                 u = self.users.get(uid)
                 if u is not None and u.events and u.events[0][0] < cut:
-                    u.fold(cut, self.history_len)
+                    u.fold(cut, self.history_len, self.recent_len)
                     self._compacted_users[uid] = cut
 
     # -- save (PartitionStore.save: one transaction with the high-water mark) --
@@ -419,10 +460,11 @@ class PartitionState(PartitionStore):
         if self._compacted_users:
             rows = []
             for uid, cut in self._compacted_users.items():
-                n, npos, hist = self.users[uid].base_values()
-                rows.append((uid, n, npos, json.dumps([[i, t, list(g)] for i, t, g in hist]), cut))
-            db.executemany("INSERT OR REPLACE INTO users (user_id, n_events, n_positives, history, tc) "
-                           "VALUES (?,?,?,?,?)", rows)
+                n, npos, hist, rec = self.users[uid].base_values()
+                rows.append((uid, n, npos, json.dumps([[i, t, list(g)] for i, t, g in hist]), cut,
+                             json.dumps([[i, t, lab, None if g is None else list(g)] for i, t, lab, g in rec])))
+            db.executemany("INSERT OR REPLACE INTO users (user_id, n_events, n_positives, history, tc, recent) "
+                           "VALUES (?,?,?,?,?,?)", rows)
         if self._dropped_rows:  # dedup keys expired, user detail in the base
             db.executemany("DELETE FROM item_events WHERE user_id=? AND t<?", list(self._dropped_rows.items()))
             # rows of files from before per-user rows (no user): older than every user's cutoff

@@ -19,10 +19,9 @@ from .trm import DeepGenTokens, GenHistory, WideTokens
 class IDRanker(Ranker):
     """Item-ID baseline: one hashed row per item, shared by the target item and the history."""
 
-    inputs = ("item_id", "hist_ids", "stats", "label", "known")
-
     def __init__(self, cfg: RankerConfig):
         super().__init__(cfg)
+        self.inputs = ("item_id", *self.history_inputs(cfg, ("recent_ids",), ("hist_ids",)), "stats", "label", "known")
         self.id_emb = HashedBagEmbedding(cfg.id_buckets, cfg.d_model, seed=7)
         D = cfg.d_model
         self.item_mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, cfg.n_item_tokens * D))
@@ -32,16 +31,16 @@ class IDRanker(Ranker):
         return self.item_mlp(e).view(e.shape[0], self.cfg.n_item_tokens, -1)  # (B, N_i, D)
 
     def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.id_emb.lookup(batch.hist_ids), batch.hist_ids >= 0  # (B, H, D), (B, H)
+        ids = batch.recent_ids if self.recent else batch.hist_ids
+        return self.id_emb.lookup(ids), ids >= 0  # (B, H|R, D), (B, H|R)
 
 
 class GenOnlyRanker(Ranker):
     """TIGER-style: semantic ids replace the item ID; nothing memorises combinations."""
 
-    inputs = ("gen", "hist_gen", "stats", "label", "known")
-
     def __init__(self, cfg: RankerConfig):
         super().__init__(cfg)
+        self.inputs = ("gen", *self.history_inputs(cfg, ("recent_gen",), ("hist_gen",)), "stats", "label", "known")
         self.gen_emb = GenTokenEmbedding(cfg.num_levels, cfg.codebook_size, cfg.d_model)
         self.deep = DeepGenTokens(cfg, self.gen_emb, token_dropout=0.0)
         self.history = GenHistory(self.gen_emb)
@@ -50,7 +49,7 @@ class GenOnlyRanker(Ranker):
         return self.deep(batch.gen)
 
     def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.history(batch.hist_gen)
+        return self.history(batch.recent_gen if self.recent else batch.hist_gen)
 
 
 class NGramRanker(GenOnlyRanker):
@@ -60,7 +59,7 @@ class NGramRanker(GenOnlyRanker):
         super().__init__(cfg)
         assert field in ("two_gram", "prefix_ngram"), field
         self.field = field
-        self.inputs = ("gen", field, "hist_gen", "stats", "label", "known")
+        self.inputs = ("gen", field, *self.history_inputs(cfg, ("recent_gen",), ("hist_gen",)), "stats", "label", "known")
         self.wide = WideTokens(cfg, seed=2 if field == "two_gram" else 3)
 
     def item_tokens(self, batch) -> torch.Tensor:

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..features import N_DENSE
+
+# Fields added after checkpoints were first written, and the value that reproduces the model an
+# older config describes: `from_dict` fills a missing field with it, so old checkpoints still load.
+LEGACY_VALUES = {"history": "positives", "wide_dense": False, "ntp_tied_grad": True, "ntp_mean_levels": False}
+
 
 @dataclass
 class RankerConfig:
@@ -13,8 +19,11 @@ class RankerConfig:
     n_query_tokens: int = 2  # N_q (MovieLens has no query: learned "no query" tokens)
     n_user_tokens: int = 2  # N_u
     n_item_tokens: int = 3  # N_i
-    n_stats: int = 4  # user_n_events, user_n_positives, item_n_interactions, item_n_positives
+    n_stats: int = N_DENSE  # request-time features read (trainer/features.py; older models: the first 4)
     hist_len: int = 20  # H: last H positive items of the user
+    recent_len: int = 20  # R: the user's last R labelled events
+    history: str = "recent"  # user tokens from: recent (last R events, with labels) | positives (last H)
+    wide_dense: bool = True  # Wide & Deep: a linear logit on the request-time features
     max_wide: int = 8  # most wide-side ids (mem-tokens / n-grams) read per item
     # backbone
     d_model: int = 64
@@ -30,6 +39,8 @@ class RankerConfig:
     token_dropout: float = 0.1  # deep side: drop whole gen-token embeddings while training
     ntp_weight: float = 0.1  # λ in L = L_d + λ·L_g
     gen_layers: int = 1  # causal transformer blocks of the generative head
+    ntp_mean_levels: bool = True  # L_g = mean (not sum) of the per-level CEs
+    ntp_tied_grad: bool = False  # the tied output layer sends NTP gradients into the whole gen table
 
     @property
     def gen_vocab_size(self) -> int:
@@ -45,4 +56,4 @@ class RankerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RankerConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**LEGACY_VALUES, **{k: v for k, v in d.items() if k in names}})

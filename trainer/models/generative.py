@@ -36,6 +36,7 @@ class GenerativeHead(nn.Module):
         D, L = cfg.d_model, cfg.num_levels
         self.n_context = cfg.n_query_tokens + cfg.n_user_tokens
         self.num_levels = L
+        self.tied_grad, self.mean_levels = cfg.ntp_tied_grad, cfg.ntp_mean_levels
         self.bos = nn.Parameter(torch.randn(1, 1, D) * 0.02)
         self.pos = nn.Parameter(torch.randn(self.n_context + L, D) * 0.02)
         self.blocks = nn.ModuleList(TransformerBlock(D, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
@@ -53,11 +54,14 @@ class GenerativeHead(nn.Module):
             x = block(x, self.mask)
         h = self.ln_f(x[:, C:])  # (B, L, D): outputs at BOS .. s_{L-1}
         w = torch.stack([emb.level_weights(j) for j in range(L)])  # (L, K, D), tied
+        if not self.tied_grad:  # tied values, but the softmax does not push every row of the table
+            w = w.detach()
         return torch.einsum("bld,lkd->blk", h, w)
 
     def loss(self, context: torch.Tensor, gen: torch.Tensor, emb: GenTokenEmbedding,
              use: torch.Tensor) -> torch.Tensor:
-        """Σ_j CE(s_j) averaged over rows where `use` (positive label and known tokens); 0 if none."""
+        """Σ_j CE(s_j) (or its mean over levels) averaged over rows where `use` (positive label and
+        known tokens); 0 if none."""
         if not bool(use.any()):
             return context.new_zeros(())
         context, gen = context[use], gen[use]
@@ -65,4 +69,5 @@ class GenerativeHead(nn.Module):
         K = logits.shape[-1]
         target = gen - torch.arange(self.num_levels, device=gen.device) * K  # level-local ids (b, L)
         ce = F.cross_entropy(logits.reshape(-1, K), target.reshape(-1), reduction="none")
-        return ce.view(-1, self.num_levels).sum(1).mean()
+        ce = ce.view(-1, self.num_levels)
+        return (ce.mean(1) if self.mean_levels else ce.sum(1)).mean()

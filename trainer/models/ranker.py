@@ -43,8 +43,15 @@ class HistoryPool(nn.Module):
 class Ranker(nn.Module):
     """Base ranker: tokens = [query (N_q) | user (N_u) | item (N_i) | stats (1)] -> backbone -> logit.
 
-    Subclasses implement `item_tokens` and `history_items`, and list the batch fields they read in
-    `inputs` (the trainer hands a model nothing else).
+    User tokens pool the user's last R labelled events (`history="recent"`: each event's item
+    vector plus an embedding of its label, so negatives count too), or, in models configured
+    before that, the last H positives. With `wide_dense` a linear term on the request-time
+    features is added to the logit (Wide & Deep): the rates and affinities those features hold
+    are nearly linear in the log-odds, and a linear part learns them in a few hundred steps.
+
+    Subclasses implement `item_tokens` and `history_items` (item vectors of the user's history:
+    the recent events or the positives, whichever `cfg.history` names), and list the batch fields
+    they read in `inputs` (the trainer hands a model nothing else).
     """
 
     inputs: tuple[str, ...] = ()
@@ -58,6 +65,19 @@ class Ranker(nn.Module):
         self.stats_proj = nn.Linear(cfg.n_stats, D)
         self.backbone = Backbone(cfg)
         self.head = nn.Sequential(nn.Linear(cfg.n_tokens * D, D), nn.GELU(), nn.Linear(D, 1))
+        if cfg.history == "recent":
+            self.label_emb = nn.Parameter(torch.randn(2, D) * 0.02)  # negative / positive
+        elif cfg.history != "positives":
+            raise ValueError(f"unknown history {cfg.history!r}: recent | positives")
+        self.wide_dense = nn.Linear(cfg.n_stats, 1) if cfg.wide_dense else None
+
+    @property
+    def recent(self) -> bool:
+        return self.cfg.history == "recent"
+
+    @staticmethod
+    def history_inputs(cfg: RankerConfig, recent: tuple[str, ...], positives: tuple[str, ...]) -> tuple[str, ...]:
+        return recent + ("recent_labels",) if cfg.history == "recent" else positives
 
     # --- per family --------------------------------------------------------------------------
     def item_tokens(self, batch) -> torch.Tensor:
@@ -71,7 +91,11 @@ class Ranker(nn.Module):
     # --- shared ------------------------------------------------------------------------------
     def context_tokens(self, batch) -> torch.Tensor:
         """(B, N_q + N_u, D): the query and user tokens (the generative objective's context)."""
-        hist, mask = self.history_items(batch)
+        hist, mask = self.history_items(batch)  # (B, H|R, D), (B, H|R)
+        if self.recent:
+            lab = batch.recent_labels
+            mask = lab >= 0
+            hist = (hist + self.label_emb[lab.clamp_min(0)]) * mask.unsqueeze(-1)
         user = self.history_pool(hist, mask)  # (B, N_u, D)
         B = user.shape[0]
         query = self.query_tokens.unsqueeze(0).expand(B, -1, -1)  # (B, N_q, D)
@@ -81,10 +105,14 @@ class Ranker(nn.Module):
         """(B,) logits."""
         if context is None:
             context = self.context_tokens(batch)
-        stats = self.stats_proj(batch.stats).unsqueeze(1)  # (B, 1, D)
+        dense = batch.stats[:, :self.cfg.n_stats]  # (B, F)
+        stats = self.stats_proj(dense).unsqueeze(1)  # (B, 1, D)
         x = torch.cat([context, self.item_tokens(batch), stats], 1)  # (B, T, D)
         x = self.backbone(x)
-        return self.head(x.flatten(1)).squeeze(-1)  # (B,)
+        logit = self.head(x.flatten(1)).squeeze(-1)  # (B,)
+        if self.wide_dense is not None:
+            logit = logit + self.wide_dense(dense).squeeze(-1)
+        return logit
 
     def forward(self, batch) -> torch.Tensor:
         return self.score(batch)

@@ -51,7 +51,9 @@ class WideTokens(nn.Module):
 
 
 class GenHistory(nn.Module):
-    """History items as gen-tokens: (B, H, L) -> (B, H, D) sum of level embeddings (ids are level-offset)."""
+    """History items as gen-tokens: (B, H, L) -> (B, H, D) sum of level embeddings (ids are level-offset).
+
+    The mask marks real items (padding is -1); an item with unknown tokens uses the unknown rows."""
 
     def __init__(self, emb: GenTokenEmbedding):
         super().__init__()
@@ -64,10 +66,9 @@ class GenHistory(nn.Module):
 class TRM(Ranker):
     """Hybrid-token ranker with the joint discriminative + generative objective."""
 
-    inputs = ("gen", "mem", "hist_gen", "stats", "label", "known")
-
     def __init__(self, cfg: RankerConfig, generative: bool = True):
         super().__init__(cfg)
+        self.inputs = ("gen", "mem", *self.history_inputs(cfg, ("recent_gen",), ("hist_gen",)), "stats", "label", "known")
         self.gen_emb = GenTokenEmbedding(cfg.num_levels, cfg.codebook_size, cfg.d_model)
         self.deep = DeepGenTokens(cfg, self.gen_emb, cfg.token_dropout)
         self.wide = WideTokens(cfg, seed=1)
@@ -78,7 +79,7 @@ class TRM(Ranker):
         return self.deep(batch.gen) + self.wide(batch.mem)  # (B, N_i, D) Wide & Deep
 
     def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.history(batch.hist_gen)
+        return self.history(batch.recent_gen if self.recent else batch.hist_gen)
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         context = self.context_tokens(batch)  # (B, N_q+N_u, D), shared by both objectives

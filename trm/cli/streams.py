@@ -68,7 +68,8 @@ def _worker(args) -> int:
         return 2
     settings = WorkerSettings(repo_path=feast_repo_path(repo), tokenizer_dir=tokenizer_artifact_path(args.tokenizer),
                               state_dir=args.state, pairs_dir=args.pairs, agents=tuple(args.agents.split(",")),
-                              history_len=args.history_len, park_timeout_s=args.park_timeout,
+                              history_len=args.history_len, recent_len=args.recent_len,
+                              park_timeout_s=args.park_timeout,
                               allowed_lateness_s=args.allowed_lateness, retry_budget_s=args.retry_budget)
     return run_worker(settings)
 
@@ -115,6 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma list of items,interactions,item_stats (item_stats counts per item what the "
                         "interaction agents forward to interactions_by_item; default: all three)")
     p.add_argument("--history-len", type=int, default=20, help="N: positives kept per user history")
+    p.add_argument("--recent-len", type=int, default=20,
+                   help="R: a user's last applied events, positives and negatives, in its recent_* features")
     p.add_argument("--park-timeout", type=float, default=900.0,
                    help="seconds an interaction waits for its item's tokens before it is dead-lettered")
     p.add_argument("--allowed-lateness", type=float, default=7 * 86400.0,

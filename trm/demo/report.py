@@ -15,13 +15,17 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, 
 
     preds = tr.prediction_frame()
     preds.to_parquet(out / "trainer" / "predictions.parquet")  # every prequential score, for re-analysis
-    after = summarize_after_cutoff(preds, cfg.models, cutoff, fit_cutoff=cutoff)
+    peers = list(tr.peers)
+    after = summarize_after_cutoff(preds, list(cfg.models) + peers, cutoff, fit_cutoff=cutoff)
     counts = tr.learner.param_counts()
-    models, summ = {}, after.models
+    models, peer_rows, summ = {}, {}, after.models
     for name, s in summ.items():
-        dense, sparse = counts[name]
-        models[name] = {"auc": s["auc"], "gauc": s["gauc"], "logloss": s["logloss"], "n": s["n"],
-                        "auc_by_item_age": s["by_age"], "dense_params": dense, "sparse_params": sparse}
+        row = {"auc": s["auc"], "gauc": s["gauc"], "logloss": s["logloss"], "n": s["n"], "auc_by_item_age": s["by_age"]}
+        if name in counts:
+            dense, sparse = counts[name]
+            models[name] = {**row, "dense_params": dense, "sparse_params": sparse}
+        else:
+            peer_rows[name] = row
     plot_results(summ, str(out / "auc_by_item_age.png"))
     plot_curves(str(out / "trainer" / "prequential.jsonl"), str(out / "prequential_auc.png"))
     items_s = len(ds.items) / (marks["items"] - t_pub) if "items" in marks else None
@@ -31,6 +35,7 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, 
         "data": str(cfg.data), "cutoff": cutoff, "tokenizer_version": tok.version,
         "tokenizer": {k: tok.fit_report.get(k) for k in ("alignment", "rq", "bpe", "timings_s")},
         "models": models,
+        "peers": peer_rows,  # what a user would pick instead, on the same events and PIT features
         "throughput": {
             "encoder_items_per_s": (tok.fit_report.get("encoder") or {}).get("items_per_s"),
             "pipeline_items_per_s": items_s,
@@ -38,6 +43,7 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, 
             "raw_consume_per_s": raw,
             "trainer_examples_per_s": tr.state.events_seen / t.total_s if t.total_s else None,
             "trainer_join_share": t.join_s / t.total_s if t.total_s else None,
+            "trainer_peers_share": t.peers_s / t.total_s if t.total_s else None,
         },
         "freshness_ms": {"p50": float(np.percentile(fresh, 50)), "p99": float(np.percentile(fresh, 99)),
                          "n": len(fresh)},
@@ -77,10 +83,11 @@ def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     ages = _age_cols(report)
     head = ["model", "AUC", "GAUC", "logloss", *[f"AUC {a}" for a in ages], "dense", "sparse"]
     rows = []
-    for name, m in report["models"].items():
-        rows.append([name, _f(m["auc"]), _f(m["gauc"]), _f(m["logloss"]),
-                     *[_f((m["auc_by_item_age"].get(a) or {}).get("auc")) for a in ages],
-                     f"{m['dense_params']:,}", f"{m['sparse_params']:,}"])
+    for name, m in {**report["models"], **report.get("peers", {})}.items():
+        rows.append([name if name in report["models"] else f"{name} (peer)", _f(m["auc"]), _f(m["gauc"]),
+                     _f(m["logloss"]), *[_f((m["auc_by_item_age"].get(a) or {}).get("auc")) for a in ages],
+                     f"{m['dense_params']:,}" if "dense_params" in m else "—",
+                     f"{m['sparse_params']:,}" if "sparse_params" in m else "—"])
     return head, rows
 
 

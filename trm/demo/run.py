@@ -161,7 +161,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         console.print(f"[bold]4/6[/] worker (subprocess) and continuous trainer ({', '.join(cfg.models)})")
         procs.start("worker", trm_bin + ["worker", "--repo", str(repo), "--tokenizer", str(out / "tokenizer")],
                     out / "logs" / "worker.log", env)
-        result = _start_trainer(cfg, repo, out, kafka, len(ds.interactions), cutoff, tok, stop_trainer)
+        result = _start_trainer(cfg, repo, out, kafka, len(ds.interactions), cutoff, tok, stop_trainer, ds.items)
 
         # 5. replay
         items = sorted((ItemEvent.from_item(it) for it in ds.items.values()), key=lambda e: (e.event_time, e.item_id))
@@ -234,17 +234,20 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int, cutoff: int, tok,
-                   stop: threading.Event) -> dict:
-    """The continuous trainer on a thread of this process: follow the interactions topic."""
+                   stop: threading.Event, items: dict) -> dict:
+    """The continuous trainer on a thread of this process: follow the interactions topic, with the
+    Vowpal Wabbit peer (trainer.peers) scored and trained on the same joined rows."""
     from streams.contract.topics import DEFAULT_WORKER_GROUPS
     from trainer.assemble import TokenizerInfo, build_trainer
     from trainer.kafka_source import follow_sync
+    from trainer.peers import VWPeer, item_meta_of
 
     result: dict = {"done": threading.Event()}
     info = TokenizerInfo(tok.num_levels, tok.codebook_size, tok.version, cutoff)
     tr = build_trainer(repo, info, out / "trainer" / "ckpt", list(cfg.models), cfg.trainer or None,
                        dict(threads=1), models_dir=out / "trainer" / "models", publish_every=20,
-                       log_path=out / "trainer" / "prequential.jsonl", checkpoint_every=5, keep_predictions=True)
+                       log_path=out / "trainer" / "prequential.jsonl", checkpoint_every=5, keep_predictions=True,
+                       peers={"vw": VWPeer(item_meta_of(items))})
     (out / "trainer").mkdir(exist_ok=True)
     result["trainer"] = tr
 
@@ -252,7 +255,7 @@ def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int,
         try:
             t = time.perf_counter()
             result["events"] = follow_sync(tr, kafka, group_id="trm-demo-trainer", batch_size=cfg.batch_size,
-                                           max_events=n_events, idle_timeout_s=None,
+                                           max_events=n_events, idle_timeout_s=None, partial_after_s=1e9,
                                            feature_group=DEFAULT_WORKER_GROUPS.interactions, feature_wait_s=cfg.timeout_s)
             result["wall_s"] = time.perf_counter() - t
         except BaseException as exc:  # surfaced by the main thread

@@ -1,0 +1,111 @@
+"""Request-time features: what a ranker knows of a (user, candidate item, time) beyond the tokens.
+
+Every value is a pure function of the point-in-time joined Feast rows of the event (stamped
+strictly before its second, trainer/pit_join.py), the candidate's own tokens and the event time
+itself. So the same function serves offline training and online ranking, and no value can see
+the event's own label or any event of its second.
+
+Why these: on this stream a new user is read from their first few labels (94 % of consecutive
+events share a user, most users evaluated after the cutoff are new there), and the strongest
+signals a peer learner finds are the user's recent positive rate, the user's rate on the item's
+category, and the item's rate (../shared/quality/PEERS.md). Gen-token prefixes are this system's
+own category hierarchy, so the user's affinity to the candidate's prefixes stands in for genres.
+
+Rates are smoothed toward 1/2 ((pos + 1) / (n + 2)) and given as logits, so a learner that adds
+them (the wide part) starts from the formula over user and item rates.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+COUNT_COLUMNS = ("user_n_events", "user_n_positives", "item_n_interactions", "item_n_positives")
+RECENT_WINDOWS = (1, 3, 5, 10, 20)  # the user's last k labelled events
+
+DENSE_FEATURES = (
+    # 0-3: log1p of the counts (the first four: what models before these features read)
+    *(f"log1p_{c}" for c in COUNT_COLUMNS),
+    "user_rate_logit", "item_rate_logit", "new_user", "new_item",
+    *(f"last{k}_rate_logit" for k in RECENT_WINDOWS),
+    "log1p_recent_n", "log1p_since_last_event", "log1p_item_age_h",
+    "prefix1_rate_logit", "log1p_prefix1_n", "prefix2_rate_logit", "log1p_prefix2_n",
+    "hist_prefix1_share", "hist_prefix2_share",
+)
+N_DENSE = len(DENSE_FEATURES)
+IDX = {name: j for j, name in enumerate(DENSE_FEATURES)}
+
+
+def _num(df: pd.DataFrame, col: str) -> np.ndarray:
+    """A numeric column as float64; missing column or null -> NaN."""
+    if col not in df.columns:
+        return np.full(len(df), np.nan)
+    return pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
+
+
+def _logit_rate(pos, n):
+    """logit of (pos + 1) / (n + 2); pos is capped at n (inconsistent rows never give NaN)."""
+    pos = np.minimum(pos, n)
+    return np.log((pos + 1.0) / (n - pos + 1.0))
+
+
+def _cell(v) -> list:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return []
+    return list(v)
+
+
+def dense_features(df: pd.DataFrame, gen: np.ndarray, known: np.ndarray, num_levels: int) -> np.ndarray:
+    """(B, N_DENSE) float32 in DENSE_FEATURES order.
+
+    df: joined rows (event_time + the Feast features; missing ones count as "nothing known");
+    gen: (B, L) the candidate's level-offset gen-tokens, valid where `known`.
+    """
+    n = len(df)
+    L = num_levels
+    out = np.zeros((n, N_DENSE), dtype=np.float64)
+    counts = [np.nan_to_num(_num(df, c), nan=0.0).clip(min=0) for c in COUNT_COLUMNS]
+    un, upos, itn, ipos = counts
+    for j, c in enumerate(counts):
+        out[:, j] = np.log1p(c)
+    out[:, IDX["user_rate_logit"]] = _logit_rate(upos, un)
+    out[:, IDX["item_rate_logit"]] = _logit_rate(ipos, itn)
+    out[:, IDX["new_user"]] = un == 0
+    out[:, IDX["new_item"]] = itn == 0
+
+    t = _num(df, "event_time")
+    last = _num(df, "last_event_time")
+    created = _num(df, "created_at")
+    since = np.where(np.isnan(last), 0.0, np.clip(t - last, 0, None))
+    age_h = np.where(np.isnan(created), 0.0, np.clip(t - created, 0, None) / 3600.0)
+
+    col = lambda c: df[c].tolist() if c in df.columns else [None] * n  # noqa: E731
+    labels, rgen, hgen = col("recent_labels"), col("recent_gen_tokens"), col("hist_gen_tokens")
+    j_last, j_n, j_p1 = IDX["last1_rate_logit"], IDX["log1p_recent_n"], IDX["prefix1_rate_logit"]
+    j_h1 = IDX["hist_prefix1_share"]
+    for i in range(n):
+        lab = np.asarray(_cell(labels[i]), dtype=np.float64)
+        for w, k in enumerate(RECENT_WINDOWS):
+            last_k = lab[-k:]
+            out[i, j_last + w] = _logit_rate(last_k.sum(), float(len(last_k)))
+        out[i, j_n] = math.log1p(len(lab))
+        if not known[i]:
+            continue
+        g0, g1 = gen[i, 0], gen[i, 1] if L > 1 else -1
+        rg = np.asarray(_cell(rgen[i]), dtype=np.int64)
+        if len(lab) and len(rg) == len(lab) * L:
+            rg = rg.reshape(-1, L)
+            m1 = rg[:, 0] == g0
+            m2 = m1 & (rg[:, 1] == g1) if L > 1 else m1
+            out[i, j_p1:j_p1 + 4] = (_logit_rate(lab[m1].sum(), float(m1.sum())), math.log1p(m1.sum()),
+                                     _logit_rate(lab[m2].sum(), float(m2.sum())), math.log1p(m2.sum()))
+        hg = np.asarray(_cell(hgen[i]), dtype=np.int64)
+        hg = hg[len(hg) % L:].reshape(-1, L)
+        if len(hg):
+            h1 = hg[:, 0] == g0
+            out[i, j_h1] = h1.mean()
+            out[i, j_h1 + 1] = (h1 & (hg[:, 1] == g1)).mean() if L > 1 else h1.mean()
+    out[:, IDX["log1p_since_last_event"]] = np.log1p(since)
+    out[:, IDX["log1p_item_age_h"]] = np.log1p(age_h)
+    return out.astype(np.float32)
