@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from trainer.features import DENSE_FEATURES, IDX, N_DENSE, dense_features
+from trainer.features import DENSE_FEATURES, IDX, N_DENSE
 from trainer.featurizer import Featurizer
 
 L, K = 3, 4
@@ -23,7 +23,7 @@ def _row(**kw) -> dict:
 
 def test_values_of_one_row():
     df = pd.DataFrame([_row()])
-    x = dense_features(df, np.array([[1, K + 2, 2 * K + 3]]), np.array([True]), L)[0]
+    x = Featurizer(L, K, ngrams=False)(df)[0].stats.numpy()[0]
     assert x.shape == (N_DENSE,) == (len(DENSE_FEATURES),)
     lg = lambda p, n: math.log((p + 1) / (n - p + 1))  # noqa: E731
     assert math.isclose(x[IDX["user_rate_logit"]], lg(3, 4), rel_tol=1e-6)

@@ -16,8 +16,6 @@ them (the wide part) starts from the formula over user and item rates.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
@@ -50,20 +48,16 @@ def _logit_rate(pos, n):
     return np.log((pos + 1.0) / (n - pos + 1.0))
 
 
-def _cell(v) -> list:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return []
-    return list(v)
-
-
-def dense_features(df: pd.DataFrame, gen: np.ndarray, known: np.ndarray, num_levels: int) -> np.ndarray:
+def dense_features(df: pd.DataFrame, gen: np.ndarray, known: np.ndarray, recent_gen: np.ndarray,
+                   recent_labels: np.ndarray, hist_gen: np.ndarray) -> np.ndarray:
     """(B, N_DENSE) float32 in DENSE_FEATURES order.
 
     df: joined rows (event_time + the Feast features; missing ones count as "nothing known");
-    gen: (B, L) the candidate's level-offset gen-tokens, valid where `known`.
+    gen: (B, L) the candidate's level-offset gen-tokens, valid where `known`; the user's events as
+    the featurizer pads them: recent_gen (B, R, L) and recent_labels (B, R) right-aligned with -1
+    labels as padding, hist_gen (B, H, L) the positives, -1 padding.
     """
     n = len(df)
-    L = num_levels
     out = np.zeros((n, N_DENSE), dtype=np.float64)
     counts = [np.nan_to_num(_num(df, c), nan=0.0).clip(min=0) for c in COUNT_COLUMNS]
     un, upos, itn, ipos = counts
@@ -79,33 +73,28 @@ def dense_features(df: pd.DataFrame, gen: np.ndarray, known: np.ndarray, num_lev
     created = _num(df, "created_at")
     since = np.where(np.isnan(last), 0.0, np.clip(t - last, 0, None))
     age_h = np.where(np.isnan(created), 0.0, np.clip(t - created, 0, None) / 3600.0)
-
-    col = lambda c: df[c].tolist() if c in df.columns else [None] * n  # noqa: E731
-    labels, rgen, hgen = col("recent_labels"), col("recent_gen_tokens"), col("hist_gen_tokens")
-    j_last, j_n, j_p1 = IDX["last1_rate_logit"], IDX["log1p_recent_n"], IDX["prefix1_rate_logit"]
-    j_h1 = IDX["hist_prefix1_share"]
-    for i in range(n):
-        lab = np.asarray(_cell(labels[i]), dtype=np.float64)
-        for w, k in enumerate(RECENT_WINDOWS):
-            last_k = lab[-k:]
-            out[i, j_last + w] = _logit_rate(last_k.sum(), float(len(last_k)))
-        out[i, j_n] = math.log1p(len(lab))
-        if not known[i]:
-            continue
-        g0, g1 = gen[i, 0], gen[i, 1] if L > 1 else -1
-        rg = np.asarray(_cell(rgen[i]), dtype=np.int64)
-        if len(lab) and len(rg) == len(lab) * L:
-            rg = rg.reshape(-1, L)
-            m1 = rg[:, 0] == g0
-            m2 = m1 & (rg[:, 1] == g1) if L > 1 else m1
-            out[i, j_p1:j_p1 + 4] = (_logit_rate(lab[m1].sum(), float(m1.sum())), math.log1p(m1.sum()),
-                                     _logit_rate(lab[m2].sum(), float(m2.sum())), math.log1p(m2.sum()))
-        hg = np.asarray(_cell(hgen[i]), dtype=np.int64)
-        hg = hg[len(hg) % L:].reshape(-1, L)
-        if len(hg):
-            h1 = hg[:, 0] == g0
-            out[i, j_h1] = h1.mean()
-            out[i, j_h1 + 1] = (h1 & (hg[:, 1] == g1)).mean() if L > 1 else h1.mean()
     out[:, IDX["log1p_since_last_event"]] = np.log1p(since)
     out[:, IDX["log1p_item_age_h"]] = np.log1p(age_h)
+
+    valid = recent_labels >= 0  # (B, R)
+    pos = recent_labels == 1
+    j_last = IDX["last1_rate_logit"]
+    for w, k in enumerate(RECENT_WINDOWS):  # right-aligned: the last k columns are the last k events
+        out[:, j_last + w] = _logit_rate(pos[:, -k:].sum(1), valid[:, -k:].sum(1))
+    out[:, IDX["log1p_recent_n"]] = np.log1p(valid.sum(1))
+
+    # affinity to the candidate's prefixes s_1 and s_1 s_2 (unknown items: no match)
+    match1 = (gen[:, None, 0] == recent_gen[:, :, 0]) & valid & known[:, None]  # (B, R)
+    match2 = match1 & (gen[:, None, 1] == recent_gen[:, :, 1]) if gen.shape[1] > 1 else match1
+    j_p1 = IDX["prefix1_rate_logit"]
+    for j, m in enumerate((match1, match2)):
+        out[:, j_p1 + 2 * j] = _logit_rate((m & pos).sum(1), m.sum(1))
+        out[:, j_p1 + 2 * j + 1] = np.log1p(m.sum(1))
+    real = hist_gen[:, :, 0] >= 0  # (B, H)
+    h1 = (gen[:, None, 0] == hist_gen[:, :, 0]) & real & known[:, None]
+    h2 = h1 & (gen[:, None, 1] == hist_gen[:, :, 1]) if gen.shape[1] > 1 else h1
+    n_hist = real.sum(1)
+    j_h1 = IDX["hist_prefix1_share"]
+    out[:, j_h1] = np.where(n_hist > 0, h1.sum(1) / np.maximum(n_hist, 1), 0.0)
+    out[:, j_h1 + 1] = np.where(n_hist > 0, h2.sum(1) / np.maximum(n_hist, 1), 0.0)
     return out.astype(np.float32)

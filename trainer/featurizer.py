@@ -117,9 +117,10 @@ class Featurizer:
         st.no_history = int((hist_gen[:, 0, 0] < 0).sum())
 
         gen = torch.tensor(gens, dtype=torch.int64).view(n, L)
-        stats = dense_features(df, gen.numpy(), np.asarray(known, dtype=bool), L)
         recent_gen, recent_ids, recent_labels = self._recent(col("recent_gen_tokens"), col("recent_item_ids"),
                                                              col("recent_labels"), unknown)
+        stats = dense_features(df, gen.numpy(), np.asarray(known, dtype=bool), recent_gen.numpy(),
+                               recent_labels.numpy(), hist_gen)
 
         batch = Batch(
             label=torch.tensor(df["label"].to_numpy(np.float32)),

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import TrainerError
+from .features import COUNT_COLUMNS
 
 # PEERS.md's configuration (-q ug -q ut -b 24) plus what the validation window [q0.25, median) of
 # ml-latest-small chose: -q ur (each user weighs the item's and their own recent rates) and
@@ -43,7 +44,6 @@ from .errors import TrainerError
 # hash collisions negligible on larger catalogues (22 scored the same here; 18 lost 0.003 AUC).
 DEFAULT_ARGS = "--loss_function logistic --link logistic -q ug -q ut -q ur --power_t 0.3 -b 24"
 
-_COUNTERS = ("user_n_events", "user_n_positives", "item_n_interactions", "item_n_positives")
 _BAD = re.compile(r"[\s:|]+")  # characters VW's text format reserves inside a feature name
 _WORD = re.compile(r"[^\w]+")  # title words: split on anything that is not a letter/digit/_
 DAY, HOUR = 86400.0, 3600.0
@@ -127,8 +127,7 @@ class VWPeer:
         for col in ("user_id", "item_id"):
             if col not in joined.columns:
                 raise PeerError(f"a peer needs column {col!r}; the frame has {list(joined.columns)}")
-        n = len(joined)
-        un, up, inn, ip = (_numeric(joined, c) for c in _COUNTERS)
+        un, up, inn, ip = (_numeric(joined, c) for c in COUNT_COLUMNS)
         cols = [_fmt("un", np.log1p(np.clip(un, 0, None))), _fmt("up", np.log1p(np.clip(up, 0, None))),
                 _fmt("in", np.log1p(np.clip(inn, 0, None))), _fmt("ip", np.log1p(np.clip(ip, 0, None)))]
         et = _numeric(joined, "event_time")
