@@ -56,22 +56,24 @@ class Learner:
 
     def train(self, batch: Batch) -> dict[str, dict[str, float]]:
         """Optimizer steps of every model on `batch`; mean loss parts per model."""
-        lc = self.lcfg
-        parts: dict[str, dict[str, float]] = {}
-        for n, m in self.models.items():
-            m.train()
-            opt, acc, k = self.optimizers[n], {}, 0
-            view = batch.select(m.inputs)
-            for _ in range(lc.epochs_per_batch):
-                for s in range(0, len(batch), lc.minibatch):
-                    loss, _, p = m.loss(view.slice(slice(s, s + lc.minibatch)))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if lc.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(m.parameters(), lc.grad_clip)
-                    opt.step()
-                    for key, v in p.items():
-                        acc[key] = acc.get(key, 0.0) + v
-                    k += 1
-            parts[n] = {key: v / max(k, 1) for key, v in acc.items()}
-        return parts
+        return {n: self.train_model(n, batch) for n in self.names}
+
+    def train_model(self, name: str, batch: Batch) -> dict[str, float]:
+        """Optimizer steps of model `name` on `batch` (every `minibatch` rows); its mean loss parts."""
+        lc, m, opt = self.lcfg, self.models[name], self.optimizers[name]
+        m.train()
+        acc: dict[str, float] = {}
+        k = 0
+        view = batch.select(m.inputs)
+        for _ in range(lc.epochs_per_batch):
+            for s in range(0, len(batch), lc.minibatch):
+                loss, _, p = m.loss(view.slice(slice(s, s + lc.minibatch)))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if lc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), lc.grad_clip)
+                opt.step()
+                for key, v in p.items():
+                    acc[key] = acc.get(key, 0.0) + v
+                k += 1
+        return {key: v / max(k, 1) for key, v in acc.items()}

@@ -41,6 +41,7 @@ from .errors import TrainerError
 from .featurizer import Featurizer, FeaturizeStats
 from .learner import Learner
 from .metrics import auc, logloss, summarize
+from .warm_start import TRAINED_UNTIL
 
 log = logging.getLogger(__name__)
 MEMORY_PARTITION = "memory:0"
@@ -157,14 +158,27 @@ class ContinuousTrainer:
     def join(self, records: Sequence[Record]) -> tuple[pd.DataFrame, float]:
         """The PIT join of a micro-batch and the seconds it took (may run in a prefetch thread)."""
         t = time.perf_counter()
-        joined = self.joiner(records_frame(records))
+        joined = self.joiner(records_frame(self.trainable(records)))
         return joined, time.perf_counter() - t
+
+    def trainable(self, records: Sequence[Record]) -> list[Record]:
+        """The records the weights do not hold yet: all of them, or, after a warm start
+        (trainer/warm_start.py), those at or after its `trained_until` second."""
+        until = self.state.extra.get(TRAINED_UNTIL)
+        return list(records) if until is None else [r for r in records if r.event_time >= until]
 
     def process(self, records: Sequence[Record], joined: "Future | None" = None) -> dict:
         """One step of the protocol: join (or take the prefetched join), score with every model,
         then train every model, advance offsets, checkpoint; returns per-model batch metrics
-        (computed from the scores taken before training)."""
+        (computed from the scores taken before training). Records a warm start already trained
+        on (`trainable`) only advance the offsets."""
         t0 = time.perf_counter()
+        if not self.trainable(records):
+            if joined is not None:
+                joined.cancel()
+            self.state.extra["skipped_trained"] = self.state.extra.get("skipped_trained", 0) + len(records)
+            self._advance(records, trained=False)
+            return {}
         joined, busy = joined.result() if joined is not None else self.join(records)
         t1 = time.perf_counter()
         batch, fst = self.featurizer(joined)
@@ -177,16 +191,10 @@ class ContinuousTrainer:
         for name, peer in self.peers.items():  # per event: each row scored, then learned
             probs[name], parts[name] = peer.score_then_learn(joined), {}
         self.timings.add(peers_s=time.perf_counter() - t4)
-        self.state.step += 1
-        self.state.events_seen += len(records)
-        for r in records:
-            key = r.partition
-            self.state.offsets[key] = max(self.state.offsets.get(key, 0), r.offset + 1)
-        self._pending += 1
-        self._journal({"kind": "trained", "step": self.state.step, "n": len(records), "offsets": offset_runs(records)})
-        ckpt_s = 0.0
-        if self._pending >= self.checkpoint_every:
-            ckpt_s = self.checkpoint()
+        skipped = len(records) - len(batch)
+        if skipped:
+            self.state.extra["skipped_trained"] = self.state.extra.get("skipped_trained", 0) + skipped
+        ckpt_s = self._advance(records, trained=True)
         t5 = time.perf_counter()
         self.timings.add(join_s=t1 - t0, join_busy_s=busy, featurize_s=t2 - t1, predict_s=t3 - t2, train_s=t4 - t3,
                          checkpoint_s=ckpt_s, total_s=t5 - t0)
@@ -197,6 +205,19 @@ class ContinuousTrainer:
             self.predictions.append(joined[["user_id", "item_id", "label", "event_time", "created_at"]]
                                     .assign(known=batch.known.numpy(), **{f"score_{n}": p for n, p in probs.items()}))
         return metrics
+
+    def _advance(self, records: Sequence[Record], trained: bool) -> float:
+        """Offsets past `records`, the journal line, and a checkpoint when one is due (its seconds)."""
+        if trained:
+            self.state.step += 1
+        self.state.events_seen += len(records)
+        for r in records:
+            key = r.partition
+            self.state.offsets[key] = max(self.state.offsets.get(key, 0), r.offset + 1)
+        self._pending += 1
+        self._journal({"kind": "trained" if trained else "skipped", "step": self.state.step, "n": len(records),
+                       "offsets": offset_runs(records)})
+        return self.checkpoint() if self._pending >= self.checkpoint_every else 0.0
 
     def _score_then_train(self, batch) -> tuple[dict, dict, float]:
         """Chunk by chunk (`LearnerConfig.score_every`): every model scores the chunk (test), then

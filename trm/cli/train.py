@@ -49,6 +49,11 @@ def _train(args) -> int:
                        journal_path=None if args.journal == "" else (args.journal or ck.parent / "journal.jsonl"))
     for n, (dense, sparse) in tr.learner.param_counts().items():
         console.print(f"{n}: dense {dense:,} / sparse {sparse:,} parameters")
+    if args.epochs and args.follow:
+        raise SystemExit("trm train: --epochs warm-starts on a window of history; run it first, then "
+                         "`trm train --follow` with the same --checkpoint-dir continues from it")
+    if args.epochs:
+        return _warm_start(args, tr, console)
     if args.follow:
         kafka = KafkaConfig.from_env(bootstrap_servers=args.bootstrap)
         done = follow_sync(tr, kafka, group_id=args.group_id, batch_size=args.batch_size, max_events=args.max_events,
@@ -64,6 +69,43 @@ def _train(args) -> int:
     console.print(f"trained on {done:,} events in {t.total_s:.1f} s ({rate:,.0f} events/s), step {tr.state.step}; "
                   f"join {t.join_s / max(t.total_s, 1e-9):.0%} of wall time; unknown items {tr.fstats.unknown_item:,}; "
                   f"checkpoint {read_latest(ck)}")
+    return 0
+
+
+def _warm_start(args, tr, console) -> int:
+    """Epochs over the window's point-in-time rows, early-stopped on its last --valid-share."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from trainer.evaluate import window_events
+    from trainer.warm_start import WarmStartConfig, WarmStartError, warm_start
+
+    if tr.resume():
+        raise SystemExit(f"trm train --epochs: {args.checkpoint_dir} already holds a checkpoint; a warm start "
+                         "begins from fresh weights: pass a new --checkpoint-dir")
+    events = window_events(args.data, args.start, args.end)
+    cfg = WarmStartConfig(max_epochs=args.epochs, patience=args.patience, valid_share=args.valid_share)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                label = "point-in-time join (Feast)" if phase == "join" else "epochs (training rows)"
+                tasks[phase] = bar.add_task(label, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        try:
+            res = warm_start(tr, events, cfg, progress)
+        except WarmStartError as exc:
+            raise SystemExit(f"trm train --epochs: {exc}") from None
+    for n in tr.learner.names:
+        aucs = ", ".join(f"{a:.4f}" for a in res.valid_auc[n])
+        console.print(f"{n}: validation AUC by epoch [{aucs}] -> kept epoch {res.best_epoch[n]}; "
+                      f"{res.examples_per_s.get(n, 0):,.0f} training rows/s alone")
+    console.print(f"warm start on {res.n_train:,} events, validated on {res.n_valid:,}, {res.epochs} epoch(s) in "
+                  f"{res.total_s:.1f} s (join {res.join_s:.1f} s); trained until {res.trained_until}; "
+                  f"checkpoint {read_latest(Path(args.checkpoint_dir))}. `trm train --follow` continues from it "
+                  "and skips the events before that second.")
     return 0
 
 
@@ -117,6 +159,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--d-model", type=int, default=None)
     t.add_argument("--blocks", type=int, default=None)
     t.add_argument("--backbone", choices=("rankmixer", "transformer"), default=None)
+    t.add_argument("--epochs", type=int, default=0,
+                   help="warm start: up to this many epochs over the --start/--end window's point-in-time rows, "
+                        "early-stopped on its last --valid-share, then checkpoint (0: replay the window once, "
+                        "prequentially)")
+    t.add_argument("--patience", type=int, default=1, help="--epochs: stop after this many epochs without a better "
+                                                            "validation AUC")
+    t.add_argument("--valid-share", type=float, default=0.2,
+                   help="--epochs: last share of the window (by event time) that early stopping validates on")
     t.add_argument("--max-events", type=int, default=None)
     t.add_argument("--bootstrap", default=None, help="--follow: Kafka bootstrap (default TRM_KAFKA_BOOTSTRAP)")
     t.add_argument("--group-id", default=TRAINER_GROUP, help="--follow: the trainer's consumer group")
