@@ -4,9 +4,12 @@
                 second half holds items it never saw (reused from --tokenizer if given / cached)
   2. features   embedded Tansu broker + the streams worker (item agent tokenizes every item,
                 interaction agent builds histories and counters) write Feast (SQLite + DuckDB)
-  3. trainer    TRM and the 4 baselines trained prequentially (score, then train) on the same
-                point-in-time joined micro-batches: examples/s and the join's share of wall time
-                (prefetched join, and a no-prefetch run for the raw join cost)
+  3. trainer    TRM and the 4 baselines warm-started on the events before the cutoff
+                (trainer/warm_start.py, --warm-epochs), then trained prequentially (score, then
+                train) on the same point-in-time joined micro-batches, with the Vowpal Wabbit peer
+                (trainer/peers.py) on the same rows: examples/s (all models, and trm alone), the
+                warm start's time, the join's share of wall time (prefetched join, and a cold
+                no-prefetch run for the raw join cost)
   4. quality    prequential AUC / GAUC / log-loss overall, after the cutoff, by item age at event
                 time and on items the tokenizer never saw; dense/sparse parameter counts
 
@@ -105,18 +108,25 @@ def mean_results(runs: list[dict[str, dict]]) -> dict[str, dict]:
     return out
 
 
-def train(repo: Path, tok, events, args, work: Path, name: str, prefetch: bool, max_events=None, seed: int = 0):
+def train(repo: Path, tok, events, args, work: Path, name: str, prefetch: bool, max_events=None, seed: int = 0,
+          history=None, items=None):
+    """One run; with `history` a warm start on it first, with `items` the VW peer beside the models."""
     from trainer.assemble import build_trainer
+    from trainer.peers import VWPeer, item_meta_of
+    from trainer.pit_join import events_frame
     from trainer.prequential import run_events
+    from trainer.warm_start import WarmStartConfig, warm_start
 
     shutil.rmtree(work / name, ignore_errors=True)  # a fresh run, never a resume of an earlier one
     tr = build_trainer(repo, tok, work / name / "ckpt", args.models.split(","),
                        config=dict(d_model=args.d_model, n_blocks=args.blocks),
                        learner=dict(minibatch=args.minibatch, lr=args.lr, seed=seed),
                        log_path=work / name / "prequential.jsonl", checkpoint_every=args.checkpoint_every,
-                       keep_predictions=True)
+                       keep_predictions=True, peers={"vw": VWPeer(item_meta_of(items), seed=seed)} if items else None)
     (work / name).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if history:
+        warm_start(tr, events_frame(history), WarmStartConfig(max_epochs=args.warm_epochs, seed=seed))
     n = run_events(tr, events, args.batch_size, max_events=max_events, prefetch=prefetch)
     wall = time.perf_counter() - t0
     return tr, n, wall
@@ -134,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--checkpoint-every", type=int, default=5)
+    ap.add_argument("--warm-epochs", type=int, default=3, help="warm start before the cutoff: most epochs (0: none)")
     ap.add_argument("--seeds", type=int, default=2, help="prequential runs (seeds) averaged in the quality table")
     ap.add_argument("--raw-join-events", type=int, default=20_000, help="events of the no-prefetch run (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "out" / "trainer_bench"))
@@ -177,22 +188,27 @@ def main(argv=None) -> int:
         raw = {"events": n, "wall_s": wall, "rate": n / wall, **tr.timings.shares()}
         log(f"no prefetch: {n / wall:,.0f} events/s, join {raw['join_s']:.0%} of wall time")
 
-    runs_all, runs_after = [], []
+    runs_all, runs_after, warm_runs, alone = [], [], [], []
+    history = [e for e in events if e.event_time < cutoff] if args.warm_epochs else None
     for seed in range(args.seeds):
-        tr_s, n_s, wall_s = train(repo, tok, events, args, work, f"seed{seed}", prefetch=True, seed=seed)
+        tr_s, n_s, wall_s = train(repo, tok, events, args, work, f"seed{seed}", prefetch=True, seed=seed,
+                                  history=history, items=ds.items)
+        warm_runs.append(tr_s.state.extra.get("warm_start"))
+        alone.append(tr_s.learner.examples_per_s())
         if seed == 0:
             tr, n, wall = tr_s, n_s, wall_s
         t_s = tr_s.timings
         log(f"seed {seed}: {n_s / wall_s:,.0f} events/s, join wait {t_s.join_s / t_s.total_s:.0%}, "
             f"join busy {t_s.join_busy_s / t_s.total_s:.0%}")
         preds = tr_s.prediction_frame()
-        names = tr_s.learner.names
+        names = tr_s.learner.names + list(tr_s.peers)
         runs_all.append(evaluate_frame(preds, names, cutoff))
         runs_after.append(evaluate_frame(preds[preds["event_time"] >= cutoff], names, cutoff))
     t = tr.timings
     shares = t.shares()
     overall, after = mean_results(runs_all), mean_results(runs_after)
     params = tr.learner.param_counts()
+    # the peer's row: what a user would pick instead, on the same events (its ratio is the headline)
 
     speed = Table(title=f"Trainer throughput ({len(names)} models, micro-batch {args.batch_size}, 1 torch thread)")
     for c in ("run", "events", "events/s", "join wait", "join busy", "featurize", "predict", "train", "checkpoint"):
@@ -205,6 +221,16 @@ def main(argv=None) -> int:
     for r in rows:
         speed.add_row(r[0], f"{r[1]:,}", f"{r[2]:,.0f}", *(f"{x:.0%}" for x in r[3:]))
     console.print(speed)
+    import numpy as np
+
+    by_model = {m: float(np.mean([a[m] for a in alone])) for m in alone[0]}
+    console.print("each model alone (its own scoring + training, examples/s, mean of seeds): "
+                  + ", ".join(f"{m} {v:,.0f}" for m, v in by_model.items()))
+    if warm_runs[0]:
+        ws = [w for w in warm_runs if w]
+        console.print(f"warm start on {ws[0]['n_train']:,} events (+{ws[0]['n_valid']:,} validation): "
+                      f"{np.mean([w['total_s'] for w in ws]):.1f} s mean (join {np.mean([w['join_s'] for w in ws]):.1f} s), "
+                      f"epochs {[w['epochs'] for w in ws]}, kept {[w['best_epoch'] for w in ws]}")
     ptab = Table(title="Parameters (embedding tables = sparse)")
     for c in ("model", "dense", "sparse"):
         ptab.add_column(c, justify="right")
@@ -221,6 +247,9 @@ def main(argv=None) -> int:
     for m, r in after.items():
         seeds.add_row(m, *(f"{a:.4f}" for a in r["auc_seeds"]))
     console.print(seeds)
+    if "vw" in after:
+        console.print("AUC after the cutoff relative to the vw peer (mean of seeds): " + ", ".join(
+            f"{m} {r['auc'] - after['vw']['auc']:+.4f}" for m, r in after.items() if m != "vw"))
     console.print(f"unknown-token rows: {tr.fstats.unknown_item:,} of {tr.fstats.rows:,}; "
                   f"stale tokenizer version: {tr.fstats.stale_version:,}")
 
@@ -228,7 +257,7 @@ def main(argv=None) -> int:
     plot_curves(str(work / "seed0" / "prequential.jsonl"), str(out / "prequential_auc.png"))
     (out / "trainer_bench.json").write_text(json.dumps({
         "events": n, "wall_s": wall, "events_per_s": n / wall, "timings": vars(t), "no_prefetch": raw,
-        "features": feats, "params": params, "tokenizer": vars(tok), "overall": overall, "after_cutoff": after,
+        "features": feats, "params": params, "warm_start": warm_runs, "examples_per_s_alone": by_model, "tokenizer": vars(tok), "overall": overall, "after_cutoff": after,
         "unknown_item_rows": tr.fstats.unknown_item, "args": vars(args)}, indent=1, default=str))
     log(f"wrote {out}/trainer_bench.json, auc_by_age.png, prequential_auc.png (work dir {work})")
     return 0

@@ -59,3 +59,28 @@ def test_cli_train_then_eval(tmp_path):
     assert set(m["results"]) == {"trm", "gen_only", "id"} and m["fit_cutoff"] == stream[200].event_time
     assert all(r["n"] == 100 for r in m["results"].values())
     assert (out / "auc_by_age.png").stat().st_size > 10_000
+
+
+@pytest.mark.integration
+def test_cli_warm_start_then_replay_continues_from_it(tmp_path, capsys):
+    from trainer.checkpoint import read_pointer, read_state
+    from trm.cli import main
+
+    stream = event_stream(400)
+    repo = make_repo(tmp_path, stream)
+    data = tmp_path / "ml"
+    write_movielens(data, stream)
+    ck = tmp_path / "run" / "ckpt"
+    common = ["--repo", str(repo), "--data", str(data), "--models", "trm,id", "--levels", str(L), "--codebook",
+              str(K), "--tokenizer-version", TOKENIZER_VERSION, "--checkpoint-dir", str(ck), "--batch-size", "100",
+              "--minibatch", "50", "--d-model", "32", "--blocks", "1", "--publish-every", "0"]
+    assert main(["train", *common, "--end", "0.5", "--epochs", "2", "--valid-share", "0.25"]) == 0
+    warm = read_state(read_pointer(ck))
+    assert warm.extra["warm_start"]["epochs"] in (1, 2) and warm.step == 0
+    assert "validation AUC by epoch" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):  # a warm start never resumes
+        main(["train", *common, "--end", "0.5", "--epochs", "2"])
+    assert main(["train", *common]) == 0  # the replay resumes the warm checkpoint: skips what it trained
+    after = read_state(read_pointer(ck))
+    n_new = sum(e.event_time >= warm.extra["trained_until"] for e in stream)
+    assert after.extra["skipped_trained"] == len(stream) - n_new and after.events_seen == len(stream)

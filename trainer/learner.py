@@ -8,6 +8,7 @@ featurize, score, train, checkpoint, the reported metrics) is trainer/prequentia
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,8 @@ class Learner:
         self.models = {n: build_model(n, cfg) for n in self.names}
         self.optimizers = {n: torch.optim.Adam(m.parameters(), lr=self.lcfg.lr, weight_decay=self.lcfg.weight_decay)
                            for n, m in self.models.items()}
+        self.busy_s = {n: 0.0 for n in self.names}  # seconds each model spent scoring and training
+        self.rows_trained = {n: 0 for n in self.names}
 
     def param_counts(self) -> dict[str, tuple[int, int]]:
         return {n: count_params(m) for n, m in self.models.items()}
@@ -50,9 +53,15 @@ class Learner:
         """P(label = 1) per model, eval mode (no token dropout)."""
         out = {}
         for n, m in self.models.items():
+            t = time.perf_counter()
             m.eval()
             out[n] = torch.sigmoid(m(batch.select(m.inputs))).numpy()
+            self.busy_s[n] += time.perf_counter() - t
         return out
+
+    def examples_per_s(self) -> dict[str, float]:
+        """Per model, rows trained per second of its own scoring and training (each model alone)."""
+        return {n: self.rows_trained[n] / s for n, s in self.busy_s.items() if s > 0}
 
     def train(self, batch: Batch) -> dict[str, dict[str, float]]:
         """Optimizer steps of every model on `batch`; mean loss parts per model."""
@@ -61,6 +70,7 @@ class Learner:
     def train_model(self, name: str, batch: Batch) -> dict[str, float]:
         """Optimizer steps of model `name` on `batch` (every `minibatch` rows); its mean loss parts."""
         lc, m, opt = self.lcfg, self.models[name], self.optimizers[name]
+        t = time.perf_counter()
         m.train()
         acc: dict[str, float] = {}
         k = 0
@@ -76,4 +86,6 @@ class Learner:
                 for key, v in p.items():
                     acc[key] = acc.get(key, 0.0) + v
                 k += 1
+        self.busy_s[name] += time.perf_counter() - t
+        self.rows_trained[name] += len(batch) * lc.epochs_per_batch
         return {key: v / max(k, 1) for key, v in acc.items()}

@@ -73,7 +73,7 @@ class WarmStartResult:
     train_s: float
     total_s: float
     peers_s: float = 0.0
-    examples_per_s: dict[str, float] = field(default_factory=dict)  # training rows/s, each model alone
+    examples_per_s: dict[str, float] = field(default_factory=dict)  # training rows/s, each model alone (its validation scoring included)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,18 +152,16 @@ def warm_start(trainer, events: pd.DataFrame, cfg: WarmStartConfig | None = None
     gen = torch.Generator().manual_seed(cfg.seed)
     best = {n: (-np.inf, 0, None) for n in learner.names}  # auc, epoch, (model state, optimizer state)
     history: dict[str, list[float]] = {n: [] for n in learner.names}
-    busy = {n: 0.0 for n in learner.names}
     t_train = time.perf_counter()
+    busy0 = dict(learner.busy_s)
     epoch, stale = 0, 0
     while epoch < cfg.max_epochs and stale < cfg.patience:
         epoch += 1
         perm = block_order(len(train), cfg.shuffle_block, gen)
         for s in range(0, len(train), cfg.step_rows):
             rows = train.slice(perm[s:s + cfg.step_rows])
-            for n in learner.names:  # one model at a time, so each model's rate is measured alone
-                t = time.perf_counter()
+            for n in learner.names:  # one model at a time (Learner.busy_s times each alone)
                 learner.train_model(n, rows)
-                busy[n] += time.perf_counter() - t
             if progress is not None:
                 progress("epoch", (epoch - 1) * len(train) + min(s + cfg.step_rows, len(train)),
                          cfg.max_epochs * len(train))
@@ -193,7 +191,8 @@ def warm_start(trainer, events: pd.DataFrame, cfg: WarmStartConfig | None = None
         n_train=len(train_ev), n_valid=len(valid_ev), trained_until=cut, epochs=epoch,
         best_epoch={n: b[1] for n, b in best.items()}, valid_auc=history, join_s=round(join_s, 2),
         train_s=round(train_s, 2), peers_s=round(peers_s, 2), total_s=round(time.perf_counter() - t0, 2),
-        examples_per_s={n: round(epoch * len(train) / busy[n], 1) for n in learner.names if busy[n] > 0})
+        examples_per_s={n: round(epoch * len(train) / (learner.busy_s[n] - busy0[n]), 1) for n in learner.names
+                        if learner.busy_s[n] > busy0[n]})
     trainer.state.extra[TRAINED_UNTIL] = cut
     trainer.state.extra["warm_start"] = result.to_dict()
     trainer.checkpoint()

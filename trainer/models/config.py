@@ -7,7 +7,8 @@ from ..features import N_DENSE
 
 # Fields added after checkpoints were first written, and the value that reproduces the model an
 # older config describes: `from_dict` fills a missing field with it, so old checkpoints still load.
-LEGACY_VALUES = {"history": "positives", "wide_dense": False, "ntp_tied_grad": True, "ntp_mean_levels": False}
+LEGACY_VALUES = {"history": "positives", "wide_dense": False, "ntp_tied_grad": True, "ntp_mean_levels": False,
+                 "ntp_item_grad": True}
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RankerConfig:
     gen_layers: int = 1  # causal transformer blocks of the generative head
     ntp_mean_levels: bool = True  # L_g = mean (not sum) of the per-level CEs
     ntp_tied_grad: bool = False  # the tied output layer sends NTP gradients into the whole gen table
+    ntp_item_grad: bool = False  # NTP's teacher-forced inputs send gradients into the gen table
 
     @property
     def gen_vocab_size(self) -> int:

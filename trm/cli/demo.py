@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mem-vocab", type=int, default=8192)
     p.add_argument("--freshness-probes", type=int, default=200)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds the replay may take")
+    p.add_argument("--warm-epochs", type=int, default=3,
+                   help="warm start on the events before the cutoff: most epochs, early-stopped (0: none)")
     p.set_defaults(func=_main)
 
 
@@ -33,12 +35,15 @@ def _main(args) -> int:
     from trm.demo import DemoError
     from trm.demo.run import DemoConfig, run_demo
 
+    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
+
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb/faust chatter, not ours
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # and the worker's
     cfg = DemoConfig(data=args.data, out=args.out, cutoff_quantile=args.cutoff_quantile, port=args.port,
                      models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                      batch_size=args.batch_size, levels=args.levels, codebook=args.codebook,
-                     mem_vocab=args.mem_vocab, freshness_probes=args.freshness_probes, timeout_s=args.timeout)
+                     mem_vocab=args.mem_vocab, freshness_probes=args.freshness_probes, timeout_s=args.timeout,
+                     warm_epochs=args.warm_epochs)
     try:
         run_demo(cfg)
     except DemoError as exc:

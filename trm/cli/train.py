@@ -27,6 +27,9 @@ def _tokenizer(args):
 
 
 def _train(args) -> int:
+    import warnings
+
+    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
     from rich.console import Console
 
     from streams.kafka_config import KafkaConfig
@@ -35,6 +38,7 @@ def _train(args) -> int:
     from trainer.prequential import run_events
     from trm.config import feast_repo_path
 
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb chatter on every join
     console = Console()
     tok = _tokenizer(args)
     ck = Path(args.checkpoint_dir)

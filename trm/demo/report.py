@@ -31,6 +31,8 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, 
     items_s = len(ds.items) / (marks["items"] - t_pub) if "items" in marks else None
     inter_s = len(ds.interactions) / (marks["interactions"] - t_inter) if "interactions" in marks else None
     t = tr.timings
+    trained = tr.state.events_seen - tr.state.extra.get("skipped_trained", 0)  # the follower's, after a warm start
+    warm = tr.state.extra.get("warm_start")
     return {
         "data": str(cfg.data), "cutoff": cutoff, "tokenizer_version": tok.version,
         "tokenizer": {k: tok.fit_report.get(k) for k in ("alignment", "rq", "bpe", "timings_s")},
@@ -41,7 +43,9 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, 
             "pipeline_items_per_s": items_s,
             "interactions_per_s": inter_s,
             "raw_consume_per_s": raw,
-            "trainer_examples_per_s": tr.state.events_seen / t.total_s if t.total_s else None,
+            "trainer_examples_per_s": trained / t.total_s if t.total_s else None,  # every model and peer
+            # each model alone: rows it scored and trained per second of its own compute
+            "trainer_examples_per_s_by_model": tr.learner.examples_per_s(),
             "trainer_join_share": t.join_s / t.total_s if t.total_s else None,
             "trainer_peers_share": t.peers_s / t.total_s if t.total_s else None,
         },
@@ -55,6 +59,7 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, 
             "trainer_unknown_item_rows": tr.fstats.unknown_item,
         },
         "stream_wall_s": t_stream,
+        "warm_start": warm,  # trainer/warm_start.py: epochs, validation AUC per epoch, seconds, rows/s
     }
 
 
@@ -106,6 +111,14 @@ def print_summary(report: dict, console) -> None:
                   f"items/s · interactions {_f(tp['interactions_per_s'], 0)}/s (raw consumer "
                   f"{_f(tp['raw_consume_per_s'], 0)}/s) · trainer {_f(tp['trainer_examples_per_s'], 0)} examples/s · "
                   f"freshness p50 {fr['p50']:.0f} ms, p99 {fr['p99']:.0f} ms")
+    alone = tp.get("trainer_examples_per_s_by_model") or {}
+    if "trm" in alone:
+        console.print(f"trm alone {alone['trm']:,.0f} examples/s (scoring + training, one thread)")
+    ws = report.get("warm_start")
+    if ws:
+        best = ", ".join(f"{n} {e}" for n, e in ws["best_epoch"].items())
+        console.print(f"warm start: {ws['n_train']:,} events, {ws['epochs']} epoch(s), {ws['total_s']:.0f} s "
+                      f"(join {ws['join_s']:.0f} s); epoch kept per model: {best}")
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -119,5 +132,5 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["", "![AUC by item age](auc_by_item_age.png)", "", "![Prequential AUC](prequential_auc.png)", "",
               "## Throughput and freshness", "", "```json",
               json.dumps({"throughput": report["throughput"], "freshness_ms": report["freshness_ms"],
-                          "events": report["events"]}, indent=2, default=_json_default), "```", ""]
+                          "events": report["events"], "warm_start": report.get("warm_start")}, indent=2, default=_json_default), "```", ""]
     path.write_text("\n".join(lines))

@@ -9,7 +9,10 @@ Order of work, each step finished before the next starts unless stated:
    this process, its own consumer group, gated on the worker's committed offsets so it never
    outruns the features);
 5. replay every item and interaction through Kafka in event-time order (items published before
-   the cutoff are the back catalogue; later ones are new and tokenized in-stream);
+   the cutoff are the back catalogue; later ones are new and tokenized in-stream); once the
+   worker has written the features of every interaction, the trainer warm-starts on the events
+   before the cutoff (trainer/warm_start.py: epochs over their point-in-time rows, early-stopped
+   on the last 20 % of them), then follows the topic from its start, skipping what it trained;
 6. when the trainer has consumed every interaction: measure freshness and raw consumer rate,
    score the prequential predictions of events after the cutoff, write report.json, report.md
    and the plots, print the summary table;
@@ -45,6 +48,7 @@ class DemoConfig:
     threads: int = 2
     freshness_probes: int = 200
     timeout_s: float = 900.0
+    warm_epochs: int = 3  # warm start before the cutoff: most epochs (0: follow the whole stream cold)
     trainer: dict = field(default_factory=dict)  # RankerConfig overrides
 
 
@@ -161,7 +165,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         console.print(f"[bold]4/6[/] worker (subprocess) and continuous trainer ({', '.join(cfg.models)})")
         procs.start("worker", trm_bin + ["worker", "--repo", str(repo), "--tokenizer", str(out / "tokenizer")],
                     out / "logs" / "worker.log", env)
-        result = _start_trainer(cfg, repo, out, kafka, len(ds.interactions), cutoff, tok, stop_trainer, ds.items)
+        history = [i for i in ds.interactions if i.event_time < cutoff]  # what the warm start learns
+        result = _start_trainer(cfg, repo, out, kafka, len(ds.interactions), cutoff, tok, stop_trainer, ds.items,
+                                history)
 
         # 5. replay
         items = sorted((ItemEvent.from_item(it) for it in ds.items.values()), key=lambda e: (e.event_time, e.item_id))
@@ -175,6 +181,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                       TimeElapsedColumn(), console=console) as bar:
             b_items = bar.add_task("items tokenized → Feast", total=len(items))
             b_inter = bar.add_task("interactions → Feast", total=len(inters))
+            b_warm = bar.add_task("warm start (epochs × rows)", total=0, visible=cfg.warm_epochs > 0)
             b_train = bar.add_task("trainer events", total=len(inters))
 
             def refresh() -> bool:
@@ -186,10 +193,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                 hi, hn = _handled(st, "items"), _handled(st, "interactions")
                 if hi >= len(items):
                     marks.setdefault("items", time.perf_counter())
-                if hn >= len(inters):
+                if hn >= len(inters) and _handled(st, "item_stats") >= len(inters):
                     marks.setdefault("interactions", time.perf_counter())
                 bar.update(b_items, completed=hi)
                 bar.update(b_inter, completed=hn)
+                if "warm" in result:
+                    bar.update(b_warm, completed=result["warm"][0], total=result["warm"][1])
                 bar.update(b_train, completed=result["trainer"].state.events_seen)
                 return result["done"].is_set()
 
@@ -206,7 +215,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             wait(lambda: "items" in marks, "tokenizing the items")
             t_inter = time.perf_counter()
             pub["interactions"] = publish_kind(kafka, "interactions", inters, progress=False)
-            wait(lambda: False, "the interaction stream and the trainer")
+            wait(lambda: "interactions" in marks, "writing the interactions' features")
+            result["features_ready"].set()  # the warm start joins history the worker has written
+            wait(lambda: False, "the warm start and the trainer")
             refresh()
         if "error" in result:
             raise DemoError(f"trainer failed: {result['error']!r}")
@@ -234,15 +245,18 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int, cutoff: int, tok,
-                   stop: threading.Event, items: dict) -> dict:
-    """The continuous trainer on a thread of this process: follow the interactions topic, with the
+                   stop: threading.Event, items: dict, history: list) -> dict:
+    """The continuous trainer on a thread of this process: once `features_ready` is set, warm-start
+    on `history` (the events before the cutoff), then follow the interactions topic, with the
     Vowpal Wabbit peer (trainer.peers) scored and trained on the same joined rows."""
     from streams.contract.topics import DEFAULT_WORKER_GROUPS
     from trainer.assemble import TokenizerInfo, build_trainer
     from trainer.kafka_source import follow_sync
     from trainer.peers import VWPeer, item_meta_of
+    from trainer.pit_join import events_frame
+    from trainer.warm_start import WarmStartConfig, warm_start
 
-    result: dict = {"done": threading.Event()}
+    result: dict = {"done": threading.Event(), "features_ready": threading.Event()}
     info = TokenizerInfo(tok.num_levels, tok.codebook_size, tok.version, cutoff)
     tr = build_trainer(repo, info, out / "trainer" / "ckpt", list(cfg.models), cfg.trainer or None,
                        dict(threads=1), models_dir=out / "trainer" / "models", publish_every=20,
@@ -253,6 +267,14 @@ def _start_trainer(cfg: DemoConfig, repo: Path, out: Path, kafka, n_events: int,
 
     def run() -> None:
         try:
+            if cfg.warm_epochs > 0:
+                while not result["features_ready"].wait(0.5):
+                    if stop.is_set():
+                        return
+                ws = WarmStartConfig(max_epochs=cfg.warm_epochs, seed=0)
+                result["warm_start"] = warm_start(
+                    tr, events_frame(history), ws,
+                    lambda phase, done, total: result.__setitem__("warm", (done, total)) if phase == "epoch" else None)
             t = time.perf_counter()
             result["events"] = follow_sync(tr, kafka, group_id="trm-demo-trainer", batch_size=cfg.batch_size,
                                            max_events=n_events, idle_timeout_s=None, partial_after_s=1e9,
