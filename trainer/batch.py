@@ -28,6 +28,10 @@ class Batch:
     recent_gen: torch.Tensor | None = None  # (B, R, L) the user's last R labelled events' gen ids, oldest first
     recent_ids: torch.Tensor | None = None  # (B, R) their item ids: ID baseline only
     recent_labels: torch.Tensor | None = None  # (B, R) their labels 0/1; -1 pads (left)
+    # who and when: never a model input (no family lists them); the per-user online weights
+    # (models/user_weights.py) key on the user and order their updates by the second
+    user_id: torch.Tensor | None = None  # (B,)
+    event_time: torch.Tensor | None = None  # (B,) epoch s
 
     def __len__(self) -> int:
         return int(self.label.shape[0])

@@ -46,7 +46,8 @@ def load_models(checkpoint: str | Path) -> tuple[dict[str, torch.nn.Module], Ran
 @torch.no_grad()
 def score(models: dict[str, torch.nn.Module], joined: pd.DataFrame, featurizer: Featurizer,
           batch_size: int = 4096) -> pd.DataFrame:
-    """Joined rows + one `score_<model>` column per model."""
+    """Joined rows + one `score_<model>` column per model (per-user weights as the checkpoint holds them:
+    an evaluation scores, it does not learn)."""
     out = joined[["user_id", "item_id", "label", "event_time", "created_at"]].copy()
     cols: dict[str, list[np.ndarray]] = {n: [] for n in models}
     known = []
@@ -54,7 +55,7 @@ def score(models: dict[str, torch.nn.Module], joined: pd.DataFrame, featurizer: 
         batch, _ = featurizer(joined.iloc[s:s + batch_size])
         known.append(batch.known.numpy())
         for n, m in models.items():
-            cols[n].append(torch.sigmoid(m(batch.select(m.inputs))).numpy())
+            cols[n].append(torch.sigmoid(m.personal_logit(batch.select(m.inputs), batch.user_id)).numpy())
     out["known"] = np.concatenate(known) if known else np.zeros(0, bool)
     for n, parts in cols.items():
         out[f"score_{n}"] = np.concatenate(parts) if parts else np.zeros(0)

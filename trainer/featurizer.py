@@ -134,6 +134,8 @@ class Featurizer:
             recent_gen=recent_gen,
             recent_ids=recent_ids,
             recent_labels=recent_labels,
+            user_id=torch.tensor(df["user_id"].to_numpy(np.int64)) if "user_id" in df.columns else None,
+            event_time=torch.tensor(df["event_time"].to_numpy(np.int64)) if "event_time" in df.columns else None,
         )
         if self.ngrams:
             grams = [self._ngrams(g) if k else ([], []) for g, k in zip(gens, known)]

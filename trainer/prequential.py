@@ -230,7 +230,7 @@ class ContinuousTrainer:
         for s in range(0, n, step):
             chunk = batch.slice(slice(s, s + step))
             t = time.perf_counter()
-            for m, p in self.learner.predict(chunk).items():  # test ...
+            for m, p in self.learner.predict_then_learn_users(chunk).items():  # test (per-user part: per second) ...
                 probs[m].append(p)
             predict_s += time.perf_counter() - t
             if s == 0:

@@ -16,11 +16,16 @@ training, then online training). Here:
    0.747 for a row shuffle;
 4. each model keeps the weights (and optimizer state) of its best validation AUC; training stops
    when no model improved for `patience` epochs or after `max_epochs`;
-5. the peers (trainer.peers) learn the training rows once, event by event in time order: their
+5. the per-user weights (trainer/models/user_weights.py) of the kept models learn the training rows
+   once, in time order, and so do the peers (trainer.peers), event by event in time order: their
    natural regime, and what they would have seen had they followed the stream;
 6. the start of the validation window becomes the checkpoint's `trained_until`: a follower
    (`trm train --follow`) skips the events before it, which the weights already hold, and learns
    the validation window prequentially, once, like any later event.
+
+Nothing is written before step 6: a warm start that crashes leaves no checkpoint, and running it
+again starts over from fresh weights (`trm train --epochs` refuses a directory that already holds
+a checkpoint, so it never mixes a warm start into a run in progress).
 
 Why the validation window is learned by the follower and not by one more epoch: the stopping
 epoch was chosen on it, so it must not have trained on it; and the follower then reports an honest
@@ -179,6 +184,8 @@ def warm_start(trainer, events: pd.DataFrame, cfg: WarmStartConfig | None = None
         if saved is not None:
             learner.models[n].load_state_dict(saved[0])
             learner.optimizers[n].load_state_dict(saved[1])
+    for s in range(0, len(train), cfg.step_rows):  # per-user weights: once, in time order, as a follower would
+        learner.predict_then_learn_users(train.slice(slice(s, s + cfg.step_rows)))
     train_s = time.perf_counter() - t_train
 
     t_peers = time.perf_counter()

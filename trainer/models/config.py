@@ -8,7 +8,7 @@ from ..features import N_DENSE
 # Fields added after checkpoints were first written, and the value that reproduces the model an
 # older config describes: `from_dict` fills a missing field with it, so old checkpoints still load.
 LEGACY_VALUES = {"history": "positives", "wide_dense": False, "ntp_tied_grad": True, "ntp_mean_levels": False,
-                 "ntp_item_grad": True}
+                 "ntp_item_grad": True, "user_weights": False}
 
 
 @dataclass
@@ -26,6 +26,10 @@ class RankerConfig:
     history: str = "recent"  # user tokens from: recent (last R events, with labels) | positives (last H)
     wide_dense: bool = True  # Wide & Deep: a linear logit on the request-time features
     max_wide: int = 8  # most wide-side ids (mem-tokens / n-grams) read per item
+    # per-user online correction of the logit, learned second by second (models/user_weights.py)
+    user_weights: bool = True
+    user_lr: float = 0.1  # its AdaGrad rate (validation window: 0.1 and 0.2 tied, 0.7663 / 0.7661)
+    user_bits: int = 18  # 2**bits hashed slots (VW's default size; raise it for millions of users)
     # backbone
     d_model: int = 64
     n_blocks: int = 2

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .config import RankerConfig
+from .user_weights import UserWeights
 
 
 class HistoryPool(nn.Module):
@@ -70,6 +71,8 @@ class Ranker(nn.Module):
         elif cfg.history != "positives":
             raise ValueError(f"unknown history {cfg.history!r}: recent | positives")
         self.wide_dense = nn.Linear(cfg.n_stats, 1) if cfg.wide_dense else None
+        # buffers, not parameters: learned online by the Learner, never by the optimizer
+        self.user_weights = UserWeights(cfg.user_bits, cfg.user_lr) if cfg.user_weights else None
 
     @property
     def recent(self) -> bool:
@@ -116,6 +119,13 @@ class Ranker(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         return self.score(batch)
+
+    def personal_logit(self, batch, users: torch.Tensor) -> torch.Tensor:
+        """(B,) the ranker's logit plus the per-user correction as it stands (serving, evaluation)."""
+        logit = self.score(batch)
+        if self.user_weights is not None:
+            logit = logit + self.user_weights.logits(users, batch.stats)
+        return logit
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """(total loss, logits, loss parts); the base objective is BCE only."""

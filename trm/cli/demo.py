@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mem-vocab", type=int, default=8192)
     p.add_argument("--freshness-probes", type=int, default=200)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds the replay may take")
-    p.add_argument("--warm-epochs", type=int, default=3,
+    p.add_argument("--warm-epochs", type=int, default=2,
                    help="warm start on the events before the cutoff: most epochs, early-stopped (0: none)")
     p.set_defaults(func=_main)
 

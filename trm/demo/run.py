@@ -48,7 +48,7 @@ class DemoConfig:
     threads: int = 2
     freshness_probes: int = 200
     timeout_s: float = 900.0
-    warm_epochs: int = 3  # warm start before the cutoff: most epochs (0: follow the whole stream cold)
+    warm_epochs: int = 2  # warm start before the cutoff: most epochs (0: follow the whole stream cold)
     trainer: dict = field(default_factory=dict)  # RankerConfig overrides
 
 
