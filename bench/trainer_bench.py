@@ -151,6 +151,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import warnings
+
+    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb chatter on every join
 
     from rich.console import Console
     from rich.table import Table
@@ -210,7 +214,8 @@ def main(argv=None) -> int:
     params = tr.learner.param_counts()
     # the peer's row: what a user would pick instead, on the same events (its ratio is the headline)
 
-    speed = Table(title=f"Trainer throughput ({len(names)} models, micro-batch {args.batch_size}, 1 torch thread)")
+    speed = Table(title=f"Trainer throughput ({len(tr.learner.names)} models + {len(tr.peers)} peer, micro-batch "
+                        f"{args.batch_size}, 1 torch thread)")
     for c in ("run", "events", "events/s", "join wait", "join busy", "featurize", "predict", "train", "checkpoint"):
         speed.add_column(c, justify="right")
     rows = [("prefetched join", n, n / wall, shares["join_s"], t.join_busy_s / t.total_s, shares["featurize_s"],
