@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default=str(ROOT / "out" / "demo"), help="a finished `trm demo --out` directory")
     ap.add_argument("--data", default=str(ROOT / "data" / "ml-latest-small"))
-    ap.add_argument("--end", type=float, default=0.4, help="time quantile: rows before it (before the validation window)")
+    ap.add_argument("--end", type=float, default=0.4,
+                    help="time quantile: rows before it (before the validation window)")
     ap.add_argument("--every", type=int, default=10, help="measure every this many optimizer steps")
     ap.add_argument("--ntp-weight", type=float, default=None, help="λ (default: RankerConfig's)")
     ap.add_argument("--tied-grad", action="store_true", help="let NTP's tied output layer push the whole gen table")

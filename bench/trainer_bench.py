@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     if warm_runs[0]:
         ws = [w for w in warm_runs if w]
         console.print(f"warm start on {ws[0]['n_train']:,} events (+{ws[0]['n_valid']:,} validation): "
-                      f"{np.mean([w['total_s'] for w in ws]):.1f} s mean (join {np.mean([w['join_s'] for w in ws]):.1f} s), "
+                      f"{np.mean([w['total_s'] for w in ws]):.1f} s mean "
+                      f"(join {np.mean([w['join_s'] for w in ws]):.1f} s), "
                       f"epochs {[w['epochs'] for w in ws]}, kept {[w['best_epoch'] for w in ws]}")
     ptab = Table(title="Parameters (embedding tables = sparse)")
     for c in ("model", "dense", "sparse"):

@@ -3,9 +3,9 @@ point-in-time rule, learning, and the table travelling with the checkpoint."""
 import torch
 
 from tests.trainer_fixtures import joined_frame, small_config
-from trainer.checkpoint import load_checkpoint, save_checkpoint, TrainState
-from trainer.featurizer import Featurizer
+from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from trainer.features import N_DENSE
+from trainer.featurizer import Featurizer
 from trainer.learner import Learner, LearnerConfig
 from trainer.models import build_model
 from trainer.models.user_weights import UserWeights

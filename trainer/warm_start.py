@@ -78,7 +78,8 @@ class WarmStartResult:
     train_s: float
     total_s: float
     peers_s: float = 0.0
-    examples_per_s: dict[str, float] = field(default_factory=dict)  # training rows/s, each model alone (its validation scoring included)
+    # training rows/s, each model alone (its validation scoring included)
+    examples_per_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,7 +103,9 @@ def split_by_time(events: pd.DataFrame, valid_share: float) -> tuple[pd.DataFram
 def block_order(n: int, block: int, gen: torch.Generator) -> torch.Tensor:
     """A permutation of range(n) that keeps runs of `block` consecutive indices together."""
     starts = torch.randperm((n + block - 1) // block, generator=gen) * block
-    return torch.cat([torch.arange(s, min(s + block, n)) for s in starts.tolist()]) if n else torch.zeros(0, dtype=torch.long)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(s, min(s + block, n)) for s in starts.tolist()])
 
 
 def _join(trainer, events: pd.DataFrame, step: int, progress: Callable[[int], None] | None) -> pd.DataFrame:

@@ -32,10 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _main(args) -> int:
     import warnings
 
+    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
+
     from trm.demo import DemoError
     from trm.demo.run import DemoConfig, run_demo
-
-    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb/faust chatter, not ours
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # and the worker's

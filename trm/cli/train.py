@@ -45,7 +45,8 @@ def _train(args) -> int:
     config = {k: v for k, v in dict(d_model=args.d_model, n_blocks=args.blocks, backbone=args.backbone).items()
               if v is not None}
     tr = build_trainer(feast_repo_path(args.repo), tok, ck, _models(args.models), config,
-                       dict(lr=args.lr, wide_lr=args.wide_lr, minibatch=args.minibatch, epochs_per_batch=args.epochs_per_batch,
+                       dict(lr=args.lr, wide_lr=args.wide_lr, minibatch=args.minibatch,
+                            epochs_per_batch=args.epochs_per_batch,
                             threads=args.threads),
                        models_dir=args.models_dir or ck.parent / "models", publish_every=args.publish_every,
                        log_path=args.metrics_log or ck.parent / "prequential.jsonl",
@@ -159,7 +160,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--minibatch", type=int, default=256, help="rows per optimizer step")
     t.add_argument("--epochs-per-batch", type=int, default=1)
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--wide-lr", type=float, default=1e-2, help="learning rate of the linear logit on the request-time features")
+    t.add_argument("--wide-lr", type=float, default=1e-2,
+                   help="learning rate of the linear logit on the request-time features")
     t.add_argument("--threads", type=int, default=1, help="torch threads")
     t.add_argument("--d-model", type=int, default=None)
     t.add_argument("--blocks", type=int, default=None)

@@ -132,5 +132,6 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["", "![AUC by item age](auc_by_item_age.png)", "", "![Prequential AUC](prequential_auc.png)", "",
               "## Throughput and freshness", "", "```json",
               json.dumps({"throughput": report["throughput"], "freshness_ms": report["freshness_ms"],
-                          "events": report["events"], "warm_start": report.get("warm_start")}, indent=2, default=_json_default), "```", ""]
+                          "events": report["events"], "warm_start": report.get("warm_start")},
+                         indent=2, default=_json_default), "```", ""]
     path.write_text("\n".join(lines))
