@@ -5,6 +5,7 @@
   compact.py    trm compact
   train.py      trm train|eval
   demo.py       trm demo
+  serve.py      trm serve
 Each module registers its subcommands (`register(subparsers)`) and imports the heavy libraries
 (torch, faust, feast) only when a command runs, so `trm --help` stays instant. This is the top of
 the house: it imports every layer, and no layer imports it.
@@ -19,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trm", description="Streaming hybrid semantic tokenization (TRM) for ranking, backed by Feast.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from trm.cli import compact, demo, streams, tokenizer, train
+    from trm.cli import compact, demo, serve, streams, tokenizer, train
 
-    for mod in (tokenizer, streams, compact, train, demo):
+    for mod in (tokenizer, streams, compact, train, demo, serve):
         mod.register(sub)
     return parser
 
