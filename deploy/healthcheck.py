@@ -2,6 +2,7 @@
 
     python deploy/healthcheck.py kafka redis            # worker: broker + online store
     python deploy/healthcheck.py kafka registry fresh=/var/lib/trm/checkpoints:900   # trainer
+    python deploy/healthcheck.py http=http://127.0.0.1:8000/healthz                  # server
 
 The worker/trainer process itself is PID 1 (its death restarts the container); these checks
 catch the other failure: alive but cut off (expired SASL credentials, a moved Redis, a stalled
@@ -84,17 +85,36 @@ def check_fresh(spec: str) -> str:
     return f"newest file {age:.0f}s old"
 
 
+def check_http(url: str, timeout_s: float = 5.0) -> str:
+    """http=URL: a GET of URL answers 2xx (the server's /healthz: a model version loaded and the
+    online store answering). Any other status, or no answer, fails with the body's first bytes."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return f"{resp.status}"
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{exc.code}: {exc.read()[:300].decode(errors='replace')}") from None
+
+
 CHECKS = {"kafka": check_kafka, "redis": check_redis, "registry": check_registry}
+PREFIXED = ("fresh=", "http=")  # checks that take an argument: fresh=PATH:SECONDS, http=URL
 
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print(f"usage: healthcheck.py {{{'|'.join(CHECKS)}|fresh=PATH:SECONDS}} ...", file=sys.stderr)
+        print(f"usage: healthcheck.py {{{'|'.join(CHECKS)}|fresh=PATH:SECONDS|http=URL}} ...", file=sys.stderr)
         return 2
     failed = False
     for name in argv:
         try:
-            detail = check_fresh(name[6:]) if name.startswith("fresh=") else CHECKS[name]()
+            if name.startswith("fresh="):
+                detail = check_fresh(name[6:])
+            elif name.startswith("http="):
+                detail = check_http(name[5:])
+            else:
+                detail = CHECKS[name]()
             print(f"{name}: ok ({detail})")
         except KeyError as exc:
             failed = True

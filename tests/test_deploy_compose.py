@@ -32,7 +32,7 @@ IMAGE_COMMANDS = {
     "postgres": {"pg_isready", "psql", "postgres"},
     "trm-stream": {"python", "trm", "sh", "feast"},  # python:3.11-slim + `pip install .`
 }
-APP_SERVICES = ("init", "tokenizer", "worker", "trainer")
+APP_SERVICES = ("init", "tokenizer", "worker", "trainer", "server")
 KAFKA_ENV = {"TRM_KAFKA_BOOTSTRAP", "TRM_KAFKA_SECURITY_PROTOCOL", "TRM_TOPIC_PREFIX",
              "TRM_KAFKA_SESSION_TIMEOUT_MS"}
 
@@ -83,7 +83,7 @@ def _config_env_names() -> set[str]:
 
 
 def test_services_present(services):
-    assert {"kafka", "redis", "postgres", "init", "worker", "trainer"} <= set(services)
+    assert {"kafka", "redis", "postgres", "init", "worker", "trainer", "server"} <= set(services)
 
 
 def test_kafka_runs_kraft_single_node(services):
@@ -114,7 +114,7 @@ def test_kafka_runs_kraft_single_node(services):
     assert any(v.endswith(env["KAFKA_LOG_DIRS"]) for v in kafka.get("volumes", [])), "broker data must be a volume"
 
 
-@pytest.mark.parametrize("name", ["kafka", "redis", "postgres", "worker", "trainer"])
+@pytest.mark.parametrize("name", ["kafka", "redis", "postgres", "worker", "trainer", "server"])
 def test_healthchecks_call_commands_in_their_image(services, name):
     svc = services[name]
     argv = _health_argv(svc)
@@ -125,7 +125,7 @@ def test_healthchecks_call_commands_in_their_image(services, name):
     if family == "trm-stream":  # our own checks: the script ships in the image and knows each check
         assert argv[1] == "/app/deploy/healthcheck.py" and (REPO_ROOT / "deploy" / "healthcheck.py").is_file()
         for check in argv[2:]:
-            assert check in healthcheck.CHECKS or check.startswith("fresh="), check
+            assert check in healthcheck.CHECKS or check.startswith(healthcheck.PREFIXED), check
     if family == "apache/kafka":
         assert "localhost:9092" in argv, "probe the broker's own listener"
     if family == "postgres":
@@ -234,7 +234,7 @@ def _trm_argv(svc: dict) -> list[str]:
     return list(cmd)
 
 
-@pytest.mark.parametrize("name", ["worker", "trainer", "tokenizer"])
+@pytest.mark.parametrize("name", ["worker", "trainer", "tokenizer", "server"])
 def test_service_commands_parse_with_the_real_cli(services, name):
     from trm.cli import build_parser
 
@@ -263,6 +263,81 @@ def test_service_commands_parse_with_the_real_cli(services, name):
         assert on_volume(str(Path(args.checkpoint_dir).parent / "models")), "published models too"
     if name == "tokenizer":
         assert on_volume(args.out) and args.out == _env(services[name])["TRM_TOKENIZER_ARTIFACT"]
+    if name == "server":
+        assert args.repo == _env(services[name])["TRM_FEAST_REPO"], "TRM_FEAST_REPO wins over --repo: keep them equal"
+        assert on_volume(args.models) and (args.host, args.port) == ("0.0.0.0", 8000)
+
+
+def _mounts(svc: dict) -> dict[str, tuple[str, str]]:
+    """container path -> (source, mode) of a service's short-syntax volumes."""
+    out = {}
+    for v in svc.get("volumes", []):
+        src, dst, *mode = v.split(":")
+        out[dst] = (src, mode[0] if mode else "rw")
+    return out
+
+
+def test_server_reads_the_trainers_published_models_read_only(services):
+    from trm.cli import build_parser
+
+    server, trainer = services["server"], services["trainer"]
+    assert server["image"] == trainer["image"] and server["build"] == trainer["build"]
+    args = build_parser().parse_args(_trm_argv(server))
+    targs = build_parser().parse_args(_trm_argv(trainer))
+    published = targs.models_dir or str(Path(targs.checkpoint_dir).parent / "models")  # `trm train`'s default
+    assert args.models == published, (args.models, published)
+    smounts, tmounts = _mounts(server), _mounts(trainer)
+    src = next((smounts[m] for m in smounts if args.models == m or args.models.startswith(m + "/")), None)
+    assert src is not None, "the server does not mount the models"
+    tsrc = next(tmounts[m] for m in tmounts if published.startswith(m + "/"))
+    assert src[0] == tsrc[0], "the server must mount the volume the trainer publishes to"
+    assert src[1] == "ro", "the server only reads the published versions"
+    for dst, (_, mode) in smounts.items():
+        assert mode == "ro", f"the server writes nothing: mount {dst} read-only"
+
+
+def test_server_waits_for_the_stores_and_checks_healthz(services):
+    server = services["server"]
+    deps = server["depends_on"]
+    for store in ("redis", "postgres"):
+        assert deps[store]["condition"] == "service_healthy", store
+    assert deps["init"]["condition"] == "service_completed_successfully", "feast apply must have run"
+    argv = _health_argv(server)
+    assert argv[:2] == ["python", "/app/deploy/healthcheck.py"]
+    url = next(a[5:] for a in argv[2:] if a.startswith("http="))
+    assert url == "http://127.0.0.1:8000/healthz"
+    assert any(p.split(":")[-1] == "8000" for p in server.get("ports", [])), "the service port is published"
+
+
+def test_healthcheck_http_check(tmp_path):
+    """deploy/healthcheck.py http=URL: 2xx passes, a 503 fails with the body, no listener fails."""
+    import http.server
+    import socket
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            code = 200 if self.path == "/ok" else 503
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b'{"reason": "no version"}')
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        assert healthcheck.main([f"http={base}/ok"]) == 0
+        assert healthcheck.main([f"http={base}/healthz"]) == 1
+    finally:
+        srv.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert healthcheck.main([f"http=http://127.0.0.1:{closed}/healthz"]) == 1
 
 
 # ------------------------------------------------------------------------------ Dockerfile

@@ -80,6 +80,7 @@ def test_base_has_the_workloads(base):
     assert ("Job", "trm-init") in kinds
     assert ("Job", "trm-tokenizer-fit") in kinds
     assert ("ConfigMap", "trm-config") in kinds
+    assert ("Deployment", "trm-server") in kinds and ("Service", "trm-server") in kinds
     trainer = _by_kind(base, "StatefulSet")["trm-trainer"]
     assert trainer["spec"]["replicas"] == 1, "one trainer owns the model and its offsets"
     assert trainer["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "checkpoints"
@@ -173,7 +174,7 @@ def _expand(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
 
 
-@pytest.mark.parametrize("name", ["trm-worker", "trm-trainer"])
+@pytest.mark.parametrize("name", ["trm-worker", "trm-trainer", "trm-server"])
 def test_container_args_parse_with_the_real_cli(base, name):
     from trm.cli import build_parser
 
@@ -214,7 +215,7 @@ def test_init_job_and_probes_call_shipped_scripts(base):
             probe = c.get("livenessProbe", {}).get("exec", {}).get("command", [])
             if probe:
                 assert probe[1] == "/app/deploy/healthcheck.py"
-                assert all(a in healthcheck.CHECKS or a.startswith("fresh=") for a in probe[2:]), probe
+                assert all(a in healthcheck.CHECKS or a.startswith(healthcheck.PREFIXED) for a in probe[2:]), probe
 
 
 def test_overlay_targets_exist(base):
@@ -248,3 +249,71 @@ def test_shell_commands_are_valid_sh(base):
     for script in scripts:
         r = subprocess.run([sh, "-n", "-c", script], capture_output=True, text=True)
         assert r.returncode == 0, f"{script!r}: {r.stderr}"
+
+
+def _parse(base, name: str):
+    from trm.cli import build_parser
+
+    w = next(d for d in _workloads(base) if d["metadata"]["name"] == name)
+    cm = _by_kind(base, "ConfigMap")["trm-config"]["data"]
+    return w, build_parser().parse_args(_expand(_pod(w)["containers"][0]["args"], cm))
+
+
+def _mount_of(workload: dict, path: str) -> tuple[dict, dict]:
+    """(volumeMount, volume) of the main container's mount holding `path`."""
+    pod = _pod(workload)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    m = next(m for m in pod["containers"][0]["volumeMounts"]
+             if path == m["mountPath"] or path.startswith(m["mountPath"] + "/"))
+    return m, volumes[m["name"]]
+
+
+def test_server_reads_what_the_trainer_publishes_read_only(base):
+    server, sargs = _parse(base, "trm-server")
+    trainer, targs = _parse(base, "trm-trainer")
+    published = targs.models_dir or str(Path(targs.checkpoint_dir).parent / "models")
+    assert sargs.models == published, (sargs.models, published)
+    cm = _by_kind(base, "ConfigMap")["trm-config"]["data"]
+    assert sargs.repo == cm["TRM_FEAST_REPO"], "TRM_FEAST_REPO wins over --repo: keep them equal"
+    smount, svol = _mount_of(server, sargs.models)
+    tmount, tvol = _mount_of(trainer, published)
+    assert smount.get("readOnly") is True, "the server only reads the published versions"
+    assert not tmount.get("readOnly")
+    assert "persistentVolumeClaim" in svol and "persistentVolumeClaim" in tvol, \
+        "a per-pod volume (the trainer's checkpoints) cannot be shared with the server"
+    claim = svol["persistentVolumeClaim"]["claimName"]
+    assert claim == tvol["persistentVolumeClaim"]["claimName"]
+    pvc = _by_kind(base, "PersistentVolumeClaim")[claim]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "one trainer writes, every server replica reads"
+    assert all(m.get("readOnly") for m in _pod(server)["containers"][0]["volumeMounts"]), "the server writes nothing"
+
+
+def test_server_probes_and_service(base):
+    server = _by_kind(base, "Deployment")["trm-server"]
+    c = _pod(server)["containers"][0]
+    _, args = _parse(base, "trm-server")
+    assert (args.host, args.port) == ("0.0.0.0", 8000)
+    assert {"containerPort": 8000, "name": "http"} in c["ports"]
+    ready = c["readinessProbe"]["httpGet"]
+    assert (ready["path"], ready["port"]) == ("/healthz", 8000), "ready = a version loaded and the store answering"
+    live = c["livenessProbe"]["httpGet"]
+    assert live["port"] == 8000 and live["path"] in ("/healthz", "/metrics")
+    assert "limits" in c["resources"] and "memory" in c["resources"]["limits"]
+    svc = _by_kind(base, "Service")["trm-server"]
+    labels = server["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items(), "the Service selects the server pods"
+    port = svc["spec"]["ports"][0]
+    assert port["port"] == 8000 and port["targetPort"] in ("http", 8000)
+
+
+def test_prometheus_scrapes_the_servers_metrics():
+    cfg = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    job = jobs["trm-server"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    for t in targets:
+        host, port = t.rsplit(":", 1)
+        assert host in compose and port == "8000", t
+    assert set(jobs) == {"trm-server"}, "only the server has a /metrics endpoint"
