@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    import feast  # noqa: F401  (its import installs a DeprecationWarning filter ahead of ours)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from trm import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     import numpy as np
     import torch
     import torch.nn.functional as F

@@ -343,10 +343,9 @@ def main(argv=None) -> int:
     ns = [int(x) for x in args.candidates.split(",")]
     cs = [int(x) for x in args.concurrency.split(",")]
     logging.basicConfig(level=logging.WARNING)
-    import warnings
+    from trm import quiet_third_party_warnings
 
-    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_third_party_warnings()
 
     import torch
     from rich.console import Console

@@ -151,10 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    import warnings
+    from trm import quiet_third_party_warnings
 
-    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb chatter on every join
+    quiet_third_party_warnings()
 
     from rich.console import Console
     from rich.table import Table

@@ -72,13 +72,12 @@ def evaluate(repo: str | Path, checkpoint: str | Path, events: pd.DataFrame, fit
 
     With `out_dir`: writes metrics.json, scores.parquet and auc_by_age.png there.
     """
-    from .pit_join import FeastJoiner
+    from .pit_join import FeastJoiner, join_in_slices
 
     models, cfg, info = load_models(checkpoint)
     need_ngrams = any(n in ("two_gram", "prefix_ngram") for n in models)
     featurizer = Featurizer.for_config(cfg, info["tokenizer_version"], ngrams=need_ngrams)
-    joiner = FeastJoiner(str(repo))
-    joined = pd.concat([joiner(events.iloc[s:s + 20_000]) for s in range(0, len(events), 20_000)], ignore_index=True)
+    joined = join_in_slices(FeastJoiner(str(repo)), events)
     scored = score(models, joined, featurizer, batch_size)
     cutoff = fit_cutoff if fit_cutoff is not None else info.get("tokenizer_fit_cutoff")
     results = evaluate_frame(scored, list(models), cutoff)

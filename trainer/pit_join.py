@@ -13,7 +13,7 @@ FeatureServiceNotFoundException): apply it again (`feast apply`, or streams.feat
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
@@ -66,6 +66,18 @@ def historical_features(store, events: pd.DataFrame, features=None) -> pd.DataFr
     if len(joined) != len(entity):
         raise JoinError(f"point-in-time join returned {len(joined)} rows for {len(entity)} events")
     return joined.sort_values(ROW, kind="stable").drop(columns=[ROW]).reset_index(drop=True)
+
+
+def join_in_slices(joiner: Callable[[pd.DataFrame], pd.DataFrame], events: pd.DataFrame, step: int = 20_000,
+                   progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """`joiner` over `events` in slices of `step` rows (one Feast query per slice bounds its memory),
+    concatenated in input order; `progress(rows joined so far)` after each slice."""
+    parts = []
+    for s in range(0, len(events), step):
+        parts.append(joiner(events.iloc[s:s + step].reset_index(drop=True)))
+        if progress is not None:
+            progress(min(s + step, len(events)))
+    return pd.concat(parts, ignore_index=True) if parts else joiner(events)
 
 
 class FeastJoiner:

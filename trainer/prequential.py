@@ -176,8 +176,7 @@ class ContinuousTrainer:
         if not self.trainable(records):
             if joined is not None:
                 joined.cancel()
-            self.state.extra["skipped_trained"] = self.state.extra.get("skipped_trained", 0) + len(records)
-            self._advance(records, trained=False)
+            self._advance(records, n_trained=0)
             return {}
         joined, busy = joined.result() if joined is not None else self.join(records)
         t1 = time.perf_counter()
@@ -191,10 +190,7 @@ class ContinuousTrainer:
         for name, peer in self.peers.items():  # per event: each row scored, then learned
             probs[name], parts[name] = peer.score_then_learn(joined), {}
         self.timings.add(peers_s=time.perf_counter() - t4)
-        skipped = len(records) - len(batch)
-        if skipped:
-            self.state.extra["skipped_trained"] = self.state.extra.get("skipped_trained", 0) + skipped
-        ckpt_s = self._advance(records, trained=True)
+        ckpt_s = self._advance(records, n_trained=len(batch))
         t5 = time.perf_counter()
         self.timings.add(join_s=t1 - t0, join_busy_s=busy, featurize_s=t2 - t1, predict_s=t3 - t2, train_s=t4 - t3,
                          checkpoint_s=ckpt_s, total_s=t5 - t0)
@@ -206,8 +202,12 @@ class ContinuousTrainer:
                                     .assign(known=batch.known.numpy(), **{f"score_{n}": p for n, p in probs.items()}))
         return metrics
 
-    def _advance(self, records: Sequence[Record], trained: bool) -> float:
-        """Offsets past `records`, the journal line, and a checkpoint when one is due (its seconds)."""
+    def _advance(self, records: Sequence[Record], n_trained: int) -> float:
+        """Offsets past `records` (of which `n_trained` were trained, the rest skipped as already in the
+        warm-started weights), the journal line, and a checkpoint when one is due (its seconds)."""
+        trained = n_trained > 0
+        if n_trained < len(records):
+            self.state.extra["skipped_trained"] = self.state.extra.get("skipped_trained", 0) + len(records) - n_trained
         if trained:
             self.state.step += 1
         self.state.events_seen += len(records)

@@ -46,6 +46,7 @@ import torch
 from .batch import Batch
 from .errors import TrainerError
 from .metrics import auc
+from .pit_join import join_in_slices
 
 log = logging.getLogger(__name__)
 TRAINED_UNTIL = "trained_until"  # TrainState.extra key: events before this epoch second are in the weights
@@ -108,15 +109,6 @@ def block_order(n: int, block: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([torch.arange(s, min(s + block, n)) for s in starts.tolist()])
 
 
-def _join(trainer, events: pd.DataFrame, step: int, progress: Callable[[int], None] | None) -> pd.DataFrame:
-    parts = []
-    for s in range(0, len(events), step):
-        parts.append(trainer.joiner(events.iloc[s:s + step].reset_index(drop=True)))
-        if progress is not None:
-            progress(min(s + step, len(events)))
-    return pd.concat(parts, ignore_index=True)
-
-
 def _scores(learner, batch: Batch, step: int) -> dict[str, np.ndarray]:
     out: dict[str, list] = {n: [] for n in learner.names}
     for s in range(0, len(batch), step):
@@ -144,7 +136,7 @@ def warm_start(trainer, events: pd.DataFrame, cfg: WarmStartConfig | None = None
     def joined(part: pd.DataFrame) -> pd.DataFrame:
         base = done[0]
         cb = (lambda k: progress("join", base + k, n_all)) if progress else None
-        out = _join(trainer, part, cfg.join_batch, cb)
+        out = join_in_slices(trainer.joiner, part, cfg.join_batch, cb)
         done[0] += len(part)
         return out
 

@@ -30,14 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args) -> int:
-    import warnings
-
-    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
-
+    from trm import quiet_third_party_warnings
     from trm.demo import DemoError
     from trm.demo.run import DemoConfig, run_demo
 
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb/faust chatter, not ours
+    quiet_third_party_warnings()
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # and the worker's
     cfg = DemoConfig(data=args.data, out=args.out, cutoff_quantile=args.cutoff_quantile, port=args.port,
                      models=tuple(m.strip() for m in args.models.split(",") if m.strip()),

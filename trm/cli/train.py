@@ -27,18 +27,16 @@ def _tokenizer(args):
 
 
 def _train(args) -> int:
-    import warnings
-
-    import feast  # noqa: F401  importing it puts a "once" DeprecationWarning filter ahead of ours
     from rich.console import Console
 
     from streams.kafka_config import KafkaConfig
     from trainer.assemble import build_trainer
     from trainer.kafka_source import follow_sync
     from trainer.prequential import run_events
+    from trm import quiet_third_party_warnings
     from trm.config import feast_repo_path
 
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # ibis/duckdb chatter on every join
+    quiet_third_party_warnings()
     console = Console()
     tok = _tokenizer(args)
     ck = Path(args.checkpoint_dir)
