@@ -7,7 +7,10 @@ offline, a TRM trained on it and published as v1: 60 items with tokens, 30 users
 only), candidates drawn from the items that have tokens (the offline item_tokens part files list
 them) and users from its user_history.
 
-Measured, in one run, for candidate counts --candidates (default 1, 100, 1000):
+Measured, in one run, for each --token-cache mode (default both: `off`, item tokens from the Feast
+online store; `kafka`, from the in-process cache of the item_tokens topic, trainer/serving/
+token_cache.py, fed by an embedded Tansu broker that this script fills with the online store's
+item_tokens rows of every candidate item) and candidate counts --candidates (default 1, 100, 1000):
 
   1. service  a real uvicorn server (127.0.0.1, a free port; in a background thread of this process
               by default, `--server process` runs `python -m trm.cli serve` instead, so the load
@@ -16,8 +19,10 @@ Measured, in one run, for candidate counts --candidates (default 1, 100, 1000):
               http.client connection sending the next request as soon as the last is answered.
               Each cell is bounded by --requests and --max-seconds (whichever comes first), after
               --warmup untimed requests. p50 / p99 latency and requests/s per cell.
-  2. read     the bare Feast online read, trainer.serving.online.OnlineFeatures.read (the rows,
-              get_online_features on the ranker FeatureService, the joined frame), no HTTP.
+  2. read     the bare feature read, no HTTP: trainer.serving.online.OnlineFeatures.read (the rows,
+              get_online_features on the ranker FeatureService, the joined frame), or with the
+              kafka cache CachedOnlineFeatures.read (the user's and item_stats views from Feast,
+              item tokens from the cache).
   3. score    the bare featurize + forward, trainer.evaluate.score on that read's frame with the
               served bundle (trainer.serving.registry.load_bundle of the LATEST version).
 
@@ -30,7 +35,7 @@ each cell's mean read and score inside the service too.
 The issue's goal, on 2 cores: p99 <= 25 ms at 100 candidates and overhead <= 1.3x. It is reported as
 met or not; this script does not tune anything toward it.
 
-    python bench/serve_bench.py [--demo out/demo3] [--requests 200] [--max-seconds 20] [--out DIR]
+    python bench/serve_bench.py [--demo out/demo3] [--token-cache off,kafka] [--requests 200] [--max-seconds 20]
 """
 from __future__ import annotations
 
@@ -167,12 +172,13 @@ def wait_healthy(port: int, timeout: float, alive=lambda: True) -> dict:
 class ThreadServer:
     """create_app + uvicorn.Server in a daemon thread of this process (as tests/test_serve.py)."""
 
-    def __init__(self, world: World, max_candidates: int):
+    def __init__(self, world: World, max_candidates: int, kafka=None):
         import uvicorn
 
         from trainer.serving.app import create_app
 
-        self.app = create_app(world.repo, world.models, max_candidates=max_candidates, poll_s=2.0)
+        self.app = create_app(world.repo, world.models, max_candidates=max_candidates, poll_s=2.0,
+                              token_cache=token_cache(kafka))
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -180,6 +186,9 @@ class ThreadServer:
     def __enter__(self):
         self.thread.start()
         self.health = wait_healthy(self.port, 60)
+        cache = self.app.state.token_cache
+        if cache is not None and not cache.wait_caught_up(60):
+            raise SystemExit(f"the token cache did not catch up: {cache.status()}")
         return self
 
     def __exit__(self, *exc):
@@ -193,11 +202,13 @@ class ThreadServer:
 class ProcessServer:
     """`python -m trm.cli serve` in a child process: its own interpreter and GIL."""
 
-    def __init__(self, world: World, max_candidates: int):
+    def __init__(self, world: World, max_candidates: int, kafka=None):
         self.port = free_port()
         self.argv = [sys.executable, "-m", "trm.cli", "serve", "--repo", str(world.repo), "--models", str(world.models),
                      "--host", "127.0.0.1", "--port", str(self.port), "--max-candidates", str(max_candidates),
                      "--log-level", "warning"]
+        if kafka is not None:
+            self.argv += ["--token-cache", "kafka", "--bootstrap", kafka.bootstrap_servers]
         self.app = None
 
     def __enter__(self):
@@ -205,6 +216,13 @@ class ProcessServer:
         self.proc = subprocess.Popen(self.argv, cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL)
         try:
             self.health = wait_healthy(self.port, 120, alive=lambda: self.proc.poll() is None)
+            if "token_cache" in self.health:
+                end = time.monotonic() + 60
+                while not self.health["token_cache"]["caught_up"]:
+                    if time.monotonic() > end:
+                        raise SystemExit(f"the token cache did not catch up: {self.health['token_cache']}")
+                    time.sleep(0.1)
+                    self.health = json.loads(get(self.port, "/healthz")[1])
         except BaseException:
             self.__exit__()
             raise
@@ -220,6 +238,40 @@ class ProcessServer:
 
     def sample(self, name: str) -> float:
         return 0.0
+
+
+# ------------------------------------------------------------------------------ token cache
+def fill_item_tokens(config, repo: Path, items: list[int]) -> int:
+    """Produce the online store's item_tokens rows of `items` to item_tokens, as the item agent does
+    (ItemTokensEvent, keyed by item; streams/item_agent.py), so the cache holds what Feast holds."""
+    from feast import FeatureStore
+
+    from streams.contract.codec import AvroCodec
+    from streams.contract.events import ItemTokensEvent
+    from streams.contract.topics import ITEM_TOKENS
+    from streams.publisher import publish_raw
+
+    cols = ("gen_tokens", "mem_tokens", "tokenizer_version", "created_at", "retired")
+    got = FeatureStore(repo_path=str(repo)).get_online_features(
+        features=[f"item_tokens:{c}" for c in cols], entity_rows=[{"item_id": i} for i in items]).to_dict()
+    codec, pairs = AvroCodec(), []
+    for j, item in enumerate(items):
+        if got["gen_tokens"][j] is None:
+            continue
+        ev = ItemTokensEvent(item, list(got["gen_tokens"][j]), list(got["mem_tokens"][j] or []),
+                             got["tokenizer_version"][j], int(got["created_at"][j]), int(got["created_at"][j]),
+                             bool(got["retired"][j]))
+        pairs.append((str(item).encode(), codec.encode(ev.to_record(), "ItemTokensEvent")))
+    return publish_raw(config, ITEM_TOKENS, pairs)
+
+
+def token_cache(kafka):
+    """A KafkaTokenCache on `kafka` (a KafkaConfig), or None (mode off)."""
+    if kafka is None:
+        return None
+    from trainer.serving.token_cache import KafkaTokenCache
+
+    return KafkaTokenCache(kafka)
 
 
 # ------------------------------------------------------------------------------ load
@@ -289,12 +341,14 @@ def run_cell(port: int, requests: list[tuple[int, list[int]]], clients: int, max
     return cell
 
 
-def bare(world: World, bundle, requests, max_requests: int, max_seconds: float, warmup: int) -> dict:
-    """OnlineFeatures.read, then trainer.evaluate.score on its frame, per request, sequentially (no HTTP)."""
-    from trainer.evaluate import score
-    from trainer.serving.online import OnlineFeatures
+def bare(world: World, bundle, requests, max_requests: int, max_seconds: float, warmup: int, cache=None) -> dict:
+    """The feature read, then trainer.evaluate.score on its frame, per request, sequentially (no HTTP).
 
-    online = OnlineFeatures(str(world.repo))
+    `cache`: a started, caught-up KafkaTokenCache (CachedOnlineFeatures), or None (OnlineFeatures)."""
+    from trainer.evaluate import score
+    from trainer.serving.online import CachedOnlineFeatures, OnlineFeatures
+
+    online = OnlineFeatures(str(world.repo)) if cache is None else CachedOnlineFeatures(str(world.repo), cache)
     online.open()
     read_s, store_s, score_s = [], [], []
     end = None
@@ -334,6 +388,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seconds", type=float, default=20.0, help="seconds per cell, at most")
     ap.add_argument("--warmup", type=int, default=5, help="untimed requests per client (and per bare run)")
     ap.add_argument("--distinct", type=int, default=64, help="distinct requests per candidate count (cycled)")
+    ap.add_argument("--token-cache", default="off,kafka",
+                    help="comma list of token-cache modes to measure: off (Feast), kafka (the item_tokens cache)")
     ap.add_argument("--server", choices=("thread", "process"), default="thread",
                     help="uvicorn in a thread of this process (as the tests) or `trm serve` as a child process")
     ap.add_argument("--seed", type=int, default=0)
@@ -369,10 +425,102 @@ def main(argv=None) -> int:
         f"serving {bundle.version} ({bundle.model_name}, step {bundle.step}); setup {time.perf_counter() - t_setup:.1f} s")
     reqs = {n: make_requests(world, n, args.distinct, args.seed + n) for n in ns}
 
+    modes = [m for m in args.token_cache.split(",") if m]
+    if not modes or set(modes) - {"off", "kafka"}:
+        raise SystemExit(f"--token-cache {args.token_cache!r}: a comma list of off, kafka")
+    broker = kafka = None
+    if "kafka" in modes:  # an embedded broker whose item_tokens topic holds what the online store holds
+        from streams.broker import EmbeddedBroker
+        from streams.contract.topics import create_topics
+        from streams.kafka_config import KafkaConfig
+
+        broker = EmbeddedBroker().start()
+        kafka = KafkaConfig(bootstrap_servers=broker.bootstrap)
+        create_topics(kafka)
+        log(f"token cache: {fill_item_tokens(kafka, world.repo, world.items):,} item_tokens records on {broker.bootstrap}")
+    try:
+        cells, parts, summary = {}, {}, {}
+        for mode in modes:
+            c_, p_, s_ = measure(world, bundle, reqs, ns, cs, args, kafka if mode == "kafka" else None, mode)
+            cells.update({(mode, *k): v for k, v in c_.items()})
+            parts.update({(mode, n): v for n, v in p_.items()})
+            summary.update({(mode, n): v for n, v in s_.items()})
+    finally:
+        if broker is not None:
+            broker.stop()
+
+    # tables
+    tab = Table(title=f"trm serve over HTTP ({args.server} server, {bundle.version}; {world.source}; "
+                      f"<= {args.requests} requests / {args.max_seconds:g} s per cell; "
+                      f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs)")
+    for col in ("token cache", "candidates", "clients", "requests", "errors", "p50 ms", "p99 ms", "req/s",
+                "in-service read ms", "in-service score ms"):
+        tab.add_column(col, justify="right")
+    f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    for (mode, n, c), r in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][2], modes.index(kv[0][0]))):
+        tab.add_row(mode, f"{n:,}", str(c), f"{r['requests']:,}", str(r["errors"]), f(r["p50_ms"]), f(r["p99_ms"]),
+                    f(r["rps"]), f(r["inside_read_mean_ms"]), f(r["inside_score_mean_ms"]))
+    console.print(tab)
+    tab2 = Table(title="The same requests without HTTP (sequential) and the service's overhead "
+                       "= service p50 (1 client) / (read p50 + score p50)")
+    for col in ("token cache", "candidates", "requests", "read p50", "read p99", "(store calls p50)", "score p50",
+                "score p99", "read+score p50", "service p50", "overhead", "HTTP + rest p50", "dominant"):
+        tab2.add_column(col, justify="right")
+    for n in ns:
+        for mode in modes:
+            p, s = parts[mode, n], summary[mode, n]
+            tab2.add_row(mode, f"{n:,}", f"{p['requests']:,}", f(p["read_p50_ms"]), f(p["read_p99_ms"]),
+                         f(p["store_p50_ms"]), f(p["score_p50_ms"]), f(p["score_p99_ms"]), f(s["bare_p50_ms"]),
+                         f(s["service_p50_ms"]), f"{s['overhead']:.2f}x", f(s["rest_ms"]), s["dominant"])
+    console.print(tab2)
+
+    goal = {}
+    if GOAL_CANDIDATES in ns and 1 in cs:
+        verdict = lambda ok: "[green]met[/green]" if ok else "[red]NOT met[/red]"  # noqa: E731
+        for mode in modes:
+            c1 = cells[mode, GOAL_CANDIDATES, 1]
+            ov = summary[mode, GOAL_CANDIDATES]["overhead"]
+            goal[mode] = {"p99_ms": c1["p99_ms"], "p99_goal_ms": GOAL_P99_MS, "p99_met": c1["p99_ms"] <= GOAL_P99_MS,
+                          "overhead": ov, "overhead_goal": GOAL_OVERHEAD, "overhead_met": ov <= GOAL_OVERHEAD,
+                          "p99_ms_by_clients": {c: cells[mode, GOAL_CANDIDATES, c]["p99_ms"] for c in cs}}
+            console.print(f"token cache {mode}: goal at {GOAL_CANDIDATES} candidates, 1 client: p99 "
+                          f"{c1['p99_ms']:.1f} ms (<= {GOAL_P99_MS:g}) {verdict(goal[mode]['p99_met'])}; overhead "
+                          f"{ov:.2f}x (<= {GOAL_OVERHEAD}) {verdict(goal[mode]['overhead_met'])}" + "".join(
+                              f"; p99 with {c} clients {cells[mode, GOAL_CANDIDATES, c]['p99_ms']:.1f} ms"
+                              for c in cs if c != 1))
+    for mode in modes:
+        console.print(f"token cache {mode}: dominant part of a 1-client request: " + ", ".join(
+            f"{n:,} candidates: {summary[mode, n]['dominant']}" for n in ns))
+
+    key = lambda k: "_".join(str(x) for x in k)  # noqa: E731
+    figures = {
+        "source": world.source, "server": args.server, "model_version": bundle.version, "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "token_cache_modes": modes,
+        "service": list(cells.values()), "bare": {key(k): v for k, v in parts.items()},
+        "summary": {key(k): v for k, v in summary.items()}, "goal": goal, "args": vars(args)}
+    (out / "serve_bench.json").write_text(json.dumps(figures, indent=1, default=str))
+    log(f"wrote {out}/serve_bench.json")
+    print(json.dumps({
+        "source": world.source, "server": args.server,
+        "cells": {f"{r['token_cache']}_n{r['candidates']}_c{r['clients']}": {
+            "p50_ms": round(r["p50_ms"], 2), "p99_ms": round(r["p99_ms"], 2), "rps": round(r["rps"], 1),
+            "requests": r["requests"], "errors": r["errors"]} for r in cells.values()},
+        "bare": {key(k): {"read_p50_ms": round(v["read_p50_ms"], 2), "score_p50_ms": round(v["score_p50_ms"], 2)}
+                 for k, v in parts.items()},
+        "overhead": {key(k): round(v["overhead"], 3) for k, v in summary.items()},
+        "dominant": {key(k): v["dominant"] for k, v in summary.items()},
+        "goal": {m: {k: g[k] for k in ("p99_ms", "p99_met", "overhead", "overhead_met")} for m, g in goal.items()}},
+        default=str))
+    return 0
+
+
+def measure(world: World, bundle, reqs: dict, ns: list[int], cs: list[int], args, kafka, mode: str):
+    """One token-cache mode: the service cells (n, clients), then the bare read and score per n, then
+    which part dominates a 1-client request. `kafka`: the broker's KafkaConfig (mode kafka) or None."""
     # 1. the service
     cells: dict[tuple[int, int], dict] = {}
     Server = ThreadServer if args.server == "thread" else ProcessServer
-    with Server(world, max(ns)) as srv:
+    with Server(world, max(ns), kafka) as srv:
         if srv.health["model_version"] != bundle.version:
             raise SystemExit(f"the server serves {srv.health['model_version']}, the bare path {bundle.version}")
         for n in ns:
@@ -385,22 +533,33 @@ def main(argv=None) -> int:
                     s, cnt = srv.sample(f"{k}_sum") - before[k][0], srv.sample(f"{k}_count") - before[k][1]
                     inside[k] = s / cnt * 1e3 if cnt else None
                 lat = cell.latencies
-                cells[n, c] = {"candidates": n, "clients": c, "requests": len(lat), "errors": cell.errors,
-                               "statuses": cell.statuses, "wall_s": cell.wall_s,
-                               "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "mean_ms": sum(lat) / len(lat) * 1e3 if lat else float("nan"),
+                cells[n, c] = {"token_cache": mode, "candidates": n, "clients": c, "requests": len(lat),
+                               "errors": cell.errors, "statuses": cell.statuses, "wall_s": cell.wall_s,
+                               "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+                               "mean_ms": sum(lat) / len(lat) * 1e3 if lat else float("nan"),
                                "rps": len(lat) / cell.wall_s if cell.wall_s else float("nan"),
                                "inside_read_mean_ms": inside[names[0]], "inside_score_mean_ms": inside[names[1]]}
-                log(f"service n={n} c={c}: {len(lat)} requests in {cell.wall_s:.1f} s, "
+                log(f"[{mode}] service n={n} c={c}: {len(lat)} requests in {cell.wall_s:.1f} s, "
                     f"p50 {cells[n, c]['p50_ms']:.1f} ms, p99 {cells[n, c]['p99_ms']:.1f} ms, errors {cell.errors}")
 
     # 2 + 3. the bare parts, the same requests, no HTTP (the server is stopped: nothing else runs)
+    cache = token_cache(kafka)
+    if cache is not None:
+        cache.start()
+        if not cache.wait_caught_up(60):
+            raise SystemExit(f"the token cache did not catch up: {cache.status()}")
     parts: dict[int, dict] = {}
-    for n in ns:
-        b = bare(world, bundle, reqs[n], args.requests, args.max_seconds, args.warmup)
-        parts[n] = {"requests": len(b["read"]), "read_p50_ms": pct(b["read"], 50), "read_p99_ms": pct(b["read"], 99),
-                    "store_p50_ms": pct(b["store"], 50), "score_p50_ms": pct(b["score"], 50),
-                    "score_p99_ms": pct(b["score"], 99)}
-        log(f"bare n={n}: read p50 {parts[n]['read_p50_ms']:.1f} ms, score p50 {parts[n]['score_p50_ms']:.1f} ms")
+    try:
+        for n in ns:
+            b = bare(world, bundle, reqs[n], args.requests, args.max_seconds, args.warmup, cache)
+            parts[n] = {"requests": len(b["read"]), "read_p50_ms": pct(b["read"], 50),
+                        "read_p99_ms": pct(b["read"], 99), "store_p50_ms": pct(b["store"], 50),
+                        "score_p50_ms": pct(b["score"], 50), "score_p99_ms": pct(b["score"], 99)}
+            log(f"[{mode}] bare n={n}: read p50 {parts[n]['read_p50_ms']:.1f} ms, "
+                f"score p50 {parts[n]['score_p50_ms']:.1f} ms")
+    finally:
+        if cache is not None:
+            cache.stop()
 
     summary: dict[int, dict] = {}
     for n in ns:
@@ -408,69 +567,11 @@ def main(argv=None) -> int:
         bare_p50 = p["read_p50_ms"] + p["score_p50_ms"]
         svc = cells.get((n, 1)) or cells[n, min(cs)]
         rest = svc["p50_ms"] - bare_p50
-        shares = {"feast read": p["read_p50_ms"], "featurize + score": p["score_p50_ms"], "HTTP + rest": rest}
+        shares = {"feature read": p["read_p50_ms"], "featurize + forward": p["score_p50_ms"], "HTTP + rest": rest}
         summary[n] = {"bare_p50_ms": bare_p50, "service_p50_ms": svc["p50_ms"], "service_clients": svc["clients"],
                       "overhead": svc["p50_ms"] / bare_p50 if bare_p50 else float("nan"),
                       "rest_ms": rest, "dominant": max(shares, key=shares.get)}
-
-    # tables
-    tab = Table(title=f"trm serve over HTTP ({args.server} server, {bundle.version}; {world.source}; "
-                      f"<= {args.requests} requests / {args.max_seconds:g} s per cell; "
-                      f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs)")
-    for col in ("candidates", "clients", "requests", "errors", "p50 ms", "p99 ms", "req/s",
-                "in-service read ms", "in-service score ms"):
-        tab.add_column(col, justify="right")
-    f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-    for (n, c), r in cells.items():
-        tab.add_row(f"{n:,}", str(c), f"{r['requests']:,}", str(r["errors"]), f(r["p50_ms"]), f(r["p99_ms"]),
-                    f(r["rps"]), f(r["inside_read_mean_ms"]), f(r["inside_score_mean_ms"]))
-    console.print(tab)
-    tab2 = Table(title="The same requests without HTTP (sequential) and the service's overhead "
-                       "= service p50 (1 client) / (read p50 + score p50)")
-    for col in ("candidates", "requests", "read p50", "read p99", "(store call p50)", "score p50", "score p99",
-                "read+score p50", "service p50", "overhead", "HTTP + rest p50", "dominant"):
-        tab2.add_column(col, justify="right")
-    for n in ns:
-        p, s = parts[n], summary[n]
-        tab2.add_row(f"{n:,}", f"{p['requests']:,}", f(p["read_p50_ms"]), f(p["read_p99_ms"]), f(p["store_p50_ms"]),
-                     f(p["score_p50_ms"]), f(p["score_p99_ms"]), f(s["bare_p50_ms"]), f(s["service_p50_ms"]),
-                     f"{s['overhead']:.2f}x", f(s["rest_ms"]), s["dominant"])
-    console.print(tab2)
-
-    goal = None
-    if GOAL_CANDIDATES in ns and 1 in cs:
-        c1 = cells[GOAL_CANDIDATES, 1]
-        ov = summary[GOAL_CANDIDATES]["overhead"]
-        goal = {"p99_ms": c1["p99_ms"], "p99_goal_ms": GOAL_P99_MS, "p99_met": c1["p99_ms"] <= GOAL_P99_MS,
-                "overhead": ov, "overhead_goal": GOAL_OVERHEAD, "overhead_met": ov <= GOAL_OVERHEAD,
-                "p99_ms_by_clients": {c: cells[GOAL_CANDIDATES, c]["p99_ms"] for c in cs}}
-        verdict = lambda ok: "[green]met[/green]" if ok else "[red]NOT met[/red]"  # noqa: E731
-        console.print(f"goal at {GOAL_CANDIDATES} candidates, 1 client: p99 {c1['p99_ms']:.1f} ms "
-                      f"(<= {GOAL_P99_MS:g}) {verdict(goal['p99_met'])}; overhead {ov:.2f}x (<= {GOAL_OVERHEAD}) "
-                      f"{verdict(goal['overhead_met'])}" + "".join(
-                          f"; p99 with {c} clients {cells[GOAL_CANDIDATES, c]['p99_ms']:.1f} ms" for c in cs if c != 1))
-    console.print("dominant part of a 1-client request: " + ", ".join(f"{n:,} candidates: {s['dominant']}"
-                                                                     for n, s in summary.items()))
-
-    figures = {
-        "source": world.source, "server": args.server, "model_version": bundle.version, "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "service": [cells[k] for k in cells], "bare": {str(n): parts[n] for n in ns},
-        "summary": {str(n): summary[n] for n in ns}, "goal": goal, "args": vars(args)}
-    (out / "serve_bench.json").write_text(json.dumps(figures, indent=1, default=str))
-    log(f"wrote {out}/serve_bench.json")
-    print(json.dumps({
-        "source": world.source, "server": args.server,
-        "cells": {f"n{r['candidates']}_c{r['clients']}": {"p50_ms": round(r["p50_ms"], 2), "p99_ms": round(r["p99_ms"], 2),
-                                                            "rps": round(r["rps"], 1), "requests": r["requests"],
-                                                            "errors": r["errors"]} for r in cells.values()},
-        "bare": {str(n): {"read_p50_ms": round(parts[n]["read_p50_ms"], 2), "score_p50_ms": round(parts[n]["score_p50_ms"], 2)}
-                 for n in ns},
-        "overhead": {str(n): round(summary[n]["overhead"], 3) for n in ns},
-        "dominant": {str(n): summary[n]["dominant"] for n in ns},
-        "goal": goal and {k: goal[k] for k in ("p99_ms", "p99_met", "overhead", "overhead_met")}}, default=str))
-    return 0
-
+    return cells, parts, summary
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,10 +5,20 @@ any worker can turn any interaction into history tokens, whichever worker tokeni
 `wake` is set when new tokens arrive so parked interactions retry at once. `rewind()` re-reads
 the topic from the beginning: after a broker lost its log (memory storage restarted) the new
 `item_tokens` log starts again at offset 0, below where this consumer stood.
+
+`keep_records=True` also keeps each item's whole latest ItemTokensEvent record in `records` (the
+ranking service, trainer/serving/token_cache.py, serves every item_tokens feature from it); the
+workers need only the gen-tokens. `caught_up` turns True once the consumer's position has reached
+every partition's high watermark as a fetch response reported it (every item tokenized before
+then is in the cache). Not `end_offsets`: Tansu's ListOffsets answers the base offset of the last
+record batch + 1, an undercount (streams/broker.py), which would claim caught up mid-batch. The
+last record received for an item wins, as in the online stores (last write wins, the topic is
+keyed by item and written in the same order as Feast).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from streams.kafka_config import KafkaConfig
@@ -20,10 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class TokenCache:
-    def __init__(self, config: KafkaConfig, topic: str = ITEM_TOKENS):
+    def __init__(self, config: KafkaConfig, topic: str = ITEM_TOKENS, keep_records: bool = False):
         self.config = config
         self.topic = config.topic(topic)
         self.gen: dict[int, list[int]] = {}
+        self.keep_records = keep_records
+        self.records: dict[int, dict] = {}  # item_id -> its latest decoded ItemTokensEvent (keep_records only)
+        self.caught_up = False
+        self.reading = False  # True while a consumer is assigned to the topic's partitions
         self.wake = asyncio.Event()
         self.codec = AvroCodec()
         self.received = 0
@@ -42,10 +56,10 @@ class TokenCache:
 
         consumer = AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest",
                                     **self.config.aiokafka_kwargs())
-        await consumer.start()
         try:
+            await consumer.start()  # inside the try: a failed start (broker unreachable) still closes the client
             parts = None
-            while parts is None:
+            while parts is None and not self._stopping.is_set():
                 parts = consumer.partitions_for_topic(self.topic)
                 if not parts:
                     # topics are created up front (create_topics); a missing one means it was not
@@ -54,9 +68,12 @@ class TokenCache:
                     # background refresh waits metadata_max_age_ms, 5 min): force the client's own
                     await consumer._client.force_metadata_update()
                     parts = None
+            if parts is None:  # stopped while waiting for the topic
+                return
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
+            self.reading = True
             while not self._stopping.is_set():
                 if self._rewind.is_set():
                     self._rewind.clear()
@@ -72,12 +89,41 @@ class TokenCache:
                             log.error("undecodable item_tokens record at %s:%s: %s", m.partition, m.offset, exc)
                             continue
                         self.gen[rec["item_id"]] = list(rec["gen_tokens"])
+                        if self.keep_records:
+                            self.records[rec["item_id"]] = rec
                         new += 1
                 if new:
                     self.received += new
                     self.wake.set()
+                if not self.caught_up:
+                    self.caught_up = await self._at_log_end(consumer, tps)
         finally:
-            await consumer.stop()
+            self.reading = False
+            await _stop(consumer)
+
+    @staticmethod
+    async def _at_log_end(consumer, tps) -> bool:
+        """True when every partition has been fetched and its position is at its high watermark."""
+        for tp in tps:
+            hw = consumer.highwater(tp)  # None until a fetch response for tp arrived
+            if hw is None or await consumer.position(tp) < hw:
+                return False
+        return True
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+async def _stop(consumer) -> None:
+    """consumer.stop(), surviving aiokafka 0.14's Fetcher.close: it cancels its in-flight fetch tasks
+    and then awaits them unguarded, so when a fetch was retrying (broker gone) their CancelledError
+    escapes stop() before the client is closed. Not ours: swallowed unless this task is the one being
+    cancelled, then the client is closed."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
+        log.debug("aiokafka's fetcher raised CancelledError while closing; closing its client")
+        with contextlib.suppress(Exception):
+            await consumer._client.close()

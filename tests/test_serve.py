@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from tests.services import restart_redis, start_redis
 from tests.trainer_fixtures import TOKENIZER_VERSION, event_stream, feature_rows, featurizer, make_repo, small_config
 
 pytestmark = pytest.mark.integration
@@ -398,3 +399,198 @@ def test_cli_registers_serve():
     args = build_parser().parse_args(["serve", "--repo", "r", "--models", "m", "--port", "9000"])
     assert (args.repo, args.models, args.model, args.host, args.port, args.max_candidates, args.poll_s) == \
         ("r", "m", "trm", "127.0.0.1", 9000, 1000, 2.0)
+    assert args.token_cache == "off"
+    args = build_parser().parse_args(["serve", "--token-cache", "kafka", "--bootstrap", "h:1"])
+    assert (args.token_cache, args.bootstrap, args.token_topic) == ("kafka", "h:1", "item_tokens")
+
+
+def test_redis_online_store_down_is_a_503_with_the_reason_and_recovers_when_it_is_back(world, tmp_path):
+    """The production online store: redis-server SIGKILLed -> 503 naming the failure, restarted -> 200
+    with the same scores, the same server (no restart). Persistent Redis (append-only, fsync always),
+    so the restarted server has the rows again."""
+    from streams.feast_sink import FeastSink
+    from streams.feature_repo_tools import materialize_repo
+
+    redis = start_redis(persistent=True)
+    try:
+        repo = materialize_repo(tmp_path / "redis_repo")
+        conf = yaml.safe_load((repo / "feature_store.yaml").read_text())
+        conf["online_store"] = {"type": "redis", "connection_string": redis.connection_string}
+        (repo / "feature_store.yaml").write_text(yaml.safe_dump(conf))
+        sink = FeastSink(repo)
+        for view, rows in feature_rows(event_stream(N_EVENTS)).items():
+            sink.write(view, rows, offline=False)
+        models = tmp_path / "models"
+        publish(models, world.ckpts[0], 1)
+        req = {"user_id": 4, "item_ids": world.items[:10] + [UNKNOWN_ITEMS[0]]}
+        with serving(world, models, repo=repo) as client:
+            wait_for(lambda: healthy(client, "v1"), what="v1 to load")
+            st, before = client.rank(req)
+            assert st == 200 and sum(x["known"] for x in before["items"]) == 10, before  # the rows are in Redis
+            redis.kill()
+            st, body = client.rank(req)
+            assert st == 503 and "online feature read failed" in body["detail"], body
+            assert "connect" in body["detail"].lower(), body  # the reason names the failure
+            time.sleep(0.5)  # 5 polls: the poller re-opens the FeatureStore (registry only), still not healthy
+            st, body = client.request("GET", "/healthz")
+            assert st == 503 and "online feature read failed" in body["reason"], body
+            assert client.metric("trm_serve_errors_total", kind="store_unavailable") == 1
+            redis = restart_redis(redis)
+            st, after = client.rank(req)  # the same server, no restart
+            assert st == 200, after
+            assert healthy(client, "v1")
+            assert client.metric("trm_serve_errors_total", kind="internal") == 0
+        want = {x["item_id"]: x["score"] for x in before["items"]}
+        if after["event_time"] == before["event_time"]:  # the scores move with the request's second (item age)
+            assert {x["item_id"]: x["score"] for x in after["items"]} == want
+        assert [x["known"] for x in after["items"]].count(True) == 10
+    finally:
+        redis.stop()
+
+
+# ------------------------------------------------------------------ --token-cache kafka
+CACHED_ITEMS = 40  # world.items[:40] have records on item_tokens (and rows in Feast); the rest only Feast rows
+
+
+def produce_item_tokens(config, rows: list[dict]) -> None:
+    """ItemTokensEvent records on item_tokens as the item agent produces them (streams/item_agent.py):
+    the Feast row's values, keyed by item, Avro-framed; acknowledged by the broker."""
+    from streams.contract.codec import AvroCodec
+    from streams.contract.events import ItemTokensEvent
+    from streams.contract.topics import ITEM_TOKENS
+    from streams.publisher import publish_raw
+
+    codec = AvroCodec()
+    pairs = []
+    for r in rows:
+        ev = ItemTokensEvent(r["item_id"], list(r["gen_tokens"]), list(r["mem_tokens"]), r["tokenizer_version"],
+                             r["created_at"], r["event_timestamp"], r["retired"])
+        pairs.append((str(ev.item_id).encode(), codec.encode(ev.to_record(), "ItemTokensEvent")))
+    assert publish_raw(config, ITEM_TOKENS, pairs) == len(rows)
+
+
+def token_rows(items) -> list[dict]:
+    """The item_tokens rows the world wrote to Feast, for `items`."""
+    keep = set(items)
+    return [r for r in feature_rows(event_stream(N_EVENTS))["item_tokens"] if r["item_id"] in keep]
+
+
+def feast_path(client: Client, world: World, user: int, items: list[int], t: int) -> pd.DataFrame:
+    """What the Feast-only path (OnlineFeatures: one service read) scores for this request at second t."""
+    from trainer.evaluate import load_models, score
+
+    models, cfg, info = load_models(client.app.state.registry.current.path)
+    return score(models, online_frame(world.repo, user, items, t), featurizer(cfg))
+
+
+def lookups(client: Client) -> tuple[float, float]:
+    return (client.metric("trm_serve_token_cache_lookups_total", result="hit"),
+            client.metric("trm_serve_token_cache_lookups_total", result="miss"))
+
+
+@pytest.fixture(scope="module")
+def token_broker(world):
+    """A Tansu broker whose item_tokens topic holds records for world.items[:CACHED_ITEMS]."""
+    from streams.broker import EmbeddedBroker
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
+
+    with EmbeddedBroker() as broker:
+        cfg = KafkaConfig(bootstrap_servers=broker.bootstrap)
+        create_topics(cfg)
+        produce_item_tokens(cfg, token_rows(world.items[:CACHED_ITEMS]))
+        yield cfg
+
+
+@pytest.fixture(scope="module")
+def cached(world, token_broker, tmp_path_factory):
+    """A server on v1 with --token-cache kafka, its cache caught up with the topic."""
+    from trainer.serving.token_cache import KafkaTokenCache
+
+    models = tmp_path_factory.mktemp("cached") / "models"
+    publish(models, world.ckpts[0], 1)
+    cache = KafkaTokenCache(token_broker, retry_s=0.2)
+    with serving(world, models, max_candidates=MAX_CANDIDATES, token_cache=cache) as client:
+        wait_for(lambda: healthy(client, "v1"), what="v1 to load")
+        assert cache.wait_caught_up(20), cache.status()
+        yield client
+
+
+def test_token_cache_ranking_equals_the_feast_path_bit_for_bit(world, cached):
+    user, items = 3, world.items[:30]  # all in the cache
+    cache = cached.app.state.token_cache
+    assert len(cache) == CACHED_ITEMS and cache.get(items[0])["gen_tokens"] == token_rows(items[:1])[0]["gen_tokens"]
+    hits, misses = lookups(cached)
+    st, body = cached.rank({"user_id": user, "item_ids": items})
+    assert st == 200, body
+    assert lookups(cached) == (hits + 30, misses)  # every candidate's tokens came from the cache
+    by_id = {x["item_id"]: x for x in body["items"]}
+    want = feast_path(cached, world, user, items, body["event_time"])
+    assert [by_id[i]["score"] for i in items] == [float(s) for s in want["score_trm"]]  # bit for bit
+    assert [by_id[i]["known"] for i in items] == want["known"].tolist() == [True] * 30
+    st, health = cached.request("GET", "/healthz")
+    assert st == 200 and health["token_cache"]["caught_up"] and health["token_cache"]["items"] == CACHED_ITEMS
+
+
+def test_an_item_missing_from_the_cache_is_read_from_feast_and_counted_as_a_miss(world, cached):
+    user = 5
+    hit, miss = world.items[CACHED_ITEMS - 5:CACHED_ITEMS], world.items[CACHED_ITEMS:CACHED_ITEMS + 5]
+    items = miss[:2] + hit + list(UNKNOWN_ITEMS) + miss[2:]  # interleaved: request order is kept
+    assert len(miss) == 5 and all(cached.app.state.token_cache.get(i) is None for i in miss)
+    hits, misses = lookups(cached)
+    st, body = cached.rank({"user_id": user, "item_ids": items})
+    assert st == 200, body
+    assert lookups(cached) == (hits + 5, misses + 7)  # 5 Feast-only items and 2 with no tokens anywhere
+    by_id = {x["item_id"]: x for x in body["items"]}
+    want = feast_path(cached, world, user, items, body["event_time"])
+    assert [by_id[i]["score"] for i in items] == [float(s) for s in want["score_trm"]]  # bit for bit
+    assert all(by_id[i]["known"] for i in miss + hit)  # the misses' tokens came from Feast
+    assert not any(by_id[i]["known"] for i in UNKNOWN_ITEMS)
+    _, text = cached.request("GET", "/metrics")
+    assert f'trm_serve_token_cache_lookups_total{{result="miss"}} {misses + 7}' in text
+
+
+def test_an_unreachable_broker_neither_makes_the_service_unready_nor_fails_a_request(world, tmp_path):
+    """Broker down from the start: /healthz 200 (with the cache's error), /rank 200 and equal to the
+    Feast path (every candidate a miss). Then a broker comes up on that address: the cache fills."""
+    from streams.broker import EmbeddedBroker
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
+    from trainer.serving.token_cache import KafkaTokenCache
+
+    port = free_port()  # nothing listens there
+    cfg = KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}")
+    models = tmp_path / "models"
+    publish(models, world.ckpts[0], 1)
+    cache = KafkaTokenCache(cfg, retry_s=0.2)
+    user, items = 6, world.items[:10] + [UNKNOWN_ITEMS[1]]
+    with serving(world, models, token_cache=cache) as client:
+        health = wait_for(lambda: healthy(client, "v1"), what="v1 to load")
+        wait_for(lambda: cache.error is not None, what="the cache to fail")
+        health = healthy(client, "v1")
+        assert health, "an unreachable broker must not make the service unready"
+        tc = health["token_cache"]
+        assert not tc["reading"] and not tc["caught_up"] and tc["items"] == 0, tc
+        assert "KafkaConnectionError" in tc["last_error"] and str(port) in tc["last_error"], tc
+        st, body = client.rank({"user_id": user, "item_ids": items})
+        assert st == 200, body
+        assert lookups(client) == (0, 11)
+        want = feast_path(client, world, user, items, body["event_time"])
+        by_id = {x["item_id"]: x for x in body["items"]}
+        assert [by_id[i]["score"] for i in items] == [float(s) for s in want["score_trm"]]
+        assert client.metric("trm_serve_errors_total", kind="internal") == 0
+
+        with EmbeddedBroker(port=port):  # the broker comes (back): the cache recovers by itself
+            create_topics(cfg)
+            produce_item_tokens(cfg, token_rows(items))
+            assert cache.wait_caught_up(20) and wait_for(lambda: len(cache) == 10, 10, "the records"), cache.status()
+            wait_for(lambda: healthy(client)["token_cache"]["last_error"] is None, 5, "the error to clear")
+            st, body = client.rank({"user_id": user, "item_ids": items})
+            assert st == 200 and lookups(client) == (10, 12), body
+            want = feast_path(client, world, user, items, body["event_time"])
+            by_id = {x["item_id"]: x for x in body["items"]}
+            assert [by_id[i]["score"] for i in items] == [float(s) for s in want["score_trm"]]
+        # the broker goes away again: the cached items keep being served, requests still succeed
+        st, body = client.rank({"user_id": user, "item_ids": items})
+        assert st == 200 and lookups(client) == (20, 13), body
+        assert healthy(client, "v1")

@@ -16,6 +16,13 @@ list) is a 422 naming the field. No model version loaded yet, or an online store
 restart. New versions are loaded by a background poller (trainer.serving.registry); one that does
 not verify is refused and counted in `trm_serve_errors_total{kind="version_refused"}`, and the old
 one keeps serving.
+
+`token_cache` (a trainer.serving.token_cache.KafkaTokenCache, `trm serve --token-cache kafka`):
+the candidates' item_tokens features come from it, misses and every other feature from Feast
+(trainer.serving.online.CachedOnlineFeatures); it is started and stopped with the app, counted in
+`trm_serve_token_cache_lookups_total{result="hit"|"miss"}` and shown in /healthz's `token_cache`.
+A token cache that cannot reach its broker does not make the service unready: misses are read
+from Feast, so the answers stay correct.
 """
 import logging
 import threading
@@ -34,7 +41,7 @@ from prometheus_client import values as prometheus_values
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..evaluate import score
-from .online import OnlineFeatures, StoreUnavailable
+from .online import CachedOnlineFeatures, OnlineFeatures, StoreUnavailable
 from .registry import ModelBundle, ModelRegistry, Poller
 
 log = logging.getLogger(__name__)
@@ -73,6 +80,7 @@ class ServeConfig:
     model: str = "trm"  # which model of a version to serve
     max_candidates: int = 1000
     poll_s: float = 2.0  # how often LATEST is read (and a store not yet open is retried)
+    token_cache: str = "off"  # "off": item tokens from Feast; "kafka": from the item_tokens topic's cache
 
 
 class RankRequest(BaseModel):
@@ -124,11 +132,14 @@ class ServeMetrics:
         self.score_seconds = Histogram("trm_serve_score_seconds", "featurize + score latency", registry=r,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5))
         self.unknown_items = Counter("trm_serve_unknown_items", "candidates scored without tokens", registry=r)
+        self.cache_lookups = Counter("trm_serve_token_cache_lookups", "token cache lookups of candidates (kafka "
+                                     "token cache only; a miss is read from Feast)", ["result"], registry=r)
         self.errors = Counter("trm_serve_errors", "errors by kind", ["kind"], registry=r)
         self.model = Info("trm_serve_model", "the model version being served", registry=r)
         self.swaps = Counter("trm_serve_model_swaps", "model versions loaded", registry=r)
         # every label child now (see _in_process_values); all exported from the start, at 0
         self._errors = {k: self.errors.labels(k) for k in ERROR_KINDS}
+        self.cache_hits, self.cache_misses = self.cache_lookups.labels("hit"), self.cache_lookups.labels("miss")
         self._requests = {(route, st): self.request_seconds.labels(route, st)
                           for route in (*ROUTES, "other") for st in (*STATUSES, "other")}
 
@@ -152,13 +163,15 @@ def _errors(exc: RequestValidationError) -> list[dict]:
 
 
 def create_app(repo: str | Path, models_dir: str | Path, model: str = "trm", max_candidates: int = 1000,
-               poll_s: float = 2.0) -> FastAPI:
+               poll_s: float = 2.0, token_cache=None) -> FastAPI:
     """A ranking app over `repo`'s online store and the versions published in `models_dir`.
 
-    The poller (version watcher, store opener) runs while the app is served (its lifespan)."""
-    cfg = ServeConfig(str(repo), str(models_dir), model, max_candidates, poll_s)
+    `token_cache`: a KafkaTokenCache (not started) to read the candidates' item tokens from, or None.
+    The poller (version watcher, store opener) and the token cache run while the app is served (its lifespan)."""
+    cfg = ServeConfig(str(repo), str(models_dir), model, max_candidates, poll_s,
+                      "off" if token_cache is None else "kafka")
     metrics = ServeMetrics()
-    online = OnlineFeatures(cfg.repo)
+    online = OnlineFeatures(cfg.repo) if token_cache is None else CachedOnlineFeatures(cfg.repo, token_cache)
     registry = ModelRegistry(cfg.models_dir, cfg.model, on_swap=metrics.swapped,
                              on_refused=lambda name, exc: metrics.error("version_refused"))
 
@@ -173,17 +186,22 @@ def create_app(repo: str | Path, models_dir: str | Path, model: str = "trm", max
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        if token_cache is not None:
+            token_cache.start()
         poller.start()
         try:
             yield
         finally:
             poller.stop()
+            if token_cache is not None:
+                token_cache.stop()
 
     class AppRankRequest(RankRequest):
         item_ids: list[EntityId] = Field(min_length=1, max_length=cfg.max_candidates)
 
     app = FastAPI(title="trm serve", lifespan=lifespan)
     app.state.config, app.state.metrics, app.state.online, app.state.registry = cfg, metrics, online, registry
+    app.state.token_cache = token_cache
 
     @app.middleware("http")
     async def timed(request: Request, call_next):
@@ -224,6 +242,9 @@ def create_app(repo: str | Path, models_dir: str | Path, model: str = "trm", max
         now = int(time.time())
         got = online.read(req.user_id, req.item_ids, now)
         metrics.feature_read_seconds.observe(got.seconds)
+        if token_cache is not None:
+            metrics.cache_hits.inc(got.cache_hits)
+            metrics.cache_misses.inc(got.cache_misses)
         t0 = time.perf_counter()
         scored = score(bundle.models, got.frame, bundle.featurizer)
         metrics.score_seconds.observe(time.perf_counter() - t0)
@@ -244,6 +265,8 @@ def create_app(repo: str | Path, models_dir: str | Path, model: str = "trm", max
             return JSONResponse({"status": "unavailable", "reason": online.error}, status_code=503)
         body = {"status": "ok", "model_version": bundle.version, "model": bundle.model_name,
                 "tokenizer_version": bundle.tokenizer_version, "step": bundle.step}
+        if token_cache is not None:
+            body["token_cache"] = token_cache.status()
         if registry.last_refused is not None:
             body["last_refused"] = {"version": registry.last_refused[0], "reason": registry.last_refused[1]}
         return body

@@ -2,6 +2,8 @@
 
 FastAPI, uvicorn and torch load only when the command runs (`trm --help` stays instant).
 The app is trainer/serving/app.py; new versions the trainer publishes are picked up while it runs.
+`--token-cache kafka` reads the candidates' item tokens from an in-process cache of the item_tokens
+topic (trainer/serving/token_cache.py) instead of the Feast online store.
 """
 from __future__ import annotations
 
@@ -24,8 +26,14 @@ def _serve(args) -> int:
     if args.poll_s <= 0:
         raise SystemExit("trm serve: --poll-s must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cache = None
+    if args.token_cache == "kafka":
+        from streams.kafka_config import KafkaConfig
+        from trainer.serving.token_cache import KafkaTokenCache
+
+        cache = KafkaTokenCache(KafkaConfig.from_env(bootstrap_servers=args.bootstrap), args.token_topic)
     app = create_app(feast_repo_path(args.repo), args.models, model=args.model, max_candidates=args.max_candidates,
-                     poll_s=args.poll_s)
+                     poll_s=args.poll_s, token_cache=cache)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -40,5 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-candidates", type=int, default=1000, help="most item_ids one /rank request may carry")
     s.add_argument("--poll-s", type=float, default=2.0, help="seconds between reads of the LATEST pointer")
+    s.add_argument("--token-cache", choices=("off", "kafka"), default="off",
+                   help="where the candidates' item tokens come from: off = the Feast online store (default); "
+                        "kafka = an in-process cache fed by the item_tokens topic (misses and the user's "
+                        "features still from Feast)")
+    s.add_argument("--bootstrap", default=None,
+                   help="--token-cache kafka: Kafka bootstrap (default TRM_KAFKA_BOOTSTRAP; security settings "
+                        "from TRM_KAFKA_*)")
+    s.add_argument("--token-topic", default="item_tokens",
+                   help="--token-cache kafka: the item tokens topic (contract name, prefixed by TRM_TOPIC_PREFIX)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(func=_serve)
