@@ -67,6 +67,8 @@ class WorkerSettings:
     retry_initial_s: float = 0.5
     retry_max_s: float = 15.0
     retry_budget_s: float = 240.0
+    metrics_port: int | None = None  # serve Prometheus /metrics on it (streams/metrics.py); None: off
+    metrics_host: str = "127.0.0.1"
     kafka: KafkaConfig | None = None  # default KafkaConfig.from_env()
 
     def resolved(self) -> "WorkerSettings":
@@ -95,6 +97,8 @@ class StreamWorker:
         self.tokens = None
         self._tasks: list[asyncio.Task] = []
         self.started_at = time.time()
+        self.metrics = None  # streams.metrics.WorkerMetrics
+        self.metrics_server = None
 
     # -- construction of the processors (run inside each loop's own thread) --
     def _make_item_processor(self):
@@ -155,6 +159,13 @@ class StreamWorker:
                                           max_records=self.s.interaction_batch,
                                           threaded=self.s.interaction_threaded, **self._retry()),
                 self._make_item_stats_processor, on_batch=self.write_status)
+        if self.s.metrics_port is not None:
+            from .metrics import WorkerMetrics, serve
+
+            self.metrics = WorkerMetrics(self)
+            for name, lp in self.loops.items():
+                lp.on_timed = self.metrics.timed(name)
+            self.metrics_server = serve(self.metrics.registry, self.s.metrics_port, self.s.metrics_host)
         for name, lp in self.loops.items():
             if self.tokens is not None:
                 lp.on_log_reset = self.tokens.rewind  # the broker lost its logs: item_tokens restarted too
@@ -235,6 +246,9 @@ class StreamWorker:
             last.stop()
         results = await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server = None
         self.write_status()
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):

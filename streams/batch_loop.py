@@ -104,6 +104,8 @@ class BatchLoop:
         self.log_resets = 0  # partitions whose log was found replaced by a new one (see _positions)
         self.on_log_reset: Callable[[], None] | None = None
         self.failing_since: float | None = None  # wall clock of the first failure of the current batch
+        # called after each batch is committed: (its seconds, its records' Kafka timestamps in ms) (streams/metrics.py)
+        self.on_timed: Callable[[float, list[int]], None] | None = None
 
     async def _in_thread(self, fn, *args):
         if not self.s.threaded:
@@ -156,8 +158,12 @@ class BatchLoop:
                         ends = {tp.partition: msgs[-1].offset + 1 for tp, msgs in batches.items() if msgs}
                         span = ", ".join(f"p{tp.partition}@{msgs[0].offset}-{msgs[-1].offset}"
                                          for tp, msgs in batches.items() if msgs)
+                        t0 = time.perf_counter()
                         await self._retrying(lambda: self._process_and_commit(topic, records, ends),
                                              f"batch of {len(records)} records from {topic} ({span})")
+                        if self.on_timed is not None:
+                            self.on_timed(time.perf_counter() - t0, [m.timestamp for msgs in batches.values()
+                                                                     for m in msgs])
                     if self.processor.parks and (not records or self._woken()):
                         await self._retrying(lambda: self._process_and_commit(topic, None, {}),
                                              f"retry of parked records from {topic}")
@@ -351,6 +357,18 @@ class BatchLoop:
             await self.consumer.commit(todo)
             for tp, off in todo.items():
                 self.committed[tp.partition] = off
+
+    def lag(self) -> dict[int, int]:
+        """Per owned partition: its high watermark (as the last fetch reported it) - the committed offset."""
+        c = self.consumer
+        if c is None:
+            return {}
+        out = {}
+        for tp in c.assignment():
+            hw = c.highwater(tp)
+            if hw is not None:
+                out[tp.partition] = max(0, hw - self.committed.get(tp.partition, 0))
+        return out
 
     def owned(self) -> set[int]:
         """Partitions of the input topic this loop owns now."""

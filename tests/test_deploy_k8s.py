@@ -306,14 +306,25 @@ def test_server_probes_and_service(base):
     assert port["port"] == 8000 and port["targetPort"] in ("http", 8000)
 
 
-def test_prometheus_scrapes_the_servers_metrics():
+def test_prometheus_scrapes_the_server_the_workers_and_the_trainer():
+    """Every job targets a compose service on the port that service's command serves /metrics on."""
     cfg = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
-    job = jobs["trm-server"]
-    assert job.get("metrics_path", "/metrics") == "/metrics"
-    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert set(jobs) == {"trm-server", "trm-worker", "trm-trainer"}
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
-    for t in targets:
-        host, port = t.rsplit(":", 1)
-        assert host in compose and port == "8000", t
-    assert set(jobs) == {"trm-server"}, "only the server has a /metrics endpoint"
+    for job in jobs.values():
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = {"trm-server": [t for sc in jobs["trm-server"]["static_configs"] for t in sc["targets"]],
+               "trm-trainer": [t for sc in jobs["trm-trainer"]["static_configs"] for t in sc["targets"]],
+               "trm-worker": [f"{n}:{sd['port']}" for sd in jobs["trm-worker"]["dns_sd_configs"] for n in sd["names"]]}
+    for job, ts in targets.items():
+        assert ts, job
+        for t in ts:
+            host, port = t.rsplit(":", 1)
+            assert host in compose, t
+            cmd = compose[host].get("command")
+            text = " ".join(cmd) if isinstance(cmd, list) else str(cmd)
+            if job == "trm-server":
+                assert port == "8000", t
+            else:
+                assert f"--metrics-port {port}" in text and "--metrics-host 0.0.0.0" in text, (t, text)

@@ -261,6 +261,7 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
 
     consumer.subscribe([topic], listener=SeekToCheckpoint())
     await consumer.start()
+    trainer.consumer = consumer  # its high watermarks give the consumer lag (trainer/telemetry.py)
     gate = None
     if feature_group:  # reads the workers' committed offsets; never joins their group
         gate = AIOKafkaConsumer(group_id=feature_group, enable_auto_commit=False, **kafka.aiokafka_kwargs())
@@ -357,6 +358,7 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
             await commit_checkpointed()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        trainer.consumer = None
         await consumer.stop()
         if gate is not None:
             await gate.stop()

@@ -121,6 +121,8 @@ class ContinuousTrainer:
     # trainer starts its peers afresh)
     peers: dict = field(default_factory=dict)
     fail_at: Callable[[str, int], None] | None = None  # test hook: (phase, step) -> may raise TrainerCrash
+    # called after each trained batch with (its seconds, {model: {"auc", "logloss", ...}}) (trainer/telemetry.py)
+    on_batch: Callable[[float, dict], None] | None = None
     state: TrainState = field(default_factory=TrainState)
     timings: Timings = field(default_factory=Timings)
     fstats: FeaturizeStats = field(default_factory=FeaturizeStats)
@@ -133,6 +135,8 @@ class ContinuousTrainer:
         self.state.extra.setdefault("models", self.learner.names)
         self._pending = 0  # batches trained since the last checkpoint
         self.checkpointed_offsets: dict[str, int] = dict(self.state.offsets)  # what Kafka may be told
+        self.checkpointed_at: float | None = None  # wall clock of the last durable checkpoint of this run
+        self.consumer = None  # the Kafka consumer while following (trainer.kafka_source.follow): its lag
 
     # --- restart ---------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -197,6 +201,8 @@ class ContinuousTrainer:
         y = batch.label.numpy()
         metrics = {n: {"auc": auc(y, p), "logloss": logloss(y, p), **parts[n]} for n, p in probs.items()}
         self._log(len(records), metrics, fst, t1 - t0, t5 - t0)
+        if self.on_batch is not None:
+            self.on_batch(t5 - t0, metrics)
         if self.keep_predictions:
             self.predictions.append(joined[["user_id", "item_id", "label", "event_time", "created_at"]]
                                     .assign(known=batch.known.numpy(), **{f"score_{n}": p for n, p in probs.items()}))
@@ -248,6 +254,7 @@ class ContinuousTrainer:
         self._hook("checkpoint")
         path = save_checkpoint(self.checkpoint_dir, self.learner.models, self.learner.optimizers, self.state)
         self.checkpointed_offsets = dict(self.state.offsets)
+        self.checkpointed_at = time.time()
         self._pending = 0
         self._journal({"kind": "checkpoint", "step": self.state.step, "events_seen": self.state.events_seen,
                        "path": path.name, "offsets": dict(self.state.offsets)})

@@ -25,9 +25,8 @@ A token cache that cannot reach its broker does not make the service unready: mi
 from Feast, so the answers stay correct.
 """
 import logging
-import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -37,8 +36,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client import values as prometheus_values
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from streams.metrics import in_process_values
 
 from ..evaluate import score
 from .online import CachedOnlineFeatures, OnlineFeatures, StoreUnavailable
@@ -51,26 +51,6 @@ EntityId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
 ROUTES = ("/rank", "/healthz", "/metrics")
 STATUSES = ("200", "404", "405", "422", "500", "503")  # any other status is exported as "other"
 ERROR_KINDS = ("bad_request", "no_model", "store_unavailable", "version_refused", "internal")
-_VALUES_LOCK = threading.Lock()
-
-
-@contextmanager
-def _in_process_values():
-    """Create prometheus_client metrics whose values live in the metric object itself.
-
-    Why: importing feast.metrics (Feast does it lazily, e.g. on an online read) sets
-    PROMETHEUS_MULTIPROC_DIR for Feast's gunicorn feature server, and every prometheus_client metric
-    created after that keeps its value in a per-process file keyed by the metric's *name*: two apps in
-    one process (the tests) would share every value. prometheus_client chooses the value class when a
-    metric or a label child is created, so ServeMetrics creates all of its children here, up front.
-    """
-    with _VALUES_LOCK:
-        saved = prometheus_values.ValueClass
-        prometheus_values.ValueClass = prometheus_values.MutexValue
-        try:
-            yield
-        finally:
-            prometheus_values.ValueClass = saved
 
 
 @dataclass(frozen=True)
@@ -118,7 +98,7 @@ class ServeMetrics:
     """The app's Prometheus metrics, in a registry of its own."""
 
     def __init__(self) -> None:
-        with _in_process_values():
+        with in_process_values():
             self._create()
 
     def _create(self) -> None:
@@ -137,7 +117,7 @@ class ServeMetrics:
         self.errors = Counter("trm_serve_errors", "errors by kind", ["kind"], registry=r)
         self.model = Info("trm_serve_model", "the model version being served", registry=r)
         self.swaps = Counter("trm_serve_model_swaps", "model versions loaded", registry=r)
-        # every label child now (see _in_process_values); all exported from the start, at 0
+        # every label child now (see streams.metrics.in_process_values); all exported from the start, at 0
         self._errors = {k: self.errors.labels(k) for k in ERROR_KINDS}
         self.cache_hits, self.cache_misses = self.cache_lookups.labels("hit"), self.cache_lookups.labels("miss")
         self._requests = {(route, st): self.request_seconds.labels(route, st)

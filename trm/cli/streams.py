@@ -70,7 +70,8 @@ def _worker(args) -> int:
                               state_dir=args.state, pairs_dir=args.pairs, agents=tuple(args.agents.split(",")),
                               history_len=args.history_len, recent_len=args.recent_len,
                               park_timeout_s=args.park_timeout,
-                              allowed_lateness_s=args.allowed_lateness, retry_budget_s=args.retry_budget)
+                              allowed_lateness_s=args.allowed_lateness, retry_budget_s=args.retry_budget,
+                              metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return run_worker(settings)
 
 
@@ -127,6 +128,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-budget", type=float, default=240.0,
                    help="seconds a failing batch (Feast or Kafka down) is retried in place, with backoff, before "
                         "the worker exits non-zero for its supervisor to restart it (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (consumer lag, events and dead letters by reason, "
+                        "batch latency, publish -> online freshness; streams/metrics.py). Default: off")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (0.0.0.0 in a container)")
     p.set_defaults(func=_worker)
 
     p = subparsers.add_parser("feast-repo", help="copy feature_repo/ to a work directory and apply it")

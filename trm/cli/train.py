@@ -50,6 +50,11 @@ def _train(args) -> int:
                        log_path=args.metrics_log or ck.parent / "prequential.jsonl",
                        checkpoint_every=args.checkpoint_every,
                        journal_path=None if args.journal == "" else (args.journal or ck.parent / "journal.jsonl"))
+    if args.metrics_port is not None:
+        from trainer.telemetry import TrainerMetrics, serve
+
+        serve(TrainerMetrics(tr).registry, args.metrics_port, args.metrics_host)
+        console.print(f"Prometheus /metrics on http://{args.metrics_host}:{args.metrics_port}/metrics")
     for n, (dense, sparse) in tr.learner.param_counts().items():
         console.print(f"{n}: dense {dense:,} / sparse {sparse:,} parameters")
     if args.epochs and args.follow:
@@ -154,6 +159,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--journal", default=None,
                    help="progress JSONL, a line per trained batch (its offsets) and per checkpoint "
                         "(default: <checkpoint-dir>/../journal.jsonl; '': none)")
+    t.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (prequential AUC per model, checkpoint age, "
+                        "consumer lag, batch latency; trainer/telemetry.py). Default: off")
+    t.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (0.0.0.0 in a container)")
     t.add_argument("--batch-size", type=int, default=2048, help="events per micro-batch (one PIT join)")
     t.add_argument("--minibatch", type=int, default=256, help="rows per optimizer step")
     t.add_argument("--epochs-per-batch", type=int, default=1)
