@@ -72,3 +72,61 @@ def test_old_configs_build_models_without_the_table():
     old = {k: v for k, v in small_config().to_dict().items() if k != "user_weights"}
     assert build_model("trm", RankerConfig.from_dict(old)).user_weights is None
     assert "user_weights.w" not in build_model("id", RankerConfig.from_dict(old)).state_dict()
+
+
+def test_item_keys_learn_a_users_taste_per_category_without_leaking_the_second():
+    """User 1 likes category 5 and dislikes category 6; the user × key crosses learn it from the
+    user's own events (second by second), and a flipped label never changes its own second."""
+    from trainer.models.user_weights import key
+    n = 40
+    cats = torch.tensor([5, 6] * (n // 2))
+    keys = key(cats, 0).unsqueeze(1)  # (n, 1)
+    labels = (cats == 5).float()
+    base, users, stats, _, secs = rows([1] * n, list(range(n)), [0] * n)
+    stats = torch.zeros_like(stats)
+    out = UserWeights(bits=12).score_then_learn(base, users, stats, labels, secs, keys)
+    assert out[-2] > 0 > out[-1]  # category 5 above, 6 below, for this user
+    uw = UserWeights(bits=12)
+    uw.score_then_learn(base, users, stats, labels, secs, keys)
+    other = uw.logits(torch.tensor([2, 2]), torch.zeros(2, N_DENSE), key(torch.tensor([5, 6]), 0).unsqueeze(1))
+    mine = uw.logits(torch.tensor([1, 1]), torch.zeros(2, N_DENSE), key(torch.tensor([5, 6]), 0).unsqueeze(1))
+    assert mine[0] - mine[1] > other[0] - other[1]  # the cross is this user's; the global keys share the rest
+    flipped = labels.clone()
+    flipped[10] = 1 - flipped[10]
+    again = UserWeights(bits=12).score_then_learn(base, users, stats, flipped, secs, keys)
+    assert torch.equal(again[:11], out[:11]) and not torch.equal(again[11:], out[11:])
+
+
+def test_token_models_key_on_tokens_and_only_the_id_baseline_on_the_id():
+    from trainer.models import RankerConfig
+    cfg = small_config()
+    df = joined_frame(32)
+    batch, _ = Featurizer.for_config(cfg, None)(df.sort_values("event_time", kind="stable"))
+    trm, idm = build_model("trm", cfg), build_model("id", cfg)
+    k = trm.online_keys(batch.select(trm.inputs))  # item_id is None in TRM's view
+    assert k.shape == (len(batch), cfg.num_levels + batch.mem.shape[1])
+    same = (batch.gen[:, 0].unsqueeze(1) == batch.gen[:, 0].unsqueeze(0))
+    assert torch.equal(k[:, 0].unsqueeze(1) == k[:, 0].unsqueeze(0), same)  # level-1 prefix key = the first code
+    assert torch.equal(idm.online_keys(batch.select(idm.inputs))[:, 0] // 16, batch.item_id)
+    old = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 != "online_keys"})
+    assert build_model("trm", old).online_keys(batch.select(trm.inputs)) is None
+
+
+def test_power_sets_how_fast_the_rate_decays_and_old_configs_keep_adagrad():
+    """One step on a fresh slot moves it by lr * grad / g^power (g = g0 + grad²): AdaGrad at 0.5."""
+    from trainer.models import RankerConfig
+    base, users, stats, _, secs = rows([3], [0], [0])
+    stats = torch.zeros_like(stats)
+    moved = {}
+    for power in (0.5, 0.3):
+        uw = UserWeights(bits=8, lr=0.1, power=power)
+        uw.score_then_learn(base, users, stats, torch.ones(1), secs)
+        slot = uw.slots(users)[0, 0]
+        grad = torch.sigmoid(base[0]) - 1.0
+        assert torch.isclose(uw.w[slot], -0.1 * grad / (1e-2 + grad * grad) ** power)
+        moved[power] = float(uw.w[slot])
+    assert moved[0.3] != moved[0.5]
+    old = {k: v for k, v in small_config().to_dict().items() if k not in ("user_power", "online_keys")}
+    assert RankerConfig.from_dict(old).user_power == 0.5 and build_model("trm", RankerConfig.from_dict(old)) \
+        .user_weights.power == 0.5
+    assert RankerConfig().user_power == 0.3

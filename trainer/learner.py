@@ -82,10 +82,12 @@ class Learner:
         second (models/user_weights.py: a second is scored before it is learned). Rows in event-time order."""
         out = {}
         for n, z in self.logits(batch).items():
-            uw = self.models[n].user_weights
+            m = self.models[n]
+            uw = m.user_weights
             if uw is not None and batch.user_id is not None:
                 t = time.perf_counter()
-                z = uw.score_then_learn(z, batch.user_id, batch.stats, batch.label, batch.event_time)
+                keys = m.online_keys(batch.select(m.inputs))
+                z = uw.score_then_learn(z, batch.user_id, batch.stats, batch.label, batch.event_time, keys)
                 self.busy_s[n] += time.perf_counter() - t
             out[n] = torch.sigmoid(z).numpy()
         return out

@@ -14,6 +14,7 @@ from .config import RankerConfig
 from .embedding import GenTokenEmbedding, HashedBagEmbedding
 from .ranker import Ranker
 from .trm import DeepGenTokens, GenHistory, WideTokens
+from .user_weights import key
 
 
 class IDRanker(Ranker):
@@ -34,6 +35,9 @@ class IDRanker(Ranker):
         ids = batch.recent_ids if self.recent else batch.hist_ids
         return self.id_emb.lookup(ids), ids >= 0  # (B, H|R, D), (B, H|R)
 
+    def item_keys(self, batch) -> torch.Tensor:
+        return key(batch.item_id, 9).unsqueeze(1)  # (B, 1)
+
 
 class GenOnlyRanker(Ranker):
     """TIGER-style: semantic ids replace the item ID; nothing memorises combinations."""
@@ -47,6 +51,9 @@ class GenOnlyRanker(Ranker):
 
     def item_tokens(self, batch) -> torch.Tensor:
         return self.deep(batch.gen)
+
+    def item_keys(self, batch) -> torch.Tensor:
+        return self.gen_prefix_keys(self.cfg, batch.gen)  # (B, L)
 
     def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.history(batch.recent_gen if self.recent else batch.hist_gen)
@@ -64,3 +71,7 @@ class NGramRanker(GenOnlyRanker):
 
     def item_tokens(self, batch) -> torch.Tensor:
         return self.deep(batch.gen) + self.wide(getattr(batch, self.field))
+
+    def item_keys(self, batch) -> torch.Tensor:
+        ns = 10 if self.field == "two_gram" else 11
+        return torch.cat([self.gen_prefix_keys(self.cfg, batch.gen), key(getattr(batch, self.field), ns)], 1)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .config import RankerConfig
-from .user_weights import UserWeights
+from .user_weights import UserWeights, key
 
 
 class HistoryPool(nn.Module):
@@ -72,7 +72,9 @@ class Ranker(nn.Module):
             raise ValueError(f"unknown history {cfg.history!r}: recent | positives")
         self.wide_dense = nn.Linear(cfg.n_stats, 1) if cfg.wide_dense else None
         # buffers, not parameters: learned online by the Learner, never by the optimizer
-        self.user_weights = UserWeights(cfg.user_bits, cfg.user_lr) if cfg.user_weights else None
+        self.user_weights = UserWeights(cfg.user_bits, cfg.user_lr, key_lr=cfg.key_lr,
+                                        power=cfg.user_power, features=tuple(cfg.user_features.split(",")),
+                                        ) if cfg.user_weights else None
 
     @property
     def recent(self) -> bool:
@@ -91,7 +93,26 @@ class Ranker(nn.Module):
         """(B, H, D) one vector per history item, and its (B, H) validity mask."""
         raise NotImplementedError
 
+    def item_keys(self, batch) -> torch.Tensor | None:
+        """(B, M) the item's online keys (models/user_weights.py, -1 pads), or None: what the
+        per-user table crosses with the user, learned per second. Only the item side differs."""
+        return None
+
+    @staticmethod
+    def gen_prefix_keys(cfg: RankerConfig, gen: torch.Tensor) -> torch.Tensor:
+        """(B, L) level-offset gen ids -> (B, L) keys of the prefixes c1, c1c2, ... (namespaces 0..L-1):
+        the tokenizer's hierarchy of categories, coarse to fine."""
+        V = cfg.gen_vocab_size + cfg.num_levels  # ids incl. the per-level unknown ids
+        out, p = [], torch.zeros_like(gen[:, 0])
+        for level in range(gen.shape[1]):
+            p = p * V + gen[:, level]
+            out.append(key(p, level))
+        return torch.stack(out, 1)
+
     # --- shared ------------------------------------------------------------------------------
+    def online_keys(self, batch) -> torch.Tensor | None:
+        return self.item_keys(batch) if self.cfg.online_keys else None
+
     def context_tokens(self, batch) -> torch.Tensor:
         """(B, N_q + N_u, D): the query and user tokens (the generative objective's context)."""
         hist, mask = self.history_items(batch)  # (B, H|R, D), (B, H|R)
@@ -124,7 +145,7 @@ class Ranker(nn.Module):
         """(B,) the ranker's logit plus the per-user correction as it stands (serving, evaluation)."""
         logit = self.score(batch)
         if self.user_weights is not None:
-            logit = logit + self.user_weights.logits(users, batch.stats)
+            logit = logit + self.user_weights.logits(users, batch.stats, self.online_keys(batch))
         return logit
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

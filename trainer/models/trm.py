@@ -18,6 +18,7 @@ from .config import RankerConfig
 from .embedding import GenTokenEmbedding, HashedBagEmbedding
 from .generative import GenerativeHead
 from .ranker import Ranker
+from .user_weights import key
 
 
 class DeepGenTokens(nn.Module):
@@ -80,6 +81,10 @@ class TRM(Ranker):
 
     def history_items(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.history(batch.recent_gen if self.recent else batch.hist_gen)
+
+    def item_keys(self, batch) -> torch.Tensor:
+        # gen prefixes (B, L) + mem-tokens (B, M) -> (B, L+M)
+        return torch.cat([self.gen_prefix_keys(self.cfg, batch.gen), key(batch.mem, 8)], 1)
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         context = self.context_tokens(batch)  # (B, N_q+N_u, D), shared by both objectives
