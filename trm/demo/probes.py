@@ -73,3 +73,75 @@ def raw_consume_rate(kafka, topic: str, n: int) -> float:
             await c.stop()
 
     return asyncio.run(run())
+
+
+def measure_rankable(kafka, repo: Path, models_dir: Path, next_id: int, n: int, user_id: int,
+                     timeout_s: float = 30.0) -> list[float]:
+    """Publish -> rankable: `trm serve` (the real app, uvicorn on a free loopback port) over the demo's
+    online store and published models; for each of `n` new items, ms from its publish to the first
+    POST /rank that answers it with `"known": true` (polled every 5 ms). One probe at a time."""
+    import http.client
+    import json
+    import socket
+    import threading
+
+    import uvicorn
+
+    from streams.contract.codec import AvroCodec
+    from streams.contract.events import ItemEvent
+    from streams.publisher import make_producer
+    from trainer.serving.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(repo, models_dir, poll_s=0.5)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="trm-demo-serve", daemon=True)
+    thread.start()
+    conn = None
+
+    def call(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        nonlocal conn
+        if conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            conn = None
+            return 0, {}
+
+    codec, producer = AvroCodec(), make_producer(kafka, linger_ms=0)
+    out: list[float] = []
+    try:
+        deadline = time.monotonic() + 60
+        while call("GET", "/healthz")[0] != 200:
+            if time.monotonic() > deadline:
+                raise DemoError("trm serve did not become ready in 60 s (no published model?)")
+            time.sleep(0.1)
+        now = int(time.time())
+        for k in range(n):
+            iid = next_id + k
+            ev = ItemEvent(iid, f"Rankable probe {k}", f"Rankable probe {k}. Genres: Comedy", ["Comedy"], now, now)
+            producer.send(kafka.topic("items"), key=str(iid).encode(), value=codec.encode(ev.to_record(), "ItemEvent"))
+            producer.flush()
+            t0 = time.perf_counter()
+            while True:
+                st, body = call("POST", "/rank", {"user_id": user_id, "item_ids": [iid]})
+                if st == 200 and body["items"][0]["known"]:
+                    out.append((time.perf_counter() - t0) * 1000)
+                    break
+                if time.perf_counter() - t0 > timeout_s:
+                    raise DemoError(f"item {iid} was not rankable with its tokens {timeout_s:.0f} s after publishing")
+                time.sleep(0.005)
+    finally:
+        producer.close(timeout=5)
+        if conn is not None:
+            conn.close()
+        server.should_exit = True
+        thread.join(10)
+    return out

@@ -111,6 +111,10 @@ def print_summary(report: dict, console) -> None:
                   f"items/s · interactions {_f(tp['interactions_per_s'], 0)}/s (raw consumer "
                   f"{_f(tp['raw_consume_per_s'], 0)}/s) · trainer {_f(tp['trainer_examples_per_s'], 0)} examples/s · "
                   f"freshness p50 {fr['p50']:.0f} ms, p99 {fr['p99']:.0f} ms")
+    rk = report.get("publish_to_rankable_ms")
+    if rk:
+        console.print(f"publish → rankable (trm serve answers the new item with its tokens): p50 {rk['p50']:.0f} ms, "
+                      f"p99 {rk['p99']:.0f} ms over {rk['n']} new items")
     alone = tp.get("trainer_examples_per_s_by_model") or {}
     if "trm" in alone:
         console.print(f"trm alone {alone['trm']:,.0f} examples/s (scoring + training, one thread)")
@@ -132,6 +136,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["", "![AUC by item age](auc_by_item_age.png)", "", "![Prequential AUC](prequential_auc.png)", "",
               "## Throughput and freshness", "", "```json",
               json.dumps({"throughput": report["throughput"], "freshness_ms": report["freshness_ms"],
+                          "publish_to_rankable_ms": report.get("publish_to_rankable_ms"),
                           "events": report["events"], "warm_start": report.get("warm_start")},
                          indent=2, default=_json_default), "```", ""]
     path.write_text("\n".join(lines))
