@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from .app import StreamWorker
 
 _VALUES_LOCK = threading.Lock()
-OUTCOMES = ("processed", "dead_lettered", "skipped", "duplicates", "folded")
+# outcome label -> the field of streams.batch_loop.Counters that counts it
+OUTCOMES = {"processed": "processed", "dead_lettered": "dead_lettered", "skipped": "skipped",
+            "duplicate": "duplicates", "folded": "folded"}
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -101,9 +103,8 @@ class WorkerMetrics:
                                 labels=["agent", "partition"])
         for name, lp in loops.items():
             c = lp.counters
-            for outcome in OUTCOMES:
-                events.add_metric([name, outcome.rstrip("s") if outcome == "duplicates" else outcome],
-                                  getattr(c, outcome))
+            for outcome, counter in OUTCOMES.items():
+                events.add_metric([name, outcome], getattr(c, counter))
             for reason, n in sorted(c.dlq_reasons.items()):
                 dead.add_metric([name, reason], n)
             batches.add_metric([name], c.batches)

@@ -7,22 +7,16 @@ consumer lag 0 once caught up, batch latency and publish -> online freshness obs
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.services import free_port
 from tests.stream_checks import run_worker
 from tests.streams_fixtures import broker, feast_repo, kafka_config, ml_slice, tiny_tokenizer  # noqa: F401
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

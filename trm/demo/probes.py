@@ -82,19 +82,17 @@ def measure_rankable(kafka, repo: Path, models_dir: Path, next_id: int, n: int, 
     POST /rank that answers it with `"known": true` (polled every 5 ms). One probe at a time."""
     import http.client
     import json
-    import socket
     import threading
 
     import uvicorn
 
+    from streams.broker import free_port
     from streams.contract.codec import AvroCodec
     from streams.contract.events import ItemEvent
     from streams.publisher import make_producer
     from trainer.serving.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = create_app(repo, models_dir, poll_s=0.5)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="trm-demo-serve", daemon=True)
