@@ -34,11 +34,14 @@ def build_trainer(repo: str | Path, tok: TokenizerInfo, checkpoint_dir: str | Pa
                   models: Sequence[str] = MODEL_NAMES, config: dict | None = None, learner: dict | None = None,
                   models_dir: str | Path | None = None, publish_every: int = 0, log_path: str | Path | None = None,
                   checkpoint_every: int = 1, keep_predictions: bool = False, journal_path: str | Path | None = None,
-                  peers: dict | None = None):
-    """A ContinuousTrainer over the Feast repo at `repo` training `models` on the same joined batches."""
+                  peers: dict | None = None, join: str = "index"):
+    """A ContinuousTrainer over the Feast repo at `repo` training `models` on the same joined batches.
+
+    `join`: "index" reads each offline part file once and answers recent batches in O(batch)
+    (trainer/pit_index.py); "feast" asks Feast's get_historical_features for every batch."""
     from .checkpoint import ModelPublisher
     from .learner import Learner, LearnerConfig
-    from .pit_join import FeastJoiner
+    from .pit_index import joiner_for
     from .prequential import ContinuousTrainer
 
     cfg = RankerConfig(num_levels=tok.num_levels, codebook_size=tok.codebook_size, **(config or {}))
@@ -47,7 +50,7 @@ def build_trainer(repo: str | Path, tok: TokenizerInfo, checkpoint_dir: str | Pa
     featurizer = Featurizer.for_config(cfg, tok.version, ngrams=need_ngrams)
     checkpoint_dir = Path(checkpoint_dir)
     publisher = ModelPublisher(models_dir, publish_every) if models_dir and publish_every else None
-    tr = ContinuousTrainer(Learner(list(models), cfg, lcfg), FeastJoiner(str(repo)), featurizer, checkpoint_dir,
+    tr = ContinuousTrainer(Learner(list(models), cfg, lcfg), joiner_for(str(repo), join), featurizer, checkpoint_dir,
                            publisher=publisher, log_path=Path(log_path) if log_path else None,
                            journal_path=Path(journal_path) if journal_path else None,
                            checkpoint_every=checkpoint_every, keep_predictions=keep_predictions,

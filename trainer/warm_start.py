@@ -136,7 +136,8 @@ def warm_start(trainer, events: pd.DataFrame, cfg: WarmStartConfig | None = None
     def joined(part: pd.DataFrame) -> pd.DataFrame:
         base = done[0]
         cb = (lambda k: progress("join", base + k, n_all)) if progress else None
-        out = join_in_slices(trainer.joiner, part, cfg.join_batch, cb)
+        # history is joined by Feast itself (a scan per slice); the O(batch) index is for following
+        out = join_in_slices(getattr(trainer.joiner, "bulk", trainer.joiner), part, cfg.join_batch, cb)
         done[0] += len(part)
         return out
 

@@ -49,7 +49,8 @@ def _train(args) -> int:
                        models_dir=args.models_dir or ck.parent / "models", publish_every=args.publish_every,
                        log_path=args.metrics_log or ck.parent / "prequential.jsonl",
                        checkpoint_every=args.checkpoint_every,
-                       journal_path=None if args.journal == "" else (args.journal or ck.parent / "journal.jsonl"))
+                       journal_path=None if args.journal == "" else (args.journal or ck.parent / "journal.jsonl"),
+                       join=args.join)
     if args.metrics_port is not None:
         from trainer.telemetry import TrainerMetrics, serve
 
@@ -170,6 +171,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--wide-lr", type=float, default=1e-2,
                    help="learning rate of the linear logit on the request-time features")
     t.add_argument("--threads", type=int, default=1, help="torch threads")
+    t.add_argument("--join", choices=("index", "feast"), default="index",
+                   help="point-in-time join per batch: 'index' reads each offline part file once and answers "
+                        "recent batches in O(batch) (trainer/pit_index.py); 'feast' runs get_historical_features "
+                        "per batch (cost grows with the store). Same answers either way")
     t.add_argument("--d-model", type=int, default=None)
     t.add_argument("--blocks", type=int, default=None)
     t.add_argument("--backbone", choices=("rankmixer", "transformer"), default=None)
