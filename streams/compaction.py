@@ -4,7 +4,8 @@ Every stream batch appends one part file (`FeastSink.write_offline`), so a long-
 leaves thousands of small files behind and every DuckDB glob read (the trainer's point-in-time
 joins) pays per file. `compact_view` merges the part files of one view that are older than
 `older_than_s` (by mtime; default 60 s, so in-flight writers' fresh files are left alone) into one
-new part file, in four steps:
+new part file together with the earlier merged files no larger than what is being merged
+(`_select_inputs`: size-tiered, so the cost follows what is new), in four steps:
 
 1. read the inputs with DuckDB and drop rows that are duplicates in (join key, event_timestamp),
    keeping the one(s) with the latest `created`;
@@ -84,6 +85,40 @@ class CompactionResult:
 def _parquet_files(d: Path) -> list[Path]:
     """What the offline store's glob reads (`<view dir>/*.parquet`)."""
     return sorted(p for p in d.glob("*.parquet") if p.is_file())
+
+
+def _is_compacted(p: Path) -> bool:
+    return "-compact-" in p.name
+
+
+def _select_inputs(files: list[Path], older_than_s: float, now: float) -> list[Path]:
+    """What one compaction merges: the stream's part files older than `older_than_s`, plus the
+    earlier compaction outputs holding no more rows than what is merged so far (smallest first;
+    rows from the parquet footers, not bytes: a small file's bytes are mostly its metadata).
+
+    Size-tiered, so a compaction's cost follows what is new: a big merged file is rewritten only
+    once as much new data has piled up beside it (a binary counter of merged files: each row is
+    rewritten O(log rows) times, and a view holds O(log rows) merged files), instead of every run
+    rewriting the whole store."""
+    fresh, merged = [], []
+    for p in files:
+        if p.name == SEED_NAME or not p.name.startswith("part-"):
+            continue
+        try:
+            if _is_compacted(p):
+                merged.append((_num_rows([p]), p))
+            elif now - p.stat().st_mtime >= older_than_s:
+                fresh.append((_num_rows([p]), p))
+        except FileNotFoundError:
+            continue
+    budget = sum(sz for sz, _ in fresh)
+    take = []
+    for sz, p in sorted(merged):
+        if not fresh or sz > budget:
+            break
+        take.append(p)
+        budget += sz
+    return sorted([p for _, p in fresh] + take)
 
 
 def _num_rows(paths) -> int:
@@ -210,17 +245,10 @@ def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MI
         res.removed_tmp = _remove_stale_tmp(d, tmp_older_than_s, now)
         before = _parquet_files(d)
         res.files_before, res.rows_before = len(before), _num_rows(before)
-        inputs = []
-        for p in before:
-            if p.name == SEED_NAME or not p.name.startswith("part-"):
-                continue
-            try:
-                if now - p.stat().st_mtime >= older_than_s:
-                    inputs.append(p)
-            except FileNotFoundError:
-                pass
-        if len(inputs) < max(min_files, 1):
-            res.skipped = f"{len(inputs)} part file(s) older than {older_than_s:g} s (< {max(min_files, 1)})"
+        inputs = _select_inputs(before, older_than_s, now)
+        n_fresh = sum(1 for p in inputs if not _is_compacted(p))
+        if n_fresh < max(min_files, 1):
+            res.skipped = f"{n_fresh} new part file(s) older than {older_than_s:g} s (< {max(min_files, 1)})"
         else:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
             final = d / f"part-{stamp}-compact-{uuid.uuid4().hex[:8]}.parquet"

@@ -293,3 +293,25 @@ def test_k8s_cronjob_runs_a_command_the_cli_accepts():
     assert mount["mountPath"] == str(offline_dir(args.repo, "x").parent)  # where the workers write
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
     assert claims[mount["name"]] == "trm-offline" and pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_a_later_compaction_merges_what_is_new_not_the_whole_store(stream_repo):
+    """Size-tiered: the big merged file stays as it is while a little new data is merged beside
+    it; once as much new data has been merged as it holds, they merge together. Answers hold."""
+    repo, entity = stream_repo, _entity_df()
+    before = _pit(repo, entity)
+    first = compact_view(repo, "user_history", delete_grace_s=0, older_than_s=0)
+    big = first.output
+    sink = FeastSink(repo, writer_id="late")
+    for b in range(2):  # two small new batches (copies of earlier rows: answers unchanged)
+        sink.write_offline("user_history", _user_rows(b), W0 + timedelta(seconds=b))
+    second = compact_view(repo, "user_history", delete_grace_s=0, older_than_s=0)
+    assert second.merged == 2 and big.exists()  # only the new files were read and rewritten
+    assert second.rows_before - second.rows_after == 0
+    _assert_same(before, _pit(repo, entity))
+    for b in range(N_BATCHES):  # as much new data again: the tiers merge
+        sink.write_offline("user_history", _user_rows(b), W0 + timedelta(seconds=b))
+    third = compact_view(repo, "user_history", delete_grace_s=0, older_than_s=0)
+    assert not big.exists() and third.merged == N_BATCHES + 2
+    assert len(_part_files(repo, "user_history")) == 2  # seed + one merged file
+    _assert_same(before, _pit(repo, entity))

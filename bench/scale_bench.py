@@ -1,0 +1,434 @@
+"""Scale benchmark: how each cost grows with the data, S (100 k events) -> M (1 M) -> L (10 M).
+
+A synthetic catalogue and stream run through the real path, per size in fresh processes:
+
+  fit      HybridTokenizer.fit (alignment, residual k-means, BPE) on the catalogue: seconds, peak RSS
+  store    the worker's own InteractionProcessor and ItemStatsProcessor (Avro decode -> state ->
+           Feast online SQLite + offline part files, state saves), 2,048 events per batch, without
+           Kafka: events/s and RSS against the users and items in its state; then the trainer's
+           point-in-time join for 2,048- and 256-event batches from the latest 5 % of event time,
+           Feast's get_historical_features vs the part-file index (trainer/pit_index.py), on part
+           files and compacted, answers compared; compaction (full, then of what is new); the
+           online read of 1 user + 100 items
+  encoder  all-MiniLM-L6-v2 items/s on the generator's texts (once: it does not grow with size)
+
+The generator: items carry text drawn from topic vocabularies (so tokens mean something) and
+arrive over the timeline; popularity is Zipf-like over items already created; users come in
+sessions of consecutive events and like items of their two favourite topics more; events arrive
+in event-time order. The tokenizer fit reads *precomputed* embeddings (topic centroid + noise,
+unit rows) at every size, so it measures the tokenizer and not the encoder; the encoder's own
+rate is the `encoder` line. Sizes: S 100 k events / 10 k items / 1 k users, M 1 M / 100 k / 10 k,
+L 10 M / 1 M / 100 k.
+
+    python bench/scale_bench.py [--sizes S,M] [--work DIR] [--plot scale.png]
+
+The last line printed is one JSON object with an entry per size (and "encoder").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"XS": (20_000, 2_000), "S": (100_000, 10_000), "M": (1_000_000, 100_000), "L": (10_000_000, 1_000_000)}  # events, items
+N_TOPICS, DIM, PARTITIONS, BATCH = 40, 384, 4, 2048
+T0, SPAN = 1_500_000_000, 365 * 86_400  # a year of event time
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the generator ------------------------------------------------------------------------------
+def vocabularies(seed: int = 0) -> list[list[str]]:
+    """N_TOPICS vocabularies of 30 pseudo-words each (distinct syllable mixes per topic)."""
+    rng = np.random.default_rng(seed)
+    syl = ["ka", "lo", "mi", "ren", "tas", "vo", "qui", "zen", "dra", "pel", "sor", "gu", "fen", "ix", "ba", "nor"]
+    return [["".join(rng.choice(syl, size=3)) + str(t) for _ in range(30)] for t in range(N_TOPICS)]
+
+
+def generate(n_events: int, n_items: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Items (topic, created time) and events (user, item, label, time), event-time ordered."""
+    rng = np.random.default_rng(seed)
+    n_users = max(n_events // 100, 10)
+    topic = rng.integers(N_TOPICS, size=n_items)
+    # 30 % of the catalogue exists at the start, the rest arrives uniformly over the year
+    created = np.sort(np.where(rng.random(n_items) < 0.3, T0, T0 + rng.integers(0, SPAN, n_items)))
+    # sessions: a user, a start, ~20 events 30 s apart
+    n_sessions = n_events // 20 + 1
+    lens = rng.geometric(1 / 20, n_sessions)
+    lens = lens[: int(np.searchsorted(np.cumsum(lens), n_events)) + 1]
+    lens[-1] -= lens.sum() - n_events
+    lens = lens[lens > 0]
+    # users: mildly skewed activity (weights 1 / rank^0.7), ~100 events per user on average
+    uw = np.cumsum(1.0 / np.arange(1, n_users + 1) ** 0.7)
+    s_user = rng.permutation(n_users)[np.searchsorted(uw, rng.random(len(lens)) * uw[-1])] + 1
+    s_start = T0 + 3600 + rng.integers(0, SPAN - 7200, len(lens))
+    user = np.repeat(s_user, lens)
+    step = np.concatenate([np.arange(n) for n in lens])
+    t = np.repeat(s_start, lens) + 30 * step
+    order = np.argsort(t, kind="stable")
+    user, t = user[order], t[order]
+    # Zipf popularity (Pareto weights, exponent ~1.1), drawn among the items already created at t:
+    # weights cumulated in creation order, so one searchsorted samples from the created prefix
+    cw = np.cumsum(rng.pareto(1.1, n_items) + 1.0)
+    n_created = np.searchsorted(created, t, side="right")
+    item_idx = np.searchsorted(cw, rng.random(n_events) * cw[n_created - 1], side="right")
+    item_idx = np.minimum(item_idx, n_created - 1)
+    fav = rng.integers(N_TOPICS, size=(n_users + 1, 2))
+    likes = (topic[item_idx] == fav[user, 0]) | (topic[item_idx] == fav[user, 1])
+    label = (rng.random(n_events) < np.where(likes, 0.75, 0.3)).astype(np.int64)
+    return dict(topic=topic, created=created, user=user.astype(np.int64), item=item_idx.astype(np.int64) + 1,
+                label=label, t=t.astype(np.int64))
+
+
+def item_texts(topic: np.ndarray, seed: int = 1) -> list[str]:
+    voc = vocabularies()
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, tp in enumerate(topic.tolist()):
+        words = rng.choice(voc[tp], size=6, replace=False)
+        out.append(f"{words[0].title()} {words[1]} ({i}). Tags: {', '.join(words[2:])}")
+    return out
+
+
+def embeddings(topic: np.ndarray, seed: int = 2) -> np.ndarray:
+    """Precomputed stand-ins for encoder output: a unit topic centroid + noise, unit rows."""
+    rng = np.random.default_rng(seed)
+    cent = rng.normal(size=(N_TOPICS, DIM)).astype(np.float32)
+    x = cent[topic] + 0.8 * rng.normal(size=(len(topic), DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# --- stages (each in its own process) ----------------------------------------------------------
+def stage_fit(work: Path, size: str) -> dict:
+    from streams.movielens import Interaction, Item
+    from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
+
+    d = dict(np.load(work / "data.npz"))
+    texts = item_texts(d["topic"])
+    items = [Item(i + 1, texts[i], (), (), int(d["created"][i])) for i in range(len(texts))]
+    cut = int(0.9 * len(d["t"]))  # fitted on the events before the follow window
+    inter = [Interaction(int(u), int(i), 4.0 if y else 2.0, int(y), int(t))
+             for u, i, y, t in zip(d["user"][:cut], d["item"][:cut], d["label"][:cut], d["t"][:cut])]
+    emb = embeddings(d["topic"])
+    rss0 = peak_rss_mb()
+    t = time.perf_counter()
+    tok = HybridTokenizer.fit(items, inter, TokenizerConfig(levels=3, codebook_size=256, threads=2), progress=False,
+                              embeddings=emb)
+    fit_s = time.perf_counter() - t
+    toks = tok.encode_embeddings(emb)
+    gen = np.array([x.gen_tokens for x in toks], np.int64)
+    mem = np.array([json.dumps([int(m) for m in x.mem_tokens]) for x in toks])
+    np.savez(work / "tokens.npz", gen=gen, mem=mem, version=np.array(tok.version))
+    return {"tokenizer_fit_s": fit_s, "tokenizer_fit_peak_rss_mb": peak_rss_mb(), "rss_before_fit_mb": rss0}
+
+
+def _norm(v):
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return tuple(int(x) for x in v)
+    return v if isinstance(v, (str, bool, np.bool_)) or hasattr(v, "tz") else float(v)
+
+
+def same_answers(a, b) -> bool:
+    return list(a.columns) == list(b.columns) and all(
+        [_norm(x) for x in a[c].tolist()] == [_norm(x) for x in b[c].tolist()] for c in a.columns)
+
+
+def stage_store(work: Path, size: str) -> dict:
+    import pandas as pd
+    import psutil
+
+    from streams.compaction import compact_repo
+    from streams.contract.codec import AvroCodec
+    from streams.contract.events import InteractionEvent
+    from streams.dlq import SourceRecord
+    from streams.feast_sink import FeastSink
+    from streams.feature_repo_tools import materialize_repo
+    from streams.interaction_agent import InteractionProcessor
+    from streams.item_stats_agent import ItemStatsProcessor
+    from trainer.pit_index import IndexedJoiner
+    from trainer.pit_join import historical_features
+
+    d = dict(np.load(work / "data.npz"))
+    tk = np.load(work / "tokens.npz")
+    gen, mem, version = tk["gen"], [json.loads(m) for m in tk["mem"]], str(tk["version"])
+    for old in ("repo", "state", "stats-state"):  # a rerun in the same --work starts from nothing
+        shutil.rmtree(work / old, ignore_errors=True)
+    repo = materialize_repo(work / "repo")
+    sink = FeastSink(repo, writer_id="scale")
+    me = psutil.Process()
+    out: dict = {"events": int(len(d["t"])), "items": int(len(gen))}
+
+    # item tokens as the item agent writes them, stamped at creation
+    order = np.argsort(d["created"], kind="stable")
+    for s in range(0, len(order), 20_000):
+        idx = order[s:s + 20_000]
+        sink.write("item_tokens", [{"item_id": int(i) + 1, "gen_tokens": gen[i].tolist(), "mem_tokens": mem[i],
+                                    "tokenizer_version": version, "created_at": int(d["created"][i]),
+                                    "retired": False, "event_timestamp": int(d["created"][i])} for i in idx])
+    gen_of = {i + 1: g for i, g in enumerate(gen.tolist())}
+    codec = AvroCodec()
+    proc = InteractionProcessor(sink, work / "state", None, gen_of.get, "interactions", codec=codec)
+    stats = ItemStatsProcessor(sink, work / "stats-state", "interactions_by_item", codec=codec)
+    off = [0] * PARTITIONS
+    off2 = [0] * PARTITIONS
+    n = len(d["t"])
+
+    def run(lo: int, hi: int):
+        recs = []
+        for j in range(lo, hi):
+            u = int(d["user"][j])
+            p = u % PARTITIONS
+            ev = InteractionEvent(f"e{j}", u, int(d["item"][j]), int(d["label"][j]), int(d["t"][j]))
+            recs.append(SourceRecord("interactions", p, off[p], str(u).encode(), codec.encode(ev.to_record(),
+                                                                                                  "InteractionEvent")))
+            off[p] += 1
+        res = proc.process(recs)
+        proc.save(res.hwm)
+        recs2 = []
+        for key, value in res.outputs:
+            p = int(key) % PARTITIONS
+            recs2.append(SourceRecord("interactions_by_item", p, off2[p], key, value))
+            off2[p] += 1
+        res2 = stats.process(recs2)
+        stats.save(res2.hwm)
+        return len(res.dead) + len(res2.dead)
+
+    def events(lo: int, hi: int) -> pd.DataFrame:
+        return pd.DataFrame({"user_id": d["user"][lo:hi], "item_id": d["item"][lo:hi], "label": d["label"][lo:hi],
+                             "event_time": d["t"][lo:hi]})
+
+    # 1. the worker over the first 90 %: events/s and RSS against its state
+    a, b = int(0.90 * n), int(0.95 * n)
+    curve, dead = [], 0
+    t0 = time.perf_counter()
+    marks = set(np.linspace(0, a, 11).astype(int)[1:].tolist())
+    last_t, last_j = t0, 0
+    for j in range(0, a, BATCH):
+        hi = min(j + BATCH, a)
+        dead += run(j, hi)
+        if any(j < m <= hi for m in marks):
+            now = time.perf_counter()
+            curve.append({"events": hi, "users": sum(len(s.users) for s in proc.states.values()),
+                          "items": sum(len(s._tok) for s in proc.states.values()),
+                          "user_detail_events": sum(s.n_detail()[0] for s in proc.states.values()),
+                          "rss_mb": me.memory_info().rss / 2**20, "events_per_s": (hi - last_j) / (now - last_t)})
+            last_t, last_j = now, hi
+            log(f"{size} worker: {hi:,} events, {curve[-1]['events_per_s']:,.0f}/s, RSS {curve[-1]['rss_mb']:.0f} MB")
+    out.update(worker_events_per_s=a / (time.perf_counter() - t0), worker_rss_mb=curve[-1]["rss_mb"],
+               worker_curve=curve, dead_letters=dead)
+    files = lambda: sum(len(list((Path(repo) / "data" / "offline" / v).glob("*.parquet")))  # noqa: E731
+                        for v in ("item_tokens", "user_history", "item_stats"))
+    out["rows_offline"] = sum(pq_rows(Path(repo) / "data" / "offline" / v) for v in ("user_history", "item_stats",
+                                                                                       "item_tokens"))
+
+    # 2. following [90 %, 95 %): the worker writes a batch, the trainer joins it through the index
+    joiner = IndexedJoiner(str(repo))
+    t = time.perf_counter()
+    joiner(events(a - BATCH, a))  # the first call reads every part file once
+    out["index_build_s"] = time.perf_counter() - t
+    idx_2048, batches = [], []
+    for j in range(a, b, BATCH):
+        hi = min(j + BATCH, b)
+        run(j, hi)
+        t = time.perf_counter()
+        joiner(events(j, hi))
+        idx_2048.append(time.perf_counter() - t)
+        batches.append((j, hi))
+    out["index_rows_held"] = joiner.rows_held
+    last = batches[-3:]
+    idx_256 = [timed(lambda lo=lo: joiner(events(lo, lo + 256)))[1] for lo, _ in batches[-6:]]
+
+    def feast_times(k: int) -> list[float]:
+        return [timed(lambda lo=lo: historical_features(joiner.store, events(lo, lo + k)))[1] for lo, _ in last]
+
+    out["files_part"] = files()
+    f2048, f256 = feast_times(BATCH), feast_times(256)
+    same = all(same_answers(joiner(events(lo, hi)), historical_features(joiner.store, events(lo, hi)))
+               for lo, hi in last)
+    out.update(join_2048_s=statistics.median(idx_2048[1:] or idx_2048), join_256_s=statistics.median(idx_256),
+               feast_join_2048_s=statistics.median(f2048), feast_join_2048_min_s=min(f2048),
+               feast_join_256_s=statistics.median(f256), index_equals_feast=same)
+    log(f"{size} join 2048: index {out['join_2048_s']:.3f} s vs Feast {out['feast_join_2048_s']:.2f} s "
+        f"({out['files_part']} files, identical: {same})")
+
+    # 3. compaction of everything, then the joins on the compacted store
+    t = time.perf_counter()
+    compact_repo(repo, older_than_s=0, delete_grace_s=0)
+    out["compaction_s"] = time.perf_counter() - t
+    out["files_compacted"] = files()
+    f2048c, f256c = feast_times(BATCH), feast_times(256)
+    fresh = IndexedJoiner(str(repo))
+    t = time.perf_counter()
+    fresh(events(a - BATCH, a))
+    out["index_build_compacted_s"] = time.perf_counter() - t
+    ic = [timed(lambda lo=lo, hi=hi: fresh(events(lo, hi)))[1] for lo, hi in batches[-6:]]
+    same_c = all(same_answers(fresh(events(lo, hi)), historical_features(fresh.store, events(lo, hi)))
+                 for lo, hi in last)
+    out.update(feast_join_2048_compacted_s=statistics.median(f2048c), feast_join_256_compacted_s=statistics.median(f256c),
+               join_2048_compacted_s=statistics.median(ic), index_equals_feast_compacted=same_c)
+
+    # 4. the last 5 % through the worker, then a compaction of what is new
+    for j in range(b, n, BATCH):
+        run(j, min(j + BATCH, n))
+    t = time.perf_counter()
+    res = compact_repo(repo, older_than_s=0, delete_grace_s=0)
+    out["compaction_new_s"] = time.perf_counter() - t
+    out["compaction_new_files"] = sum(r.merged for r in res)
+
+    # 5. the online read a /rank request makes: 1 user + 100 candidate items
+    rng = np.random.default_rng(0)
+    lat = []
+    for _ in range(40):
+        ids = rng.integers(1, len(gen) + 1, 100).tolist()
+        u = int(rng.choice(d["user"]))
+        t = time.perf_counter()
+        sink.store.get_online_features(features=["item_tokens:gen_tokens", "item_tokens:mem_tokens",
+                                                 "item_stats:item_n_interactions"],
+                                       entity_rows=[{"item_id": i} for i in ids]).to_dict()
+        sink.store.get_online_features(features=["user_history:recent_item_ids", "user_history:user_n_events"],
+                                       entity_rows=[{"user_id": u}]).to_dict()
+        lat.append(time.perf_counter() - t)
+    out["online_read_p50_ms"] = 1000 * float(np.percentile(lat[5:], 50))
+    out["online_read_p99_ms"] = 1000 * float(np.percentile(lat[5:], 99))
+    out["store_peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def pq_rows(d: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in d.glob("*.parquet"))
+
+
+def timed(fn):
+    t = time.perf_counter()
+    r = fn()
+    return r, time.perf_counter() - t
+
+
+def stage_encoder(work: Path, size: str) -> dict:
+    from tokenizer.encoder import ContentEncoder
+
+    texts = item_texts(np.random.default_rng(0).integers(N_TOPICS, size=512))
+    enc = ContentEncoder(threads=2)
+    enc.encode(texts[:32], progress=False)  # warm-up
+    t = time.perf_counter()
+    enc.encode(texts, progress=False)
+    return {"encoder_items_per_s": len(texts) / (time.perf_counter() - t)}
+
+
+STAGES = {"fit": stage_fit, "store": stage_store, "encoder": stage_encoder}
+
+
+def run_stage(stage: str, work: Path, size: str) -> dict:
+    """A stage in a fresh interpreter: its RSS is its own, not the previous stage's."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, __file__, "--stage", stage, "--size", size, "--work", str(work)],
+                       stdout=subprocess.PIPE, env=env, check=False, text=True)
+    if p.returncode:
+        raise SystemExit(f"stage {stage} of size {size} failed (exit {p.returncode}); its log is above")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s for s in SIZES if s in results]
+    rows = [results[s]["rows_offline"] for s in sizes]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    for k, lab in (("feast_join_2048_s", "Feast join, part files"), ("feast_join_2048_compacted_s", "Feast, compacted"),
+                   ("join_2048_s", "index, part files"), ("join_2048_compacted_s", "index, compacted")):
+        ax[0].plot(rows, [results[s][k] for s in sizes], "o-", label=lab)
+    ax[0].set(xscale="log", yscale="log", xlabel="offline rows", ylabel="s per 2,048-event batch",
+              title="trainer's point-in-time join")
+    ax[0].legend(fontsize=8)
+    for k, lab in (("compaction_s", "compaction, all"), ("compaction_new_s", "compaction, new 5 %"),
+                   ("tokenizer_fit_s", "tokenizer fit"), ("index_build_s", "index build (once)")):
+        ax[1].plot(rows, [results[s][k] for s in sizes], "o-", label=lab)
+    ax[1].set(xscale="log", yscale="log", xlabel="offline rows", ylabel="s", title="one-off costs")
+    ax[1].legend(fontsize=8)
+    for s in sizes:
+        c = results[s]["worker_curve"]
+        ax[2].plot([x["users"] + x["items"] for x in c], [x["rss_mb"] for x in c], "o-", label=f"{s} RSS")
+    ax[2].set(xscale="log", xlabel="users + items in the worker's state", ylabel="worker RSS (MB)",
+              title="worker memory")
+    ax[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="S,M", help="comma-separated of S, M, L (default S,M)")
+    ap.add_argument("--work", default=None, help="working directory (default: a temp dir, removed after)")
+    ap.add_argument("--plot", default=None, help="write the curves to this PNG")
+    ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    ap.add_argument("--size", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.stage:
+        from trm import quiet_third_party_warnings
+
+        quiet_third_party_warnings()
+        print(json.dumps(STAGES[args.stage](Path(args.work), args.size)))
+        return 0
+    sizes = [s.strip().upper() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        raise SystemExit(f"unknown size(s) {bad}: use {', '.join(SIZES)}")
+    base = Path(args.work or tempfile.mkdtemp(prefix="trm-scale-"))
+    results: dict = {"encoder": run_stage("encoder", base, "-")}
+    log(f"encoder: {results['encoder']['encoder_items_per_s']:.0f} items/s")
+    for s in sizes:
+        work = base / s
+        work.mkdir(parents=True, exist_ok=True)
+        n_events, n_items = SIZES[s]
+        t = time.perf_counter()
+        np.savez(work / "data.npz", **generate(n_events, n_items))
+        log(f"{s}: generated {n_events:,} events over {n_items:,} items in {time.perf_counter() - t:.1f} s")
+        r = run_stage("fit", work, s)
+        log(f"{s}: tokenizer fit {r['tokenizer_fit_s']:.1f} s, peak RSS {r['tokenizer_fit_peak_rss_mb']:.0f} MB")
+        r.update(run_stage("store", work, s))
+        r["rows"] = r["rows_offline"]
+        results[s] = r
+    keys = ("rows", "files_part", "join_2048_s", "join_256_s", "feast_join_2048_s", "feast_join_256_s",
+            "join_2048_compacted_s", "feast_join_2048_compacted_s", "index_build_s", "worker_events_per_s",
+            "worker_rss_mb", "compaction_s", "compaction_new_s", "online_read_p99_ms", "tokenizer_fit_s",
+            "tokenizer_fit_peak_rss_mb", "index_equals_feast")
+    print(f"{'':32}" + "".join(f"{s:>14}" for s in sizes), file=sys.stderr)
+    for k in keys:
+        print(f"{k:32}" + "".join(f"{results[s][k]:>14,.3f}" if isinstance(results[s][k], float)
+                                  else f"{results[s][k]!s:>14}" for s in sizes), file=sys.stderr)
+    if args.plot:
+        plot(results, Path(args.plot))
+        log(f"curves written to {args.plot}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
