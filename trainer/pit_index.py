@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .pit_join import FEATURE_SERVICE, ROW, JoinError, entity_frame, historical_features
+from .pit_join import FEATURE_SERVICE, PIT_OFFSET, ROW, JoinError, entity_frame, historical_features
 
 TS, CREATED, POS = "_ts", "_created", "_pos"  # internal column names (ns since epoch, row position)
 NEG_INF = np.iinfo(np.int64).min
@@ -51,8 +51,10 @@ NEG_INF = np.iinfo(np.int64).min
 
 @dataclass
 class IndexConfig:
-    horizon_s: float = 7 * 86_400.0  # W trails the oldest event of the latest batch by this much
-    fold_rows: int = 50_000  # fold delta rows older than W once there are this many
+    # W trails the oldest event of the latest batch by this much: a later batch reaching further
+    # back than that (a stream out of order by more than an hour) is answered by Feast instead
+    horizon_s: float = 3600.0
+    fold_rows: int = 8192  # fold delta rows older than W once there are this many
 
 
 def _ns(col: pd.Series) -> np.ndarray:
@@ -195,6 +197,8 @@ class _ViewIndex:
         n = len(keys)
         out = {f: np.full(n, None, object) for f in self.features}
         d = self._delta()
+        # rows stamped after the batch's newest time cannot answer it (a store ahead of the trainer)
+        d = d.iloc[:int(np.searchsorted(d[TS].to_numpy(), t.max(), side="right"))] if n else d
         left = pd.DataFrame({self.key: keys.astype("int64"), TS: t.astype("int64"), POS: np.arange(n)})
         left = left.sort_values(TS, kind="stable")
         right = pd.DataFrame({self.key: d[self.key].to_numpy(), TS: d[TS].to_numpy(), "_j": np.arange(len(d))})
@@ -264,7 +268,7 @@ class IndexedJoiner:
         entity = entity_frame(events)
         if entity.empty:
             return entity.drop(columns=[ROW])
-        t = _ns(entity["event_timestamp"])  # already event time - 1 µs
+        t = entity["event_time"].to_numpy(np.int64) * 10**9 - PIT_OFFSET.value  # ns: event time - 1 µs
         w = int(t.min() - self.cfg.horizon_s * 1e9)
         for v in self.views:
             self.stats["rows_read"] += v.refresh()  # 1. + 2.
