@@ -48,15 +48,26 @@ def weights_sha256(model_dir: str) -> str:
     return h.hexdigest()
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ContentEncoder:
     """Frozen sentence encoder: texts → float32 [N, 384], unit norm.
 
     `threads` sets torch's intra-op threads (None leaves torch's default); batching amortises the
-    tokenizer and matmul overhead, which dominates on a CPU.
+    tokenizer and matmul overhead, which dominates on a CPU. `device` "auto" (the default, or
+    $TRM_ENCODER_DEVICE) takes CUDA when torch sees a GPU: the encoder is the stage bound by compute
+    (bench/scale_bench.py); "cpu" pins it, e.g. to reproduce a fit bit for bit across machines.
     """
 
     def __init__(self, model_dir: str | Path | None = None, batch_size: int = 64,
-                 threads: int | None = None, device: str = "cpu") -> None:
+                 threads: int | None = None, device: str | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local path never needs the hub
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
@@ -65,7 +76,7 @@ class ContentEncoder:
                                "sentence-transformers model files")
         self.batch_size = batch_size
         self.threads = threads
-        self.device = device
+        self.device = device or os.environ.get("TRM_ENCODER_DEVICE", "auto")  # resolved when the model loads
         self._model = None
 
     @property
@@ -86,6 +97,7 @@ class ContentEncoder:
 
             if self.threads:
                 torch.set_num_threads(int(self.threads))
+            self.device = resolve_device(self.device)
             self._model = SentenceTransformer(str(self.model_dir), device=self.device,
                                               local_files_only=True)
             self._model.eval()

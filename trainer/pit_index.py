@@ -65,6 +65,20 @@ def _ns(col: pd.Series) -> np.ndarray:
     return out
 
 
+def _arrow_ns(table, name: str) -> np.ndarray:
+    """A timestamp column of a part file as int64 ns (null -> older than anything), no pandas
+    datetime round trip (which iterates per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if name not in table.column_names:
+        return np.full(len(table), NEG_INF, np.int64)
+    col = table.column(name)
+    if pa.types.is_timestamp(col.type):
+        col = pc.cast(col, pa.timestamp("ns", tz=col.type.tz))
+    return pc.fill_null(col.cast(pa.int64()), NEG_INF).to_numpy()
+
+
 @dataclass
 class _Snapshot:
     """Per entity the winning row stamped before W: columnar arrays with a key -> position dict."""
@@ -155,18 +169,20 @@ class _ViewIndex:
                 self.seen.add(name)
                 rows += len(table)
                 if len(table):
-                    self._ingest(table.to_pandas())
+                    self._ingest(table)
             self.seen &= set(names)  # deleted inputs: their names never come back
             if not vanished:
                 return rows
         raise JoinError(f"{self.directory}: part files keep vanishing while listed; is a compaction looping?")
 
     # 2. new rows: older than W -> snapshot, else delta -------------------------------------------
-    def _ingest(self, df: pd.DataFrame) -> None:
-        frame = pd.DataFrame({self.key: df[self.key].astype("int64").to_numpy(), TS: _ns(df["event_timestamp"]),
-                              CREATED: _ns(df["created"]) if "created" in df.columns else NEG_INF})
+    def _ingest(self, table) -> None:
+        """A pyarrow table of part-file rows -> snapshot (stamped before W) or delta."""
+        frame = pd.DataFrame({self.key: table.column(self.key).to_numpy().astype("int64"),
+                              TS: _arrow_ns(table, "event_timestamp"), CREATED: _arrow_ns(table, "created")})
+        names = set(table.column_names)
         for f in self.features:
-            frame[f] = df[f].to_numpy(object) if f in df.columns else None
+            frame[f] = table.column(f).to_pandas().to_numpy(object) if f in names else None
         old = frame[TS].to_numpy() < self.w
         if old.any():
             self.snapshot.fold(frame[old], self.key)
