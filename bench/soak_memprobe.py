@@ -5,7 +5,7 @@ compressed event time) straight into the worker's `InteractionProcessor` in this
 same code from Avro decode to the Feast/parquet writes and the state save (with its compaction),
 only without Kafka — one batch per simulated wall second, tracemalloc on. At every tenth it prints
 this process's RSS, Python's traced memory and the detail the partition states hold
-(`PartitionState.n_detail`: item detail times, user detail events, dedup keys); at the end, the
+(`PartitionState.n_detail`: user detail events, dedup keys); at the end, the
 source lines whose allocations grew most from 10 % and from 50 % of the run to its end.
 
     python bench/soak_memprobe.py [--seconds 600] [--rate 2000] [--time-scale 2016] [--no-trace]
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         tracemalloc.start(1)
     snaps: list = []  # (simulated s, snapshot) at 10 % and at half of the run
     t0 = time.perf_counter()
-    print(f"{'sim s':>6} {'events':>10} {'RSS MB':>8} {'traced MB':>10} {'item detail':>12} {'user detail':>12} "
+    print(f"{'sim s':>6} {'events':>10} {'RSS MB':>8} {'traced MB':>10} {'user detail':>12} "
           f"{'dedup keys':>11} {'users':>7} {'items':>7} {'wall s':>7}")
     for s in range(1, args.seconds + 1):
         et = base + int(s * args.time_scale)
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             det = [st.n_detail() for st in proc.states.values()]
             traced = tracemalloc.get_traced_memory()[0] / 2**20 if args.trace else float("nan")
             print(f"{s:>6} {s * args.rate:>10,} {me.memory_info().rss / 2**20:>8.1f} {traced:>10.1f} "
-                  f"{sum(d[0] for d in det):>12,} {sum(d[1] for d in det):>12,} {sum(d[2] for d in det):>11,} "
+                  f"{sum(d[0] for d in det):>12,} {sum(d[1] for d in det):>11,} "
                   f"{sum(len(st.users) for st in proc.states.values()):>7,} "
-                  f"{sum(len(st.items) for st in proc.states.values()):>7,} {time.perf_counter() - t0:>7.0f}",
+                  f"{sum(len(st._tok) for st in proc.states.values()):>7,} {time.perf_counter() - t0:>7.0f}",
                   flush=True)
             if args.trace and (not snaps or (len(snaps) == 1 and s >= args.seconds // 2)):
                 snaps.append((s, tracemalloc.take_snapshot()))
