@@ -43,7 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SIZES = {"XS": (20_000, 2_000), "S": (100_000, 10_000), "M": (1_000_000, 100_000), "L": (10_000_000, 1_000_000)}  # events, items
+SIZES = {"XS": (20_000, 2_000), "S": (100_000, 10_000),  # (events, items)
+         "M": (1_000_000, 100_000), "L": (10_000_000, 1_000_000)}
 N_TOPICS, DIM, PARTITIONS, BATCH = 40, 384, 4, 2048
 T0, SPAN = 1_500_000_000, 365 * 86_400  # a year of event time
 
@@ -288,7 +289,8 @@ def stage_store(work: Path, size: str) -> dict:
     ic = [timed(lambda lo=lo, hi=hi: fresh(events(lo, hi)))[1] for lo, hi in batches[-6:]]
     same_c = all(same_answers(fresh(events(lo, hi)), historical_features(fresh.store, events(lo, hi)))
                  for lo, hi in last)
-    out.update(feast_join_2048_compacted_s=statistics.median(f2048c), feast_join_256_compacted_s=statistics.median(f256c),
+    out.update(feast_join_2048_compacted_s=statistics.median(f2048c),
+               feast_join_256_compacted_s=statistics.median(f256c),
                join_2048_compacted_s=statistics.median(ic), index_equals_feast_compacted=same_c)
 
     # 4. the last 5 % through the worker, then a compaction of what is new

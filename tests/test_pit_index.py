@@ -72,7 +72,8 @@ def test_index_answers_equal_feast_across_late_rows_replays_and_compaction(tmp_p
     step = 50
     for b, s in enumerate(range(0, len(tail), step)):
         batch_end = tail[min(s + step, len(tail)) - 1].event_time
-        new = {v: [r for r in rs if r["event_timestamp"] <= batch_end and r.get("_done") is None] for v, rs in later.items()}
+        new = {v: [r for r in rs if r["event_timestamp"] <= batch_end and r.get("_done") is None]
+               for v, rs in later.items()}
         for rs in new.values():
             for r in rs:
                 r["_done"] = True
@@ -101,3 +102,14 @@ def test_index_answers_equal_feast_across_late_rows_replays_and_compaction(tmp_p
     # memory: the snapshot holds one row per entity, the delta at most the horizon plus a fold
     held = joiner.rows_held
     assert held["user_history"] <= 25 + 60 + 40 + 50 * 4
+
+
+def test_index_on_a_store_with_nothing_yet_answers_nothing_like_feast(tmp_path):
+    """The first batches of a fresh deployment: no feature rows at all (only the seed files)."""
+    from feast import FeatureStore
+
+    repo = make_repo(tmp_path, [])
+    ev = events_frame(event_stream(40, seed=1))
+    got = IndexedJoiner(str(repo))(ev)
+    assert_same(got, historical_features(FeatureStore(repo_path=str(repo)), ev))
+    assert got["gen_tokens"].isna().all()

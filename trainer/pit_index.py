@@ -89,6 +89,9 @@ class _Snapshot:
     created: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     cols: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.cols = {f: np.empty(0, object) for f in self.features}  # an empty snapshot answers "nothing"
+
     def _grow(self, need: int) -> None:
         cap = len(self.ts)
         if need <= cap:
@@ -97,7 +100,7 @@ class _Snapshot:
         self.ts = np.resize(self.ts, cap)
         self.created = np.resize(self.created, cap)
         for f in self.features:
-            old = self.cols.get(f, np.empty(0, object))
+            old = self.cols[f]
             new = np.empty(cap, object)
             new[:len(old)] = old[:len(old)]
             self.cols[f] = new
@@ -146,7 +149,8 @@ class _ViewIndex:
 
     def _empty(self) -> pd.DataFrame:
         return pd.DataFrame({self.key: pd.Series([], dtype="int64"), TS: pd.Series([], dtype="int64"),
-                             CREATED: pd.Series([], dtype="int64"), **{f: pd.Series([], dtype=object) for f in self.features}})
+                             CREATED: pd.Series([], dtype="int64"),
+                             **{f: pd.Series([], dtype=object) for f in self.features}})
 
     # 1. read the files not seen yet ------------------------------------------------------------
     def refresh(self) -> int:
