@@ -118,6 +118,23 @@ def embeddings(topic: np.ndarray, seed: int = 2) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def interaction_records(codec, d: dict, lo: int, hi: int, offsets: list[int]) -> list:
+    """Events [lo, hi) of the stream as the worker's input records: Avro InteractionEvents keyed
+    and partitioned by user (PARTITIONS), at the next offsets of `offsets` (advanced in place)."""
+    from streams.contract.events import InteractionEvent
+    from streams.dlq import SourceRecord
+
+    recs = []
+    for j in range(lo, hi):
+        u = int(d["user"][j])
+        p = u % PARTITIONS
+        ev = InteractionEvent(f"e{j}", u, int(d["item"][j]), int(d["label"][j]), int(d["t"][j]))
+        recs.append(SourceRecord("interactions", p, offsets[p], str(u).encode(),
+                                 codec.encode(ev.to_record(), "InteractionEvent")))
+        offsets[p] += 1
+    return recs
+
+
 # --- stages (each in its own process) ----------------------------------------------------------
 def stage_fit(work: Path, size: str) -> dict:
     from streams.movielens import Interaction, Item
@@ -161,7 +178,6 @@ def stage_store(work: Path, size: str) -> dict:
 
     from streams.compaction import compact_repo
     from streams.contract.codec import AvroCodec
-    from streams.contract.events import InteractionEvent
     from streams.dlq import SourceRecord
     from streams.feast_sink import FeastSink
     from streams.feature_repo_tools import materialize_repo
@@ -196,15 +212,7 @@ def stage_store(work: Path, size: str) -> dict:
     n = len(d["t"])
 
     def run(lo: int, hi: int):
-        recs = []
-        for j in range(lo, hi):
-            u = int(d["user"][j])
-            p = u % PARTITIONS
-            ev = InteractionEvent(f"e{j}", u, int(d["item"][j]), int(d["label"][j]), int(d["t"][j]))
-            recs.append(SourceRecord("interactions", p, off[p], str(u).encode(), codec.encode(ev.to_record(),
-                                                                                                  "InteractionEvent")))
-            off[p] += 1
-        res = proc.process(recs)
+        res = proc.process(interaction_records(codec, d, lo, hi, off))
         proc.save(res.hwm)
         recs2 = []
         for key, value in res.outputs:

@@ -24,13 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from scale_bench import BATCH, PARTITIONS, generate  # noqa: E402
+from scale_bench import BATCH, PARTITIONS, generate, interaction_records  # noqa: E402
 
 
 def measure(d: dict, history_len: int, lateness_s: float) -> dict:
     from streams.contract.codec import AvroCodec
-    from streams.contract.events import InteractionEvent
-    from streams.dlq import SourceRecord
     from streams.feast_sink import FeastSink
     from streams.feature_repo_tools import materialize_repo
     from streams.interaction_agent import InteractionProcessor
@@ -45,15 +43,7 @@ def measure(d: dict, history_len: int, lateness_s: float) -> dict:
                                 codec=codec, allowed_lateness_s=lateness_s)
     off = [0] * PARTITIONS
     for lo in range(0, len(d["t"]), BATCH):
-        recs = []
-        for j in range(lo, min(lo + BATCH, len(d["t"]))):
-            u = int(d["user"][j])
-            p = u % PARTITIONS
-            ev = InteractionEvent(f"e{j}", u, int(d["item"][j]), int(d["label"][j]), int(d["t"][j]))
-            recs.append(SourceRecord("interactions", p, off[p], str(u).encode(),
-                                     codec.encode(ev.to_record(), "InteractionEvent")))
-            off[p] += 1
-        proc.save(proc.process(recs).hwm)
+        proc.save(proc.process(interaction_records(codec, d, lo, min(lo + BATCH, len(d["t"])), off)).hwm)
     gc.collect()
     snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*streams/state/*")])
     tracemalloc.stop()

@@ -91,10 +91,10 @@ def _is_compacted(p: Path) -> bool:
     return "-compact-" in p.name
 
 
-def _select_inputs(files: list[Path], older_than_s: float, now: float) -> list[Path]:
+def _select_inputs(files: list[Path], rows: dict[Path, int], older_than_s: float, now: float) -> list[Path]:
     """What one compaction merges: the stream's part files older than `older_than_s`, plus the
     earlier compaction outputs holding no more rows than what is merged so far (smallest first;
-    rows from the parquet footers, not bytes: a small file's bytes are mostly its metadata).
+    `rows` per file from the parquet footers, not bytes: a small file's bytes are mostly its metadata).
 
     Size-tiered, so a compaction's cost follows what is new: a big merged file is rewritten only
     once as much new data has piled up beside it (a binary counter of merged files: each row is
@@ -106,9 +106,9 @@ def _select_inputs(files: list[Path], older_than_s: float, now: float) -> list[P
             continue
         try:
             if _is_compacted(p):
-                merged.append((_num_rows([p]), p))
+                merged.append((rows[p], p))
             elif now - p.stat().st_mtime >= older_than_s:
-                fresh.append((_num_rows([p]), p))
+                fresh.append((rows[p], p))
         except FileNotFoundError:
             continue
     budget = sum(sz for sz, _ in fresh)
@@ -244,8 +244,9 @@ def compact_view(repo: str | os.PathLike, view: str, min_files: int = DEFAULT_MI
         now = time.time() if now is None else now
         res.removed_tmp = _remove_stale_tmp(d, tmp_older_than_s, now)
         before = _parquet_files(d)
-        res.files_before, res.rows_before = len(before), _num_rows(before)
-        inputs = _select_inputs(before, older_than_s, now)
+        rows = {p: _num_rows([p]) for p in before}  # one footer read per file
+        res.files_before, res.rows_before = len(before), sum(rows.values())
+        inputs = _select_inputs(before, rows, older_than_s, now)
         n_fresh = sum(1 for p in inputs if not _is_compacted(p))
         if n_fresh < max(min_files, 1):
             res.skipped = f"{n_fresh} new part file(s) older than {older_than_s:g} s (< {max(min_files, 1)})"

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .pit_join import FEATURE_SERVICE, PIT_OFFSET, ROW, JoinError, entity_frame, historical_features
+from .pit_join import FEATURE_SERVICE, PIT_OFFSET, ROW, FeastJoiner, JoinError, entity_frame
 
 TS, CREATED, POS = "_ts", "_created", "_pos"  # internal column names (ns since epoch, row position)
 NEG_INF = np.iinfo(np.int64).min
@@ -55,14 +55,6 @@ class IndexConfig:
     # back than that (a stream out of order by more than an hour) is answered by Feast instead
     horizon_s: float = 3600.0
     fold_rows: int = 8192  # fold delta rows older than W once there are this many
-
-
-def _ns(col: pd.Series) -> np.ndarray:
-    """A timestamp column (any unit/tz) as int64 ns; NaT -> int64 min (older than anything)."""
-    s = pd.to_datetime(col, utc=True).dt.as_unit("ns")  # pandas 2 keeps the file's unit (µs) otherwise
-    out = s.astype("int64").to_numpy(copy=True)
-    out[s.isna().to_numpy()] = NEG_INF
-    return out
 
 
 def _arrow_ns(table, name: str) -> np.ndarray:
@@ -266,10 +258,8 @@ class IndexedJoiner:
     """
 
     def __init__(self, repo_path: str, features: str = FEATURE_SERVICE, cfg: IndexConfig | None = None):
-        from feast import FeatureStore
-
-        self.store = FeatureStore(repo_path=str(repo_path))
-        self.features = self.store.get_feature_service(features)
+        self.feast = FeastJoiner(repo_path, features)  # history, and batches older than the boundary
+        self.store = self.feast.store
         self.cfg = cfg or IndexConfig()
         views = _feature_columns(self.store, features)
         self.views = [_ViewIndex(v, k, list(f), d) for v, k, f, d in views]
@@ -278,7 +268,7 @@ class IndexedJoiner:
         self._lock = threading.Lock()  # the trainer may join the next batch in a prefetch thread
 
     def bulk(self, events: pd.DataFrame) -> pd.DataFrame:
-        return historical_features(self.store, events, self.features)
+        return self.feast(events)
 
     def __call__(self, events: pd.DataFrame) -> pd.DataFrame:
         with self._lock:
@@ -307,7 +297,7 @@ class IndexedJoiner:
                 full[idx] = arr
                 cols[f] = full
         if not ok.all():  # older than the index's boundary: Feast answers those rows
-            old = historical_features(self.store, events[~ok].reset_index(drop=True), self.features)
+            old = self.feast(events[~ok].reset_index(drop=True))
             rest = np.flatnonzero(~ok)
             for f in cols:
                 cols[f][rest] = old[f].to_numpy(object)
@@ -337,8 +327,6 @@ def _typed(arr: np.ndarray, dtype) -> pd.Series:
 
 def joiner_for(repo_path: str, kind: str = "index", features: str | Sequence[str] = FEATURE_SERVICE):
     """The trainer's joiner by name: "index" (IndexedJoiner) or "feast" (pit_join.FeastJoiner)."""
-    from .pit_join import FeastJoiner
-
     if kind == "feast":
         return FeastJoiner(repo_path, features)
     if kind == "index":
