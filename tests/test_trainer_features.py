@@ -63,3 +63,24 @@ def test_recent_events_are_right_aligned_with_unknown_tokens_kept():
     assert batch.recent_labels[0].tolist() == [-1, -1, 1, 0, 1, 1]
     assert batch.recent_ids[0].tolist() == [-1, -1, 3, 5, 4, 6]
     assert batch.recent_gen[0, -1].tolist() == [L * K + j for j in range(L)]  # unknown, label kept
+
+
+def test_a_users_side_is_parsed_once_per_second_and_equals_the_row_by_row_result():
+    """Rows of one (user, second) share their history (serving: every candidate of a request); the
+    featurizer parses it once per group, and the batch equals featurizing every row alone."""
+    from trainer.featurizer import user_groups
+
+    other = {"recent_labels": [0, 0], "recent_item_ids": [7, 8], "recent_gen_tokens": [0, K, 2 * K] * 2,
+             "hist_gen_tokens": [0, K, 2 * K], "hist_item_ids": [7]}
+    rows = [_row(item_id=9), _row(item_id=10, gen_tokens=[0, K, 2 * K]), _row(user_id=2, **other),
+            _row(item_id=11, gen_tokens=None), _row(user_id=2, item_id=12, **other), _row(event_time=10_001)]
+    df = pd.DataFrame(rows)
+    first, inverse = user_groups(df)
+    assert first is not None and len(first) == 3 and inverse.tolist() == [0, 0, 2, 0, 2, 1]
+    f = Featurizer(L, K, hist_len=4, recent_len=5, tokenizer_version="v", ngrams=False)
+    together, _ = f(df)
+    for j in range(len(df)):
+        alone, _ = f(df.iloc[[j]])
+        for name in ("stats", "gen", "hist_gen", "recent_gen", "recent_ids", "recent_labels", "hist_ids"):
+            assert np.array_equal(getattr(together, name)[j].numpy(), getattr(alone, name)[0].numpy()), (j, name)
+    assert user_groups(df.iloc[[0]]) == (None, None) and user_groups(df.drop(columns="user_id")) == (None, None)

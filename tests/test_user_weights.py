@@ -130,3 +130,27 @@ def test_power_sets_how_fast_the_rate_decays_and_old_configs_keep_adagrad():
     assert RankerConfig.from_dict(old).user_power == 0.5 and build_model("trm", RankerConfig.from_dict(old)) \
         .user_weights.power == 0.5
     assert RankerConfig().user_power == 0.3
+
+
+def test_the_stacking_weight_learns_to_discount_an_overconfident_ranker_without_leaking_the_second():
+    """The global weight on the ranker's logit (stack_lr) shrinks a logit that is confidently wrong half
+    the time; a second's scores use the weight as it was before that second."""
+    from trainer.models import RankerConfig
+    n = 200
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(n, generator=g).sign() * 4.0  # confident either way
+    labels = torch.bernoulli(torch.full((n,), 0.5), generator=g)  # unrelated to the logit
+    users, stats, secs = torch.arange(n), torch.zeros(n, N_DENSE), torch.arange(n) // 2
+    uw = UserWeights(bits=10, stack_lr=0.1)
+    out = uw.score_then_learn(base, users, stats, labels, secs)
+    assert out[0] == base[0] and out[1] == base[1]  # second 0: nothing learned yet
+    assert -1.0 < float(uw.stack[0]) < -0.3  # the ranker's logit is trusted less
+    new = torch.tensor([10_000])  # a user with no slots of their own yet: only the stacked part
+    assert torch.isclose(uw.logits(new, stats[:1], base=base[:1]), uw.stack[0] * base[:1]).all()
+    flipped = labels.clone()
+    flipped[10] = 1 - flipped[10]  # a label of second 5
+    again = UserWeights(bits=10, stack_lr=0.1).score_then_learn(base, users, stats, flipped, secs)
+    assert torch.equal(out[:12], again[:12]) and not torch.equal(out[12:], again[12:])
+    old = {k: v for k, v in small_config().to_dict().items() if k != "stack_lr"}
+    assert build_model("trm", RankerConfig.from_dict(old)).user_weights.stack_lr is None  # old checkpoints load
+    assert RankerConfig().stack_lr == 0.1

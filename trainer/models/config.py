@@ -9,7 +9,7 @@ from ..features import N_DENSE
 # older config describes: `from_dict` fills a missing field with it, so old checkpoints still load.
 LEGACY_VALUES = {"history": "positives", "wide_dense": False, "ntp_tied_grad": True, "ntp_mean_levels": False,
                  "ntp_item_grad": True, "user_weights": False,
-                 "online_keys": False, "user_power": 0.5}
+                 "online_keys": False, "user_power": 0.5, "stack_lr": None}
 
 
 @dataclass
@@ -43,6 +43,9 @@ class RankerConfig:
     # rate = lr / (Σ g²)^power per slot: 0.5 is AdaGrad, lower decays slower (VW's --power_t 0.3 does
     # the same for the peer). Validation: 0.3 0.7637 vs 0.5 0.7614 (key_lr 0.1); user_lr 0.05 at 0.3: 0.7623
     user_power: float = 0.3
+    # AdaGrad rate of the table's global weight on the ranker's own logit (None: no such weight).
+    # Validation (trm, seed 0): none 0.7647, 0.03 0.7670, 0.1 0.7679, 0.3 0.7684 (GAUC falls above 0.1)
+    stack_lr: float | None = 0.1
     # backbone
     d_model: int = 64
     n_blocks: int = 2

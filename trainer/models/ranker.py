@@ -74,7 +74,7 @@ class Ranker(nn.Module):
         # buffers, not parameters: learned online by the Learner, never by the optimizer
         self.user_weights = UserWeights(cfg.user_bits, cfg.user_lr, key_lr=cfg.key_lr,
                                         power=cfg.user_power, features=tuple(cfg.user_features.split(",")),
-                                        ) if cfg.user_weights else None
+                                        stack_lr=cfg.stack_lr) if cfg.user_weights else None
 
     @property
     def recent(self) -> bool:
@@ -145,7 +145,7 @@ class Ranker(nn.Module):
         """(B,) the ranker's logit plus the per-user correction as it stands (serving, evaluation)."""
         logit = self.score(batch)
         if self.user_weights is not None:
-            logit = logit + self.user_weights.logits(users, batch.stats, self.online_keys(batch))
+            logit = logit + self.user_weights.logits(users, batch.stats, self.online_keys(batch), logit)
         return logit
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

@@ -1,0 +1,132 @@
+"""Sweep designs of the per-user online table on a recorded validation run (bench/validation_dump.py).
+
+The ranker's logits do not depend on the table, so every design here is scored on exactly the rows
+and logits the real trainer produced: AUC / GAUC on the prequential validation window, the table
+learning the warm-start rows first, as the trainer does. Designs are named `k=v` overrides of
+UserWeights' arguments plus extra inputs (see `build`):
+
+    python bench/online_sweep.py out/val.npz "base" "key_lr=0.1" "glob=all" ...
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse(spec: str) -> dict:
+    out = {}
+    for kv in spec.split():
+        if kv == "base":
+            continue
+        k, v = kv.split("=")
+        try:
+            out[k] = float(v) if "." in v or "e" in v else int(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float]:
+    from trainer.features import IDX
+    from trainer.metrics import auc, gauc
+    from trainer.models.embedding import hash_ids
+    from trainer.models.user_weights import _CROSS_SALT, _KEY_SALT, _MIX_J, _MIX_U
+
+    bits = int(spec.get("bits", 18))
+    size, mask = 1 << bits, (1 << bits) - 1
+    feats = spec.get("features", "user_rate_logit,item_rate_logit,last5_rate_logit,prefix1_rate_logit").split(",")
+    lr, key_lr, power = spec.get("lr", 0.1), spec.get("key_lr", 0.05), spec.get("power", 0.3)
+    glob_lr = spec.get("glob_lr", 0.02)
+    stats = torch.from_numpy(d["stats"]).double()
+    users = torch.from_numpy(d["user"])
+    keys = torch.from_numpy(d["keys"])
+    n_keys = int(spec.get("n_keys", keys.shape[1]))
+    keys = keys[:, :n_keys]
+    raw = torch.from_numpy(d[f"z_{model}"]).double()
+    base = raw * spec.get("base_scale", 1.0)
+    labels = torch.from_numpy(d["label"]).double()
+    cols = torch.tensor([IDX[f] for f in feats])
+    # 1) per-user slots: bias + features
+    j = torch.arange(1 + len(cols))
+    s_user = ((users.unsqueeze(1) * _MIX_U) ^ (j * _MIX_J)) & mask
+    x_user = torch.cat([torch.ones(len(users), 1, dtype=torch.double), stats[:, cols]], 1)
+    parts_s, parts_x, parts_r = [s_user], [x_user], [torch.full((x_user.shape[1],), lr)]
+    if spec.get("nouser"):
+        parts_s, parts_x, parts_r = [], [], []
+    # 2) keys: global and user x key
+    if n_keys and spec.get("keys", 1):
+        glob = hash_ids(keys, size, _KEY_SALT)
+        cross = hash_ids(hash_ids(keys, (1 << 31) - 1, _CROSS_SALT) ^ (users.unsqueeze(1) * _MIX_U), size)
+        k = (keys >= 0).double()
+        parts_s += [glob, cross]
+        parts_x += [k, k]
+        parts_r += [torch.full((2 * n_keys,), key_lr)]
+    # 3) global weights on dense features (VW's c / r namespaces, learned per second)
+    g = spec.get("glob")
+    if g:
+        gcols = list(range(stats.shape[1])) if g == "all" else [IDX[f] for f in g.split(",")]
+        gs = (torch.arange(len(gcols)) * 7919 + 12345) & mask
+        parts_s.append(gs.expand(len(users), -1))
+        parts_x.append(stats[:, gcols])
+        parts_r.append(torch.full((len(gcols),), glob_lr))
+    # 4) the ranker's own logit as an input: a global and a per-user weight on it (stacking)
+    if spec.get("stack"):
+        parts_s.append(torch.full((len(users), 1), 99991) & mask)
+        parts_x.append(raw.unsqueeze(1))
+        parts_r.append(torch.tensor([spec.get("stack_lr", 0.01)]))
+    if spec.get("ustack"):
+        parts_s.append(((users * _MIX_U) ^ 0x5bd1e995).unsqueeze(1) & mask)
+        parts_x.append(base.unsqueeze(1))
+        parts_r.append(torch.tensor([spec.get("ustack_lr", 0.02)]))
+    S, X, R = torch.cat(parts_s, 1), torch.cat(parts_x, 1), torch.cat(parts_r)
+    w = torch.zeros(size, dtype=torch.double)
+    G = torch.full((size,), spec.get("g0", 1e-2), dtype=torch.double)
+    sec = torch.from_numpy(d["t"])
+    # groups: consecutive rows of one second (as the trainer: chunk boundaries also cut)
+    cut = torch.nonzero(sec[1:] != sec[:-1]).flatten() + 1
+    bounds = [0, *cut.tolist(), len(base)]
+    out = torch.empty_like(base)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        s, x = S[a:b], X[a:b]
+        z = base[a:b] + (w[s] * x).sum(1)
+        out[a:b] = z
+        grad = (torch.sigmoid(z) - labels[a:b]).unsqueeze(1) * x
+        G.index_add_(0, s.flatten(), (grad * grad).flatten())
+        w.index_add_(0, s.flatten(), (-R * grad / G[s].pow(power)).flatten())
+    val = d["phase"] == 1
+    p = torch.sigmoid(out).numpy()[val]
+    y = d["label"][val]
+    return auc(y, p), gauc(y, p, d["user"][val])
+
+
+def main(argv: list[str]) -> int:
+    from trainer.metrics import auc, gauc
+
+    d = dict(np.load(argv[0]))
+    val = d["phase"] == 1
+    y, u = d["label"][val], d["user"][val]
+    models = [k[2:] for k in d if k.startswith("z_")]
+    for n in models + ["vw"]:
+        p = d[f"p_{n}"][val]
+        print(f"recorded {n:10s} AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}")
+    for n in models:
+        p = 1 / (1 + np.exp(-d[f"z_{n}"][val]))
+        print(f"ranker alone {n:6s} AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}")
+    model = models[0]
+    for spec in argv[1:]:
+        if spec.startswith("model="):
+            model = spec.split("=")[1]
+            continue
+        a, g = run(d, parse(spec), model)
+        print(f"{model:8s} {spec:60s} AUC {a:.4f} GAUC {g:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
