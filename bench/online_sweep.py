@@ -3,9 +3,10 @@
 The ranker's logits do not depend on the table, so every design here is scored on exactly the rows
 and logits the real trainer produced: AUC / GAUC on the prequential validation window, the table
 learning the warm-start rows first, as the trainer does. Designs are named `k=v` overrides of
-UserWeights' arguments plus extra inputs (see `build`):
+UserWeights' arguments (run through the shipped class itself) or with extra inputs it lacks
+(`experimental`):
 
-    python bench/online_sweep.py out/val.npz "base" "key_lr=0.1" "glob=all" ...
+    python bench/online_sweep.py out/val.npz "base" "stack_lr=0.1" "key_lr=0.1" "glob=all stack=1" ...
 """
 from __future__ import annotations
 
@@ -32,9 +33,39 @@ def parse(spec: str) -> dict:
     return out
 
 
+SHIPPED = {"bits", "lr", "key_lr", "power", "stack_lr", "features"}  # UserWeights' own arguments
+
+
+def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
+    """(N,) logits of the shipped UserWeights with `spec`'s arguments over every recorded row, in order."""
+    from trainer.models.user_weights import UserWeights
+
+    kw = {k: v for k, v in spec.items() if k in SHIPPED}
+    if "features" in kw:
+        kw["features"] = tuple(kw["features"].split(","))
+    uw = UserWeights(**{"bits": 18, "lr": 0.1, "key_lr": 0.05, "power": 0.3, **kw})
+    keys = torch.from_numpy(d["keys"])
+    return uw.score_then_learn(torch.from_numpy(d[f"z_{model}"]), torch.from_numpy(d["user"]),
+                               torch.from_numpy(d["stats"]), torch.from_numpy(d["label"]),
+                               torch.from_numpy(d["t"]), keys if keys.shape[1] else None).numpy()
+
+
 def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float]:
-    from trainer.features import IDX
+    """AUC / GAUC on the validation rows: the shipped table when `spec` only sets its arguments, else
+    the experimental designs below (which re-derive its slots so they can add inputs it lacks)."""
     from trainer.metrics import auc, gauc
+
+    val = d["phase"] == 1
+    y, u = d["label"][val], d["user"][val]
+    if set(spec) <= SHIPPED:
+        p = 1 / (1 + np.exp(-shipped(d, spec, model)[val]))
+        return auc(y, p), gauc(y, p, u)
+    p = torch.sigmoid(experimental(d, spec, model)).numpy()[val]
+    return auc(y, p), gauc(y, p, u)
+
+
+def experimental(d: dict, spec: dict, model: str) -> torch.Tensor:
+    from trainer.features import IDX
     from trainer.models.embedding import hash_ids
     from trainer.models.user_weights import _CROSS_SALT, _KEY_SALT, _MIX_J, _MIX_U
 
@@ -82,13 +113,13 @@ def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float]:
         parts_r.append(torch.tensor([spec.get("stack_lr", 0.01)]))
     if spec.get("ustack"):
         parts_s.append(((users * _MIX_U) ^ 0x5bd1e995).unsqueeze(1) & mask)
-        parts_x.append(base.unsqueeze(1))
+        parts_x.append(raw.unsqueeze(1))
         parts_r.append(torch.tensor([spec.get("ustack_lr", 0.02)]))
     S, X, R = torch.cat(parts_s, 1), torch.cat(parts_x, 1), torch.cat(parts_r)
     w = torch.zeros(size, dtype=torch.double)
     G = torch.full((size,), spec.get("g0", 1e-2), dtype=torch.double)
     sec = torch.from_numpy(d["t"])
-    # groups: consecutive rows of one second (as the trainer: chunk boundaries also cut)
+    # groups: consecutive rows of one second, each scored before it is learned (as UserWeights)
     cut = torch.nonzero(sec[1:] != sec[:-1]).flatten() + 1
     bounds = [0, *cut.tolist(), len(base)]
     out = torch.empty_like(base)
@@ -99,10 +130,7 @@ def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float]:
         grad = (torch.sigmoid(z) - labels[a:b]).unsqueeze(1) * x
         G.index_add_(0, s.flatten(), (grad * grad).flatten())
         w.index_add_(0, s.flatten(), (-R * grad / G[s].pow(power)).flatten())
-    val = d["phase"] == 1
-    p = torch.sigmoid(out).numpy()[val]
-    y = d["label"][val]
-    return auc(y, p), gauc(y, p, d["user"][val])
+    return out
 
 
 def main(argv: list[str]) -> int:
