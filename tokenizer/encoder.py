@@ -94,7 +94,9 @@ class ContentEncoder:
         if self._model is None:
             import torch
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # its "Loading weights" bar for a local 90 MB file is noise
             if self.threads:
                 torch.set_num_threads(int(self.threads))
             self.device = resolve_device(self.device)

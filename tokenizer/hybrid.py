@@ -97,8 +97,9 @@ class HybridTokenizer:
     """Fitted tokenizer; build with `fit` or `load`, never by hand."""
 
     def __init__(self, config: TokenizerConfig, projector, quantizer, bpe, encoder_sha256: str,
-                 fit_report: dict[str, Any] | None = None) -> None:
+                 fit_report: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None) -> None:
         self.config = config
+        self.lineage = lineage  # a refit's map from its parent's ids (tokenizer/refit.py); None for a fresh fit
         self.projector = projector
         self.quantizer = quantizer
         self.bpe = bpe
@@ -284,3 +285,11 @@ class HybridTokenizer:
         sha256 with the one recorded at fit time.
         """
         return artifact.load(directory, expect_config, verify_encoder, cls=cls)
+
+    @classmethod
+    def refit(cls, old: "HybridTokenizer", items: Iterable | dict, interactions: Iterable,
+              **kwargs) -> "HybridTokenizer":
+        """Fit on recent data warm-started from `old`, ids matched to its ids (tokenizer/refit.py)."""
+        from tokenizer.refit import refit
+
+        return refit(old, items, interactions, **kwargs)

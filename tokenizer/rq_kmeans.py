@@ -88,8 +88,13 @@ class ResidualKMeans:
 
     @classmethod
     def fit(cls, x: np.ndarray, levels: int, codebook_size: int, niter: int = 25, seed: int = 0,
-            assign: str = "cosine", progress: bool = False) -> tuple["ResidualKMeans", np.ndarray]:
-        """Fit L codebooks on x [N, d]; returns (quantizer, fit-time codes [N, L])."""
+            assign: str = "cosine", progress: bool = False,
+            init: np.ndarray | None = None) -> tuple["ResidualKMeans", np.ndarray]:
+        """Fit L codebooks on x [N, d]; returns (quantizer, fit-time codes [N, L]).
+
+        `init` (directions [L, K, d] of an earlier fit) starts each level's k-means from those
+        centroids instead of a random draw: a refit (tokenizer/refit.py) then lands near the old
+        clusters wherever the data still supports them."""
         import faiss
 
         if assign not in ASSIGN_MODES:
@@ -98,6 +103,9 @@ class ResidualKMeans:
         if x.ndim != 2:
             raise QuantizerError(f"expected a 2-d array of embeddings, got shape {x.shape}")
         n, d = x.shape
+        if init is not None and tuple(init.shape) != (levels, codebook_size, d):
+            raise QuantizerError(f"init centroids have shape {tuple(init.shape)}, this fit needs "
+                                 f"{(levels, codebook_size, d)} (levels, K, dim)")
         if n < codebook_size:
             raise QuantizerError(f"{n} items cannot fill a codebook of {codebook_size} codes: "
                                  f"lower codebook_size to at most {n}")
@@ -115,7 +123,7 @@ class ResidualKMeans:
             km = faiss.Kmeans(d, codebook_size, niter=niter, seed=seed + lvl, verbose=False,
                               spherical=(assign == "cosine"), max_points_per_centroid=1_000_000,
                               min_points_per_centroid=1)  # ~38/code is by design (see above)
-            km.train(q)
+            km.train(q, init_centroids=None if init is None else np.ascontiguousarray(init[lvl], dtype=np.float32))
             dirs[lvl] = km.centroids
             index = faiss.IndexFlatL2(d)  # on unit vectors, nearest in L2 = highest cosine
             index.add(dirs[lvl])
@@ -188,3 +196,18 @@ class ResidualKMeans:
 def offset_codes(codes: np.ndarray, codebook_size: int) -> np.ndarray:
     """Per-level codes → level-offset gen ids: level l uses ids [l·K, (l+1)·K)."""
     return codes + np.arange(codes.shape[1], dtype=np.int64)[None, :] * codebook_size
+
+
+def permute_levels(quantizer: ResidualKMeans, perm: np.ndarray) -> ResidualKMeans:
+    """The same quantizer with level l's code c renamed perm[l, c] (perm [L, K], a permutation per level).
+
+    Renaming codes changes no reconstruction and no residual: only which id a centroid answers to."""
+    perm = np.asarray(perm, dtype=np.int64)
+    L, K = quantizer.levels, quantizer.codebook_size
+    if perm.shape != (L, K) or any(sorted(row) != list(range(K)) for row in perm.tolist()):
+        raise QuantizerError(f"perm must hold one permutation of range({K}) per level, shape ({L}, {K})")
+    books, dirs = np.empty_like(quantizer.codebooks), np.empty_like(quantizer.directions)
+    for lvl in range(L):
+        books[lvl, perm[lvl]] = quantizer.codebooks[lvl]
+        dirs[lvl, perm[lvl]] = quantizer.directions[lvl]
+    return ResidualKMeans(books, dirs, quantizer.assign)
