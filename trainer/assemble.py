@@ -19,6 +19,7 @@ class TokenizerInfo:
     codebook_size: int
     version: str | None
     fit_cutoff: int | None = None  # epoch s: items created at/after it were never seen by the fit
+    lineage: dict | None = None  # a refit's map from its parent's ids: lets a checkpoint migrate (trainer/migrate.py)
 
 
 def tokenizer_info(artifact: str | Path, fit_cutoff: int | None = None) -> TokenizerInfo:
@@ -27,7 +28,7 @@ def tokenizer_info(artifact: str | Path, fit_cutoff: int | None = None) -> Token
 
     tok = HybridTokenizer.load(artifact, verify_encoder=False)
     cutoff = fit_cutoff if fit_cutoff is not None else (tok.fit_report or {}).get("fit_cutoff")
-    return TokenizerInfo(tok.num_levels, tok.codebook_size, tok.version, cutoff)
+    return TokenizerInfo(tok.num_levels, tok.codebook_size, tok.version, cutoff, tok.lineage)
 
 
 def build_trainer(repo: str | Path, tok: TokenizerInfo, checkpoint_dir: str | Path,
@@ -54,7 +55,7 @@ def build_trainer(repo: str | Path, tok: TokenizerInfo, checkpoint_dir: str | Pa
                            publisher=publisher, log_path=Path(log_path) if log_path else None,
                            journal_path=Path(journal_path) if journal_path else None,
                            checkpoint_every=checkpoint_every, keep_predictions=keep_predictions,
-                           peers=dict(peers or {}))
+                           peers=dict(peers or {}), lineage=tok.lineage)
     if tok.fit_cutoff is not None:
         tr.state.extra["tokenizer_fit_cutoff"] = int(tok.fit_cutoff)
     return tr

@@ -120,6 +120,9 @@ class ContinuousTrainer:
     # and learns event by event; reported beside the models, never checkpointed (a restarted
     # trainer starts its peers afresh)
     peers: dict = field(default_factory=dict)
+    # the tokenizer artifact's lineage (a refit's id map from its parent): a checkpoint trained on the
+    # parent is migrated on resume (trainer/migrate.py) instead of refused
+    lineage: dict | None = None
     fail_at: Callable[[str, int], None] | None = None  # test hook: (phase, step) -> may raise TrainerCrash
     # called after each trained batch with (its seconds, {model: {"auc", "logloss", ...}}) (trainer/telemetry.py)
     on_batch: Callable[[float, dict], None] | None = None
@@ -151,12 +154,32 @@ class ContinuousTrainer:
         if st.extra.get("models") != self.learner.names:
             raise CheckpointError(f"checkpoint trains {st.extra.get('models')}, this trainer {self.learner.names}")
         if st.tokenizer_version != self.featurizer.tokenizer_version:
-            raise CheckpointError(
-                f"checkpoint was trained on tokenizer {st.tokenizer_version}, features now use "
-                f"{self.featurizer.tokenizer_version}: gen-token ids changed meaning; start a new checkpoint dir")
+            self._migrate(st)
         self.state = st
         self.checkpointed_offsets = dict(st.offsets)
         return True
+
+    def _migrate(self, st: TrainState) -> None:
+        """Remap the loaded models' token rows from st's tokenizer to the features' (a refit of it).
+
+        In memory only: the next checkpoint stores the migrated weights under the new version; a
+        crash before it resumes from the old checkpoint and migrates again, to the same weights."""
+        from .migrate import MigrationError, migrate, token_map
+
+        cfg = self.learner.cfg
+        try:
+            tmap = token_map(self.lineage, self.featurizer.tokenizer_version, st.tokenizer_version,
+                             cfg.num_levels, cfg.codebook_size)
+        except MigrationError as exc:
+            raise CheckpointError(str(exc)) from None
+        rows = migrate(self.learner.models, self.learner.optimizers, tmap)
+        log.warning("migrated checkpoint step %d from tokenizer %s to %s: %d of %d gen ids moved to their nearest "
+                    "old code, %d mem ids started from an old piece", st.step, tmap.parent, tmap.version,
+                    tmap.gen_moved, len(tmap.gen_src), len(tmap.mem_src))
+        st.extra.setdefault("migrations", []).append(
+            {"from": tmap.parent, "to": tmap.version, "step": st.step, "gen_moved": tmap.gen_moved,
+             "mem_started": len(tmap.mem_src), "rows": rows})
+        st.tokenizer_version = tmap.version
 
     # --- one micro-batch ---------------------------------------------------------------------
     def join(self, records: Sequence[Record]) -> tuple[pd.DataFrame, float]:

@@ -56,6 +56,7 @@ class Ranker(nn.Module):
     """
 
     inputs: tuple[str, ...] = ()
+    mem_tables: tuple[str, ...] = ()  # submodules: hashed tables over mem-token ids (trainer/migrate.py remaps them)
 
     def __init__(self, cfg: RankerConfig):
         super().__init__()

@@ -67,6 +67,8 @@ class GenHistory(nn.Module):
 class TRM(Ranker):
     """Hybrid-token ranker with the joint discriminative + generative objective."""
 
+    mem_tables = ("wide.bag",)
+
     def __init__(self, cfg: RankerConfig, generative: bool = True):
         super().__init__(cfg)
         self.inputs = ("gen", "mem", *self.history_inputs(cfg, ("recent_gen",), ("hist_gen",)), "stats", "label", "known")
