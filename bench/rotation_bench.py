@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in goals.items():
         Console().print(f"goal {k}: {'met' if v else 'NOT met'}")
     print(json.dumps({**summary, "goals": goals, "refresh_time": T, "tokenizer_a": a.version,
-                      "tokenizer_b": b.version, "refit": {k: rep["refit"][k] for k in ("code_changed", "tuple_changed")},
+                      "tokenizer_b": b.version,
+                      "refit": {k: rep["refit"][k] for k in ("code_changed", "tuple_changed")},
                       "backfill": "not run: features re-tokenized in the joiner (see the docstring)",
                       "seeds": per_seed, "timings_s": timings}, default=float))
     return 0

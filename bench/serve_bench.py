@@ -251,8 +251,11 @@ def fill_item_tokens(config, repo: Path, items: list[int]) -> int:
     from streams.contract.topics import ITEM_TOKENS
     from streams.publisher import publish_raw
 
+    store = FeatureStore(repo_path=str(repo))
     cols = ("gen_tokens", "mem_tokens", "tokenizer_version", "created_at", "retired")
-    got = FeatureStore(repo_path=str(repo)).get_online_features(
+    if "coarse_tokens" in {f.name for f in store.get_feature_view("item_tokens").features}:
+        cols += ("coarse_tokens",)  # repos of demos before coarse tokens lack it
+    got = store.get_online_features(
         features=[f"item_tokens:{c}" for c in cols], entity_rows=[{"item_id": i} for i in items]).to_dict()
     codec, pairs = AvroCodec(), []
     for j, item in enumerate(items):
@@ -260,7 +263,7 @@ def fill_item_tokens(config, repo: Path, items: list[int]) -> int:
             continue
         ev = ItemTokensEvent(item, list(got["gen_tokens"][j]), list(got["mem_tokens"][j] or []),
                              got["tokenizer_version"][j], int(got["created_at"][j]), int(got["created_at"][j]),
-                             bool(got["retired"][j]))
+                             bool(got["retired"][j]), list((got.get("coarse_tokens") or [None] * len(items))[j] or []))
         pairs.append((str(item).encode(), codec.encode(ev.to_record(), "ItemTokensEvent")))
     return publish_raw(config, ITEM_TOKENS, pairs)
 

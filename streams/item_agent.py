@@ -46,6 +46,7 @@ class ItemProcessor(BaseProcessor):
             if ev.text.strip():
                 tok = encoded[ev.text]
                 gen, mem, version = list(tok.gen_tokens), list(tok.mem_tokens), tok.tokenizer_version
+                coarse = list(tok.coarse_tokens)
             else:  # a retire with no text: keep the tokens the item already has
                 cur = known.get(ev.item_id) or {}
                 if cur.get("gen_tokens") is None:
@@ -53,9 +54,11 @@ class ItemProcessor(BaseProcessor):
                                                   f"and the item has no tokens to keep"))
                     continue
                 gen, mem, version = cur["gen_tokens"], cur["mem_tokens"], cur["tokenizer_version"]
+                coarse = cur.get("coarse_tokens") or []  # none in rows written before coarse tokens
             out = ItemTokensEvent(ev.item_id, [int(x) for x in gen], [int(x) for x in mem], version,
-                                  ev.created_at, ev.event_time, ev.op == "retire")
+                                  ev.created_at, ev.event_time, ev.op == "retire", [int(x) for x in coarse])
             rows.append({"item_id": out.item_id, "gen_tokens": out.gen_tokens, "mem_tokens": out.mem_tokens,
+                         "coarse_tokens": out.coarse_tokens,
                          "tokenizer_version": out.tokenizer_version, "created_at": out.created_at,
                          "retired": out.retired, "event_timestamp": out.event_time})
             outs.append((str(ev.item_id).encode(), self.codec.encode(out.to_record(), "ItemTokensEvent")))

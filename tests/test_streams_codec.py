@@ -9,7 +9,7 @@ from streams.contract.codec import AvroCodec, DecodeError
 from streams.contract.events import InteractionEvent, InvalidEvent, ItemEvent, ItemTokensEvent
 from streams.contract.registry import SchemaRegistry, default_registry
 
-ITEM_V1, INTERACTION_V1, TOKENS_V1, ITEM_V2 = 1, 2, 3, 4
+ITEM_V1, INTERACTION_V1, TOKENS_V1, ITEM_V2, TOKENS_V2 = 1, 2, 3, 4, 6
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,8 @@ def test_framing_is_magic_zero_and_big_endian_schema_id(codec):
     (ItemEvent, item_rec(op="retire"), "ItemEvent"),
     (InteractionEvent, InteractionEvent("r", 1, 2, 0, 5, query="heat").to_record(), "InteractionEvent"),
     (ItemTokensEvent, ItemTokensEvent(7, [1, 9, 17], [3, 40], "abc", 100, 100, True).to_record(), "ItemTokensEvent"),
+    (ItemTokensEvent, ItemTokensEvent(7, [1, 9, 17], [3, 40], "abc", 100, 100, False, [1, 4, 2]).to_record(),
+     "ItemTokensEvent"),
 ])
 def test_roundtrip_every_event_type(codec, cls, rec, name):
     assert cls.from_record(codec.decode(codec.encode(rec, name))).to_record() == rec
@@ -41,9 +43,19 @@ def test_roundtrip_every_event_type(codec, cls, rec, name):
 def test_registry_ids_are_stable_and_producers_write_v1():
     reg = default_registry()
     assert reg.full_name(ITEM_V1) == reg.full_name(ITEM_V2) == "trm.streams.ItemEvent"
+    assert reg.full_name(TOKENS_V1) == reg.full_name(TOKENS_V2) == "trm.streams.ItemTokensEvent"
     assert reg.write_id("ItemEvent") == ITEM_V1
     assert reg.write_id("trm.streams.InteractionEvent") == INTERACTION_V1
-    assert reg.write_id("ItemTokensEvent") == TOKENS_V1
+    assert reg.write_id("ItemTokensEvent") == TOKENS_V2  # v2 adds coarse_tokens (every reader here has it)
+
+
+def test_item_tokens_v1_and_v2_read_each_other(codec):
+    """A v1 record (written before coarse tokens) reads with coarse_tokens = []; a v2 one for a v1 reader
+    drops them: the topic can hold both while workers and servers roll."""
+    rec = ItemTokensEvent(7, [1, 9, 17], [3, 40], "abc", 100, 100, False, [1, 4, 2]).to_record()
+    old = {k: v for k, v in rec.items() if k != "coarse_tokens"}
+    assert ItemTokensEvent.from_record(codec.decode(codec.encode(old, schema_id=TOKENS_V1))).coarse_tokens == []
+    assert codec.decode(codec.encode(rec, schema_id=TOKENS_V2), reader_schema_id=TOKENS_V1) == old
 
 
 def test_v2_writer_still_decodes_for_a_v1_reader(codec):

@@ -22,7 +22,23 @@ def test_tokens_follow_the_contract(fitted_tokenizer, tok_subset):
         assert t.mem_tokens and all(0 <= m < tok.mem_vocab_size for m in t.mem_tokens)
         assert tok.bpe.decode(t.mem_tokens) == t.gen_tokens  # mem pieces cover the gen sequence exactly
         assert t.tokenizer_version == tok.version
-        assert all(type(x) is int for x in t.gen_tokens + t.mem_tokens)
+        assert all(type(x) is int for x in t.gen_tokens + t.mem_tokens + t.coarse_tokens)
+        # coarse tokens: the nearest level-1 codes, distinct, the first being the item's own
+        assert len(t.coarse_tokens) == tok.config.coarse_k == 6 and len(set(t.coarse_tokens)) == 6
+        assert t.coarse_tokens[0] == t.gen_tokens[0] and all(0 <= c < 32 for c in t.coarse_tokens)
+
+
+def test_coarse_tokens_are_the_nearest_level1_centroids_in_order(fitted_tokenizer, tok_embeddings):
+    """Computed from the item's content embedding alone (no label, no interaction enters them)."""
+    import numpy as np
+
+    tok = fitted_tokenizer
+    aligned = tok.projector.project(tok_embeddings[:50])
+    sims = aligned @ tok.quantizer.directions[0].T  # unit rows: cosine
+    for row, t in zip(sims, tok.encode_embeddings(tok_embeddings[:50])):
+        got = row[t.coarse_tokens]
+        assert (np.diff(got) <= 1e-6).all()  # nearest first
+        assert got[-1] >= np.sort(row)[::-1][len(got) - 1] - 1e-6  # and no nearer code left out
 
 
 def test_encode_items_matches_encode_texts_and_is_deterministic(fitted_tokenizer, tok_subset):

@@ -1,7 +1,16 @@
 """Point-in-time joins through a real Feast repo: future values and the event's own label never leak."""
 import pytest
 
-from tests.trainer_fixtures import T0, TOKENIZER_VERSION, Event, event_stream, feature_rows, item_tokens, make_repo
+from tests.trainer_fixtures import (
+    T0,
+    TOKENIZER_VERSION,
+    Event,
+    coarse_tokens,
+    event_stream,
+    feature_rows,
+    item_tokens,
+    make_repo,
+)
 from trainer.pit_join import entity_frame, events_frame, historical_features
 
 pytestmark = pytest.mark.integration
@@ -28,6 +37,7 @@ def store(tmp_path_factory, stream):
     sink.write("item_stats", [dict(item_id=probe.item_id, item_n_interactions=10**6, item_n_positives=10**6,
                                    event_timestamp=probe.event_time + 1)], online=False)
     sink.write("item_tokens", [dict(item_id=probe.item_id, gen_tokens=[15, 31, 47], mem_tokens=[7],
+                                    coarse_tokens=[15, 9, 8],
                                     tokenizer_version="future-version", created_at=0, retired=True,
                                     event_timestamp=probe.event_time + 3600)], online=False)
     return FeatureStore(repo_path=str(repo))
@@ -49,6 +59,7 @@ def test_planted_future_values_are_never_seen(store, stream):
     assert not (df["tokenizer_version"] == "future-version").any()
     row = df.iloc[10]
     assert row["item_id"] == probe.item_id and list(row["gen_tokens"]) == item_tokens(probe.item_id)[0]
+    assert list(row["coarse_tokens"]) == coarse_tokens(probe.item_id)  # the item's tokens as published, not later ones
     assert 999_999 not in list(row["hist_item_ids"] if row["hist_item_ids"] is not None else [])
     # the same entities asked for *after* the planted time do see them: the plant is real
     # (stream events are 10 s apart, so nothing else lands between the plant and these probes)
@@ -57,6 +68,7 @@ def test_planted_future_values_are_never_seen(store, stream):
     assert seen["user_n_events"].iloc[0] == 10**6
     assert seen["item_n_interactions"].iloc[1] == 10**6
     assert seen["tokenizer_version"].iloc[2] == "future-version"
+    assert list(seen["coarse_tokens"].iloc[2]) == [15, 9, 8]
 
 
 def test_own_label_never_leaks(store, stream):

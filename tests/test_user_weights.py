@@ -104,9 +104,18 @@ def test_token_models_key_on_tokens_and_only_the_id_baseline_on_the_id():
     batch, _ = Featurizer.for_config(cfg, None)(df.sort_values("event_time", kind="stable"))
     trm, idm = build_model("trm", cfg), build_model("id", cfg)
     k = trm.online_keys(batch.select(trm.inputs))  # item_id is None in TRM's view
-    assert k.shape == (len(batch), cfg.num_levels + batch.mem.shape[1])
+    L, M, C = cfg.num_levels, batch.mem.shape[1], cfg.coarse_keys
+    assert k.shape == (len(batch), L + M + C)
     same = (batch.gen[:, 0].unsqueeze(1) == batch.gen[:, 0].unsqueeze(0))
     assert torch.equal(k[:, 0].unsqueeze(1) == k[:, 0].unsqueeze(0), same)  # level-1 prefix key = the first code
+    # an item's next-nearest level-1 codes are the same keys as those codes' own first prefix
+    coarse = batch.coarse[:, 1:1 + C]
+    alt = k[:, L + M:]
+    assert torch.equal(alt[coarse >= 0], coarse[coarse >= 0] * 16) and bool((alt[coarse < 0] == -1).all())
+    known = batch.known
+    assert torch.equal(k[known, 0], batch.gen[known, 0] * 16)
+    legacy = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 != "coarse_keys"})
+    assert build_model("trm", legacy).online_keys(batch.select(trm.inputs)).shape == (len(batch), L + M)
     assert torch.equal(idm.online_keys(batch.select(idm.inputs))[:, 0] // 16, batch.item_id)
     old = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 != "online_keys"})
     assert build_model("trm", old).online_keys(batch.select(trm.inputs)) is None

@@ -32,6 +32,12 @@ def item_tokens(item_id: int) -> tuple[list[int], list[int]]:
     return gen, [gen[0] * 31 + gen[1], gen[1] * 31 + gen[2]]
 
 
+def coarse_tokens(item_id: int) -> list[int]:
+    """The item's first gen-token and two other level-1 codes (nearest first, as the tokenizer writes them)."""
+    g0 = item_tokens(item_id)[0][0]
+    return [g0, (g0 + 1 + item_id % 3) % K, (g0 + 5) % K]
+
+
 @dataclass(frozen=True)
 class Event:
     user_id: int
@@ -60,7 +66,8 @@ def feature_rows(events: list[Event], hist_len: int = 8) -> dict[str, list[dict]
         first.setdefault(e.item_id, e.event_time)
     for it, t in first.items():
         gen, mem = item_tokens(it)
-        rows["item_tokens"].append(dict(item_id=it, gen_tokens=gen, mem_tokens=mem, tokenizer_version=TOKENIZER_VERSION,
+        rows["item_tokens"].append(dict(item_id=it, gen_tokens=gen, mem_tokens=mem, coarse_tokens=coarse_tokens(it),
+                                        tokenizer_version=TOKENIZER_VERSION,
                                         created_at=t - 60, retired=False, event_timestamp=t - 60))
     hist: dict[int, list[int]] = {}
     ucount: dict[int, list[int]] = {}
@@ -108,6 +115,7 @@ def joined_frame(n: int = 64, seed: int = 0, null_every: int = 5) -> pd.DataFram
         rows.append(dict(
             user_id=int(rng.integers(1, 20)), item_id=it, label=int(rng.integers(2)), event_time=T0 + i,
             gen_tokens=None if missing else np.array(gen), mem_tokens=None if missing else np.array(mem),
+            coarse_tokens=None if missing else np.array(coarse_tokens(it)),
             tokenizer_version=None if missing else TOKENIZER_VERSION, created_at=np.nan if missing else T0 - 100,
             retired=None if missing else False,
             hist_gen_tokens=np.array([g for x in h for g in item_tokens(x)[0]]) if h else None,

@@ -36,6 +36,10 @@ class TokenizerConfig:
     bpe_min_frequency: int = 2  # a merge needs this much (interaction-weighted) support
     kmeans_niter: int = 25
     rq_assign: str = "cosine"  # "cosine": code by residual direction (balanced levels); "l2": plain RQ-Kmeans
+    # coarse tokens: the item's `coarse_k` nearest level-1 codes, nearest first (the first is its gen
+    # token): a soft membership of the coarse categories, as a film has several genres (at most K).
+    # 6 = the first code and the 5 next the ranker's online keys read (trainer/models/config.py coarse_keys)
+    coarse_k: int = 6
     seed: int = 0
     threads: int | None = None  # torch + faiss threads; None leaves the libraries' default
     encoder_batch_size: int = 64
@@ -62,6 +66,8 @@ class TokenizerConfig:
                                  f"{self.levels * self.codebook_size}: the BPE alphabet alone needs that many ids")
         if self.rq_assign not in ("cosine", "l2"):
             raise TokenizerError(f"rq_assign must be 'cosine' or 'l2', got {self.rq_assign!r}")
+        if self.coarse_k < 1:
+            raise TokenizerError(f"coarse_k must be >= 1 (1: the first gen token only), got {self.coarse_k}")
         if not 0.0 <= self.align_holdout < 1.0:
             raise TokenizerError(f"align_holdout must be in [0, 1), got {self.align_holdout}")
 
@@ -82,6 +88,7 @@ class ItemTokens:
     gen_tokens: list[int]  # L ints, level-offset: level l uses ids [l·K, (l+1)·K)
     mem_tokens: list[int]  # BPE pieces covering the gen sequence, ids in [0, mem_vocab_size)
     tokenizer_version: str
+    coarse_tokens: list[int] = dataclasses.field(default_factory=list)  # coarse_k level-1 codes, nearest first
 
 
 def _set_threads(threads: int | None) -> None:
@@ -258,9 +265,11 @@ class HybridTokenizer:
 
         aligned = self.projector.project(np.asarray(raw, dtype=np.float32))
         gen = offset_codes(self.quantizer.encode(aligned), self.codebook_size)
+        coarse = self.quantizer.nearest_codes(aligned, min(self.config.coarse_k, self.codebook_size))  # (N, C)
         gen_lists = [list(map(int, g)) for g in gen]
         mem = self.bpe.encode(gen_lists)
-        return [ItemTokens(g, list(map(int, m)), self.version) for g, m in zip(gen_lists, mem)]
+        return [ItemTokens(g, list(map(int, m)), self.version, list(map(int, c)))
+                for g, m, c in zip(gen_lists, mem, coarse)]
 
     def encode_texts(self, texts: Sequence[str], progress: bool = False) -> list[ItemTokens]:
         _set_threads(self.config.threads)

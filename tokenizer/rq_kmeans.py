@@ -165,6 +165,19 @@ class ResidualKMeans:
             residual -= self.codebooks[lvl][codes[:, lvl]]
         return codes
 
+    def nearest_codes(self, x: np.ndarray, k: int) -> np.ndarray:
+        """The k nearest level-1 codes of each point, nearest first: int64 [N, k] (the first is its code).
+
+        Level 1 quantises the point itself, so its runners-up are the other coarse categories the item
+        is close to; deeper levels' neighbours would depend on the first choice."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise QuantizerError(f"expected embeddings of shape [N, {self.dim}], got {x.shape}")
+        if len(x) == 0:
+            return np.zeros((0, k), dtype=np.int64)
+        _, idx = self._level_indexes()[0].search(self._query(x, self.assign), int(k))
+        return idx.astype(np.int64)
+
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Sum of the chosen centroids: the reconstruction x̂."""
         out = np.zeros((codes.shape[0], self.dim), dtype=np.float32)

@@ -23,7 +23,8 @@ from .batch import Batch
 from .features import COUNT_COLUMNS, dense_features
 from .models.config import RankerConfig
 
-ITEM_COLUMNS = ("gen_tokens", "mem_tokens", "tokenizer_version", "retired", "created_at")
+ITEM_COLUMNS = ("gen_tokens", "mem_tokens", "coarse_tokens", "tokenizer_version", "retired", "created_at")
+MAX_COARSE = 8  # most coarse tokens (nearest level-1 codes) read per item
 HISTORY_COLUMNS = ("hist_gen_tokens", "hist_item_ids")
 RECENT_COLUMNS = ("recent_item_ids", "recent_gen_tokens", "recent_labels", "last_event_time")
 STAT_COLUMNS = COUNT_COLUMNS
@@ -113,9 +114,9 @@ class Featurizer:
         st = FeaturizeStats(rows=n)
         unknown = [L * K + l for l in range(L)]
         col = lambda c: df[c].tolist() if c in df.columns else [None] * n  # noqa: E731
-        gens, mems, known = [], [], []
+        gens, mems, coarse, known = [], [], [], []
         versions = col("tokenizer_version")
-        for g, m, v in zip(col("gen_tokens"), col("mem_tokens"), versions):
+        for g, m, c, v in zip(col("gen_tokens"), col("mem_tokens"), col("coarse_tokens"), versions):
             g = _ints(g)
             ok = self._valid_gen(g)
             if ok and self.tokenizer_version is not None and v != self.tokenizer_version:
@@ -124,6 +125,8 @@ class Featurizer:
             known.append(ok)
             gens.append(g if ok else unknown)
             mems.append((_ints(m) or []) if ok else [])
+            c = (_ints(c) or []) if ok else []
+            coarse.append(c if all(0 <= x < K for x in c) else [])  # level-1 codes; a bad list is dropped
         st.unknown_item = n - sum(known)
         st.retired = sum(1 for r in col("retired") if r is True or r == 1)
 
@@ -158,6 +161,7 @@ class Featurizer:
             stats=torch.from_numpy(stats),
             gen=gen,
             mem=_pad(mems, self.max_wide),
+            coarse=_pad(coarse, MAX_COARSE),
             hist_gen=torch.from_numpy(hist_gen),
             item_id=torch.tensor(df["item_id"].to_numpy(np.int64)),
             hist_ids=hist_ids,

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from streams.errors import StreamsError
 
@@ -92,11 +92,13 @@ class ItemTokensEvent:
     created_at: int
     event_time: int
     retired: bool = False
+    coarse_tokens: list[int] = field(default_factory=list)  # v2: nearest level-1 codes ([] from a v1 record)
 
     @classmethod
     def from_record(cls, rec: dict) -> "ItemTokensEvent":
         return cls(rec["item_id"], list(rec["gen_tokens"]), list(rec["mem_tokens"]), rec["tokenizer_version"],
-                   rec["created_at"], rec["event_time"], bool(rec.get("retired", False)))
+                   rec["created_at"], rec["event_time"], bool(rec.get("retired", False)),
+                   list(rec.get("coarse_tokens") or []))
 
     def to_record(self) -> dict:
         return asdict(self)
