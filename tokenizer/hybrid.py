@@ -91,6 +91,34 @@ class ItemTokens:
     coarse_tokens: list[int] = dataclasses.field(default_factory=list)  # coarse_k level-1 codes, nearest first
 
 
+def sorted_catalogue(items: list, error: type[TokenizerError] = TokenizerError) -> tuple[list, list[int], list[int]]:
+    """(items sorted by item_id, the order taken from the input, their ids); a duplicate id raises `error`.
+    Sorted so a fit (or refit) does not depend on the order the catalogue came in."""
+    order = sorted(range(len(items)), key=lambda i: items[i].item_id)
+    items = [items[i] for i in order]
+    ids = [it.item_id for it in items]
+    if len(set(ids)) != len(ids):
+        raise error("duplicate item_id in items")
+    return items, order, ids
+
+
+def precomputed_embeddings(embeddings: np.ndarray, order: list[int],
+                           error: type[TokenizerError] = TokenizerError) -> np.ndarray:
+    """Raw encoder rows given in the caller's item order -> float32 rows in `sorted_catalogue` order."""
+    if embeddings.shape != (len(order), EMBED_DIM):
+        raise error(f"embeddings must be [{len(order)}, {EMBED_DIM}], got {embeddings.shape}")
+    return np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32)[order])
+
+
+def bpe_weights(ids: list[int], interactions: list) -> list[int]:
+    """1 + each item's interactions: BPE merges follow what users touch (bpe.py)."""
+    n = {i: 0 for i in ids}
+    for it in interactions:
+        if it.item_id in n:
+            n[it.item_id] += 1
+    return [1 + n[i] for i in ids]
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         import faiss
@@ -166,11 +194,7 @@ class HybridTokenizer:
             raise TokenizerError(f"{len(items)} items cannot fill a codebook of {config.codebook_size}; "
                                  f"lower codebook_size (e.g. --codebook {max(2, len(items) // 40)})")
         interactions = list(interactions)
-        order = sorted(range(len(items)), key=lambda i: items[i].item_id)
-        items = [items[i] for i in order]
-        ids = [it.item_id for it in items]
-        if len(set(ids)) != len(ids):
-            raise TokenizerError("duplicate item_id in items")
+        items, order, ids = sorted_catalogue(items)
         t_start = time.perf_counter()
         report: dict[str, Any] = {"n_items": len(items), "n_interactions": len(interactions),
                                   "n_positives": sum(1 for i in interactions if i.label == 1),
@@ -185,9 +209,7 @@ class HybridTokenizer:
             timings["encode"] = time.perf_counter() - t
             report["encoder"] = {"model": MODEL_NAME, "items_per_s": len(items) / max(timings["encode"], 1e-9)}
         else:
-            if embeddings.shape != (len(items), EMBED_DIM):
-                raise TokenizerError(f"embeddings must be [{len(items)}, {EMBED_DIM}], got {embeddings.shape}")
-            raw = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32)[order])
+            raw = precomputed_embeddings(embeddings, order)
             report["encoder"] = {"model": MODEL_NAME, "items_per_s": None, "precomputed": True}
 
         # collaborative alignment
@@ -231,11 +253,7 @@ class HybridTokenizer:
 
         # mem-tokens, weighted by interaction frequency
         t = time.perf_counter()
-        n_inter = {i: 0 for i in ids}
-        for it in interactions:
-            if it.item_id in n_inter:
-                n_inter[it.item_id] += 1
-        weights = [1 + n_inter[i] for i in ids]
+        weights = bpe_weights(ids, interactions)
         gen_lists = [list(map(int, g)) for g in gen]
         bpe = GenBPE.learn(gen_lists, weights, config.levels * config.codebook_size, config.mem_vocab_size,
                            config.bpe_min_frequency)

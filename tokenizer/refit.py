@@ -108,8 +108,8 @@ def refit(old, items: Iterable | dict, interactions: Iterable, *, progress: bool
     Same geometry, projection and encoder as `old`; `embeddings` (raw encoder rows in the order of
     `items`) skips the encoder pass, as in HybridTokenizer.fit."""
     from tokenizer.bpe import GenBPE
-    from tokenizer.encoder import EMBED_DIM, ContentEncoder
-    from tokenizer.hybrid import HybridTokenizer
+    from tokenizer.encoder import ContentEncoder
+    from tokenizer.hybrid import HybridTokenizer, bpe_weights, precomputed_embeddings, sorted_catalogue
     from tokenizer.rq_kmeans import ResidualKMeans, offset_codes, permute_levels
 
     config = copy.deepcopy(old.config)
@@ -124,18 +124,12 @@ def refit(old, items: Iterable | dict, interactions: Iterable, *, progress: bool
         raise RefitError(f"{len(items)} items cannot fill the old artifact's codebook of {config.codebook_size}; "
                          f"a refit keeps the geometry: fit a new tokenizer (`trm tokenizer fit --codebook ...`)")
     interactions = list(interactions)
-    order = sorted(range(len(items)), key=lambda i: items[i].item_id)
-    items = [items[i] for i in order]
-    ids = [it.item_id for it in items]
-    if len(set(ids)) != len(ids):
-        raise RefitError("duplicate item_id in items")
+    items, order, ids = sorted_catalogue(items, RefitError)
     t_start = time.perf_counter()
     if embeddings is None:
         raw = encoder.encode([it.text() for it in items], progress=progress)
     else:
-        if embeddings.shape != (len(items), EMBED_DIM):
-            raise RefitError(f"embeddings must be [{len(items)}, {EMBED_DIM}], got {embeddings.shape}")
-        raw = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32)[order])
+        raw = precomputed_embeddings(embeddings, order, RefitError)
     aligned = old.projector.project(raw)
     old_codes = old.quantizer.encode(aligned)  # what the old artifact says about the same items
     L, K = config.levels, config.codebook_size
@@ -162,12 +156,8 @@ def refit(old, items: Iterable | dict, interactions: Iterable, *, progress: bool
     report["rq"] = {k: v for k, v in report["refit"].items() if k not in ("code_changed", "tuple_changed", "seconds")}
 
     t = time.perf_counter()
-    n_inter = {i: 0 for i in ids}
-    for it in interactions:
-        if it.item_id in n_inter:
-            n_inter[it.item_id] += 1
     gen_lists = [list(map(int, g)) for g in offset_codes(codes, K)]
-    learned = GenBPE.learn(gen_lists, [1 + n_inter[i] for i in ids], L * K, config.mem_vocab_size,
+    learned = GenBPE.learn(gen_lists, bpe_weights(ids, interactions), L * K, config.mem_vocab_size,
                            config.bpe_min_frequency)
     bpe = learned.renumbered(old.bpe, config.mem_vocab_size)
     old_merged = {tuple(p) for p in old.bpe.pieces().values() if len(p) > 1}
