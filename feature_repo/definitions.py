@@ -69,6 +69,8 @@ user_history = FeatureView(
         Field(name="recent_gen_tokens", dtype=Array(Int64)),  # L per event, flattened (-1 x L: not known)
         Field(name="recent_labels", dtype=Array(Int64)),  # 0/1
         Field(name="last_event_time", dtype=Int64),  # the user's newest event (epoch s): recency
+        # the artifact whose gen-tokens the row holds (all of them: docs/rotation.md); null: not recorded
+        Field(name="tokenizer_version", dtype=String),
     ],
     source=user_history_push,
     online=True,

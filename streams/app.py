@@ -84,9 +84,34 @@ class WorkerSettings:
                                         "(`trm tokenizer fit` writes one), or run with --agents interactions")
             if not Path(self.tokenizer_dir).exists():
                 raise WorkerConfigError(f"tokenizer artifact {self.tokenizer_dir} does not exist")
+            verify_artifacts(self.tokenizer_dir, repo)
         return WorkerSettings(**{**asdict(self), "kafka": self.kafka or KafkaConfig.from_env(), "repo_path": repo,
                                  "state_dir": Path(self.state_dir or repo / "stream_state").resolve(),
                                  "pairs_dir": Path(self.pairs_dir or repo / "data" / "pairs").resolve()})
+
+
+def verify_artifacts(tokenizer_dir: str | Path, repo: Path) -> None:
+    """Refuse to start with an artifact this worker could not tokenize with: the one given and those
+    of the repo's rotation record (streams/rotation.py) must verify, and their encoder must be the
+    installed one. Caught here, a bad artifact stops the worker before it joins a group, instead of
+    failing the item agent's first batch. Cheap: checksums, no model load."""
+    from tokenizer.artifact import verify
+    from tokenizer.errors import ArtifactError
+
+    from .rotation import RotationError, read_rotation
+
+    dirs = [Path(tokenizer_dir)]
+    try:
+        rot = read_rotation(repo)
+    except RotationError as exc:
+        raise WorkerConfigError(str(exc)) from None
+    if rot is not None:
+        dirs += [Path(rot.from_artifact), Path(rot.to_artifact)]
+    for d in dict.fromkeys(dirs):
+        try:
+            verify(d)
+        except ArtifactError as exc:
+            raise WorkerConfigError(f"tokenizer artifact {d} cannot run on this worker: {exc}") from None
 
 
 class StreamWorker:
@@ -106,19 +131,25 @@ class StreamWorker:
 
         from .feast_sink import FeastSink
         from .item_agent import ItemProcessor
+        from .rotation import RotationWatch
 
         return ItemProcessor(FeastSink(self.s.repo_path, writer_id=f"items-{os.getpid()}"),
-                             HybridTokenizer.load(self.s.tokenizer_dir))
+                             HybridTokenizer.load(self.s.tokenizer_dir), rotation=RotationWatch(self.s.repo_path),
+                             load=HybridTokenizer.load)
 
     def _make_interaction_processor(self):
         from .feast_sink import FeastSink
         from .interaction_agent import InteractionProcessor
+        from .rotation import RotationWatch
 
+        tokens = self.tokens
         return InteractionProcessor(FeastSink(self.s.repo_path, writer_id=f"interactions-{os.getpid()}"),
-                                    self.s.state_dir, self.s.pairs_dir, self.tokens.get,
+                                    self.s.state_dir, self.s.pairs_dir, tokens.get,
                                     self.config.topic(INTERACTIONS), history_len=self.s.history_len,
                                     recent_len=self.s.recent_len, pair_window=self.s.pair_window,
-                                    park_timeout_s=self.s.park_timeout_s, allowed_lateness_s=self.s.allowed_lateness_s)
+                                    park_timeout_s=self.s.park_timeout_s, allowed_lateness_s=self.s.allowed_lateness_s,
+                                    rotation=RotationWatch(self.s.repo_path), tokens_in=tokens.get_version,
+                                    version_now=lambda: tokens.latest_version)
 
     def _make_item_stats_processor(self):
         from .feast_sink import FeastSink

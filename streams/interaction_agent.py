@@ -32,6 +32,14 @@ committed per partition only up to its first parked interaction (`commit_positio
 Parked interactions retry whenever new item tokens arrive and on idle polls; one parked longer
 than `park_timeout_s` is dead-lettered with the reason, and the user's queue moves on.
 
+Rotation (streams/rotation.py, with a `RotationWatch`): an event at t takes the tokens of the
+artifact of t (`tokens_in(item, version)`). An event at or after the rotation time that arrives
+before the backfill is done (*mid-rotation*) is accepted and forwarded to the item counters as any
+other, and parked for its user until the record says `backfilled`: it waits however long that
+takes (no timeout), so it is neither lost nor counted twice. Every user row at or after the
+rotation time shows the new artifact's tokens for all its events (`user_row`'s `retoken`) and
+carries its `tokenizer_version`.
+
 Point in time: a row stamped at t reflects exactly the events with event_time <= t: a user row at t
 is the state after the user's events <= t. An event applied late (out of order for its user, or
 parked) is inserted at its event-time position and re-stamps the entity's rows
@@ -51,6 +59,7 @@ from .dlq import DeadLetter, SourceRecord
 from .pairs import PairWriter
 from .partitioned import PartitionedProcessor
 from .processor import BatchResult
+from .rotation import Rotation, RotationWatch
 from .state import DEFAULT_ALLOWED_LATENESS_S, DEFAULT_RECENT_LEN, Parked, PartitionState
 
 
@@ -70,8 +79,15 @@ class InteractionProcessor(PartitionedProcessor):
     def __init__(self, sink, state_dir: str | Path, pairs_dir: str | Path | None,
                  tokens_of: Callable[[int], list[int] | None], topic: str, history_len: int = 20,
                  recent_len: int = DEFAULT_RECENT_LEN, pair_window: int = 5, park_timeout_s: float = 300.0,
-                 codec: AvroCodec | None = None, allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S):
+                 codec: AvroCodec | None = None, allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S,
+                 rotation: RotationWatch | None = None, tokens_in: Callable[[int, str], list[int] | None] | None = None,
+                 version_now: Callable[[], str | None] | None = None):
         self.sink = sink
+        self.rotation = rotation
+        # (item, artifact version) -> gen-tokens, for a rotation (TokenCache.get_version)
+        self.tokens_in = tokens_in or (lambda iid, version: tokens_of(iid))
+        self.version_now = version_now  # the artifact of the tokens when no rotation is recorded
+        self._rot: Rotation | None = None
         self.state_dir = Path(state_dir)
         self.pairs = PairWriter(pairs_dir) if pairs_dir else None
         self.tokens_of = tokens_of
@@ -92,7 +108,9 @@ class InteractionProcessor(PartitionedProcessor):
 
     # -- partitions --
     def open_state(self, path: Path) -> PartitionState:
-        return PartitionState(path, self.history_len, self.allowed_lateness_s, recent_len=self.recent_len)
+        st = PartitionState(path, self.history_len, self.allowed_lateness_s, recent_len=self.recent_len)
+        st.retoken_at, st.version_at = self._retoken_at, self._version_at
+        return st
 
     def assign(self, partitions: list[int]) -> None:
         super().assign(partitions)
@@ -116,6 +134,7 @@ class InteractionProcessor(PartitionedProcessor):
     # -- a batch --
     def process(self, records: list[SourceRecord]) -> BatchResult:
         res = BatchResult()
+        rot = self._follow_rotation()
         todo: list[tuple[int, int, int, InteractionEvent, SourceRecord]] = []
         for r in records:
             if not self.admit(r, res):
@@ -153,11 +172,12 @@ class InteractionProcessor(PartitionedProcessor):
             outputs.append(by_item_record(self.codec, sid, ev.user_id, ev.item_id, ev.label, t, part, st.watermark,
                                           n_src))
             # user features need the item's tokens, and each user's events in order
-            if ev.user_id in st.parked or tokens_of(ev.item_id) is None:
+            toks = tokens_of(ev.item_id) if rot is None else self._tokens(ev.item_id, t)
+            if ev.user_id in st.parked or toks is None:
                 st.park(Parked(off, r.key, r.value, ev.user_id, ev.item_id, ev.label, t, now))
                 res.parked += 1
                 continue
-            near = st.apply(ev.user_id, ev.item_id, ev.label, t, tokens_of(ev.item_id), users, window)
+            near = st.apply(ev.user_id, ev.item_id, ev.label, t, toks, users, window)
             if near is not None:
                 _add_pairs(pairs, ev.user_id, ev.item_id, t, near)
             res.applied += 1
@@ -170,10 +190,49 @@ class InteractionProcessor(PartitionedProcessor):
         res = BatchResult()
         if not any(s.parked for s in self.states.values()):
             return res
+        self._follow_rotation()
         changes = _Changes()
         res.applied += self._drain(changes, res, time.time())
         self._write(changes)
         return res
+
+    # -- rotation (streams/rotation.py) --
+    def _follow_rotation(self) -> Rotation | None:
+        """The current rotation record (re-read when it changed), or None."""
+        self._rot = self.rotation.current() if self.rotation is not None else None
+        return self._rot
+
+    def _tokens(self, iid: int, t: int) -> list[int] | None:
+        """The item's gen-tokens for an event at `t`, or None: not there yet (the event parks). Across
+        a rotation: the artifact of `t`'s, and none at or after its time until the backfill is done."""
+        rot = self._rot
+        if rot is None:
+            return self.tokens_of(iid)
+        if rot.waits(t):
+            return None
+        return self.tokens_in(iid, rot.version_at(t))
+
+    def _retoken_at(self, t: int):
+        """For a user row at `t` at or after the rotation time: item -> the new artifact's tokens."""
+        rot = self._rot
+        if rot is None or t < rot.at:
+            return None
+        version, tokens_in = rot.to_version, self.tokens_in
+        return lambda iid: tokens_in(iid, version)
+
+    def _parked_since(self, p: Parked) -> float:
+        """When the park timeout starts: a mid-rotation event's wait for the backfill is not its
+        item's fault, so its clock starts when the backfill finished."""
+        rot = self._rot
+        if rot is not None and rot.backfilled_at is not None and p.event_time >= rot.at:
+            return max(p.parked_at, rot.backfilled_at)
+        return p.parked_at
+
+    def _version_at(self, t: int) -> str | None:
+        rot = self._rot
+        if rot is not None:
+            return rot.version_at(t)
+        return self.version_now() if self.version_now is not None else None
 
     # -- internals --
     def _window(self) -> int:
@@ -186,9 +245,11 @@ class InteractionProcessor(PartitionedProcessor):
         for part, st in self.states.items():
             for uid, q in list(st.parked.items()):
                 for p in list(q):
-                    if self.tokens_of(p.item_id) is not None:
+                    if self._tokens(p.item_id, p.event_time) is not None:
                         ready.append((p.event_time, part, p.offset, st, p))
-                    elif now - p.parked_at > self.park_timeout_s:
+                    elif self._rot is not None and self._rot.waits(p.event_time):
+                        break  # mid-rotation: waits for the backfill, however long (never dead-lettered)
+                    elif now - self._parked_since(p) > self.park_timeout_s:
                         ready.append((p.event_time, part, p.offset, st, p))  # dead-lettered below, in order
                     else:
                         break
@@ -197,14 +258,14 @@ class InteractionProcessor(PartitionedProcessor):
         window = self._window()
         for _, part, _, st, p in ready:
             st.unpark(p)
-            if self.tokens_of(p.item_id) is None:
+            toks = self._tokens(p.item_id, p.event_time)
+            if toks is None:
                 res.dead.append(DeadLetter(SourceRecord(self.topic, part, p.offset, p.key, p.value),
                                            f"no_tokens: item {p.item_id} had no tokens {self.park_timeout_s:.0f} s "
                                            f"after the interaction arrived; user history skipped it "
                                            f"(item counters include it: forwarded when accepted)"))
                 continue
-            near = st.apply(p.user_id, p.item_id, p.label, p.event_time, self.tokens_of(p.item_id), changes.users,
-                            window, parked=True)
+            near = st.apply(p.user_id, p.item_id, p.label, p.event_time, toks, changes.users, window, parked=True)
             if near is not None:
                 _add_pairs(changes.pairs, p.user_id, p.item_id, p.event_time, near)
             applied += 1

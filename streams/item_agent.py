@@ -9,20 +9,48 @@ What one batch computes (when it is written, produced and committed: `BatchLoop.
                 ItemTokensEvents for `item_tokens` (dead letters go to `items.dlq`)
 No state of its own (`BaseProcessor`'s defaults): tokens are a pure function of (text, tokenizer
 artifact), so a replay rewrites identical values.
+
+Rotation (streams/rotation.py): with a `RotationWatch`, the artifact is picked per event by its
+event time from the repo's rotation record (re-read when it changes), so tokens stay a pure
+function of (text, event time, record); without a record, `tokenizer` tokenizes everything.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 from .contract.codec import AvroCodec, DecodeError
 from .contract.events import InvalidEvent, ItemEvent, ItemTokensEvent
 from .dlq import DeadLetter, SourceRecord
 from .processor import BaseProcessor, BatchResult
+from .rotation import RotationError, RotationWatch
 
 
 class ItemProcessor(BaseProcessor):
-    def __init__(self, sink, tokenizer, codec: AvroCodec | None = None):
+    def __init__(self, sink, tokenizer, codec: AvroCodec | None = None, rotation: RotationWatch | None = None,
+                 load: Callable[[str], object] | None = None):
         self.sink = sink
         self.tokenizer = tokenizer
         self.codec = codec or AvroCodec()
+        self.rotation = rotation
+        self.load = load  # artifact dir -> tokenizer (HybridTokenizer.load: refuses another encoder)
+        self._by_version = {tokenizer.version: tokenizer}
+
+    def tokenizer_at(self, t: int):
+        """The tokenizer of event time `t`: the rotation record's artifact for it, else `tokenizer`."""
+        rot = self.rotation.current() if self.rotation is not None else None
+        if rot is None:
+            return self.tokenizer
+        version = rot.version_at(t)
+        tok = self._by_version.get(version)
+        if tok is None:
+            if self.load is None:
+                raise RotationError(f"the rotation record names {version}, and this item agent cannot load artifacts")
+            tok = self.load(rot.artifact_at(t))
+            if tok.version != version:
+                raise RotationError(f"{rot.artifact_at(t)} is version {tok.version}, but the rotation record "
+                                    f"names {version}: rewrite it with `trm tokenizer rotate`")
+            self._by_version[version] = tok
+        return tok
 
     def process(self, records: list[SourceRecord]) -> BatchResult:
         res = BatchResult()
@@ -37,14 +65,22 @@ class ItemProcessor(BaseProcessor):
                 res.dead.append(DeadLetter(r, f"invalid: missing or mistyped field {exc}"))
         if not events:
             return res
-        texts = sorted({ev.text for ev, _ in events if ev.text.strip()})
-        encoded = dict(zip(texts, self.tokenizer.encode_texts(texts))) if texts else {}
+        # one encode_texts call per artifact (two only across a rotation time)
+        by_tok: dict[str, tuple[object, set[str]]] = {}
+        for ev, _ in events:
+            if ev.text.strip():
+                tok = self.tokenizer_at(ev.event_time)
+                by_tok.setdefault(tok.version, (tok, set()))[1].add(ev.text)
+        encoded: dict[tuple[str, str], object] = {}
+        for version, (tok, group) in by_tok.items():
+            texts = sorted(group)
+            encoded.update(zip(((version, x) for x in texts), tok.encode_texts(texts)))
         no_text = [ev.item_id for ev, _ in events if not ev.text.strip()]
         known = self.sink.read_online("item_tokens", no_text) if no_text else {}
         rows, outs = [], []
         for ev, r in events:
             if ev.text.strip():
-                tok = encoded[ev.text]
+                tok = encoded[(self.tokenizer_at(ev.event_time).version, ev.text)]
                 gen, mem, version = list(tok.gen_tokens), list(tok.mem_tokens), tok.tokenizer_version
                 coarse = list(tok.coarse_tokens)
             else:  # a retire with no text: keep the tokens the item already has

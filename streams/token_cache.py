@@ -13,7 +13,8 @@ every partition's high watermark as a fetch response reported it (every item tok
 then is in the cache). Not `end_offsets`: Tansu's ListOffsets answers the base offset of the last
 record batch + 1, an undercount (streams/broker.py), which would claim caught up mid-batch. The
 last record received for an item wins, as in the online stores (last write wins, the topic is
-keyed by item and written in the same order as Feast).
+keyed by item and written in the same order as Feast); `by_version` keeps each artifact's latest
+tokens of an item too, which the interaction agent reads across a rotation (streams/rotation.py).
 """
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ class TokenCache:
     def __init__(self, config: KafkaConfig, topic: str = ITEM_TOKENS, keep_records: bool = False):
         self.config = config
         self.topic = config.topic(topic)
-        self.gen: dict[int, list[int]] = {}
+        self.gen: dict[int, list[int]] = {}  # item_id -> its latest gen-tokens, whichever artifact made them
+        # artifact version -> item_id -> gen-tokens: across a rotation both artifacts' tokens are needed
+        self.by_version: dict[str, dict[int, list[int]]] = {}
+        self.latest_version: str | None = None  # of the newest record received
         self.keep_records = keep_records
         self.records: dict[int, dict] = {}  # item_id -> its latest decoded ItemTokensEvent (keep_records only)
         self.caught_up = False
@@ -49,6 +53,10 @@ class TokenCache:
 
     def get(self, item_id: int) -> list[int] | None:
         return self.gen.get(item_id)
+
+    def get_version(self, item_id: int, version: str) -> list[int] | None:
+        """The item's gen-tokens made by artifact `version` (the interaction agent across a rotation)."""
+        return self.by_version.get(version, {}).get(item_id)
 
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -88,7 +96,9 @@ class TokenCache:
                         except DecodeError as exc:  # our own output; a bad one is a bug worth a log line
                             log.error("undecodable item_tokens record at %s:%s: %s", m.partition, m.offset, exc)
                             continue
-                        self.gen[rec["item_id"]] = list(rec["gen_tokens"])
+                        gen = self.gen[rec["item_id"]] = list(rec["gen_tokens"])
+                        version = self.latest_version = rec["tokenizer_version"]
+                        self.by_version.setdefault(version, {})[rec["item_id"]] = gen
                         if self.keep_records:
                             self.records[rec["item_id"]] = rec
                         new += 1

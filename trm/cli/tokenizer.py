@@ -1,9 +1,10 @@
-"""`trm tokenizer fit|encode`. Heavy imports (torch, faiss, sentence-transformers) happen inside the
-handlers so `trm --help` stays instant."""
+"""`trm tokenizer fit|refit|rotate|backfill|encode`. Heavy imports (torch, faiss,
+sentence-transformers) happen inside the handlers so `trm --help` stays instant."""
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -44,6 +45,42 @@ def register(subparsers) -> None:
     r.add_argument("--no-compare", action="store_true", help="skip the from-scratch comparison fit")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_refit)
+
+    ro = sub.add_parser("rotate", help="record a rotation: the stream's workers switch to a new artifact at a time T "
+                                       "(streams/rotation.py)",
+                        description="Write <repo>/rotation.json: item events at or after --at are tokenized by "
+                                    "--artifact, earlier ones by --from; user rows at or after --at wait for "
+                                    "`trm tokenizer backfill`. Running workers re-read the record; no restart needed. "
+                                    "Both artifacts must verify against the installed encoder.")
+    ro.add_argument("--repo", default=None, help="the workers' Feast repo (default $TRM_FEAST_REPO)")
+    ro.add_argument("--artifact", required=True, help="the new artifact (e.g. a `trm tokenizer refit` output)")
+    ro.add_argument("--at", required=True, help="rotation time T: epoch seconds, ISO 8601 (UTC if no zone) or 'now'")
+    ro.add_argument("--from", dest="old", default=None,
+                    help="the artifact in use (default: the current record's new artifact; "
+                         "required for a first rotation)")
+    ro.set_defaults(func=cmd_rotate)
+
+    b = sub.add_parser("backfill", help="re-tokenize every item with the new artifact at the rotation time and rewrite "
+                                        "user histories' tokens (streams/backfill.py)",
+                       description="Re-tokenize every item the store has at or before T with the new artifact, from "
+                                   "its text as of T, stamped at T (offline part files and online store through the "
+                                   "stream's FeastSink); re-stamp each user's history at T, and rewrite later rows, "
+                                   "with the new artifact's tokens; then mark the rotation record backfilled. Point-in-"
+                                   "time answers before T do not change. Idempotent: a second run writes nothing. "
+                                   "With a Kafka bootstrap ($TRM_KAFKA_BOOTSTRAP or --bootstrap), the new tokens also "
+                                   "go to the item_tokens topic, which running workers need.")
+    b.add_argument("--repo", default=None, help="the workers' Feast repo (default $TRM_FEAST_REPO)")
+    b.add_argument("--artifact", default=None, help="the new artifact (default: the rotation record's)")
+    b.add_argument("--at", default=None, help="rotation time T (default: the rotation record's): epoch seconds, "
+                                              "ISO 8601 or 'now'")
+    cat = b.add_mutually_exclusive_group(required=True)
+    cat.add_argument("--data", help="the catalogue as a MovieLens-layout directory (item texts)")
+    cat.add_argument("--items", help="the catalogue as JSON lines of item events (`trm publish items --file` format)")
+    b.add_argument("--bootstrap", default=None, help="Kafka bootstrap for the item_tokens topic "
+                                                     "(default $TRM_KAFKA_BOOTSTRAP; none: Feast only)")
+    b.add_argument("--batch", type=int, default=512, help="items per encoder call and per part file (default 512)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_backfill)
 
     e = sub.add_parser("encode", help="print tokens from a saved artifact")
     e.add_argument("--artifact", required=True, help="directory written by `trm tokenizer fit`")
@@ -194,6 +231,126 @@ def cmd_refit(args: argparse.Namespace) -> int:
                   f"{b['merges_retired']} retired")
     console.print(f"saved {out} (version {tok.version}, lineage from {old.version})")
     return 0
+
+
+def parse_time(value: str) -> int:
+    """'now', epoch seconds or ISO 8601 (UTC when it names no zone) -> epoch seconds."""
+    import time
+    from datetime import datetime, timezone
+
+    if value == "now":
+        return int(time.time())
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not 'now', epoch seconds or ISO 8601") from None
+    return int((dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from streams.rotation import Rotation, RotationError, read_rotation, write_rotation
+    from tokenizer.artifact import verify
+    from tokenizer.errors import ArtifactError
+    from trm.config import feast_repo_path
+
+    console = Console()
+    repo = feast_repo_path(args.repo).resolve()
+    try:
+        at = parse_time(args.at)
+        cur = read_rotation(repo)
+        old = args.old or (cur.to_artifact if cur is not None else None)
+        if old is None:
+            console.print("[red]error:[/red] no rotation recorded yet: pass --from, the artifact the workers run")
+            return 2
+        old_v, new_v = verify(old), verify(args.artifact)
+    except (ValueError, RotationError, ArtifactError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    if old_v == new_v:
+        console.print(f"[red]error:[/red] {args.artifact} is the artifact in use ({new_v}): nothing to rotate")
+        return 2
+    rot = Rotation(old_v, str(Path(old).resolve()), new_v, str(Path(args.artifact).resolve()), at)
+    path = write_rotation(repo, rot)
+    console.print(f"recorded {path}: {old_v} -> {new_v} at {at}; item events at or after it get {new_v}'s tokens, "
+                  f"user rows at or after it wait for: trm tokenizer backfill --repo {repo} --data|--items …")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import json
+
+    from rich.console import Console
+
+    from streams.backfill import BackfillConfig, backfill, texts_at
+    from streams.movielens import DataError
+    from streams.publisher import PublishError, events_from_file, item_events
+    from streams.rotation import RotationError, read_rotation
+    from tokenizer.hybrid import ArtifactError, HybridTokenizer
+    from trm.config import feast_repo_path
+
+    console = Console()
+    repo = feast_repo_path(args.repo).resolve()
+    if not (repo / "feature_store.yaml").exists():
+        console.print(f"[red]error:[/red] {repo} is not an applied Feast repo")
+        return 2
+    try:
+        rot = read_rotation(repo)
+        artifact = args.artifact or (rot.to_artifact if rot else None)
+        at = parse_time(args.at) if args.at else (rot.at if rot else None)
+        if artifact is None or at is None:
+            console.print("[red]error:[/red] no rotation recorded: pass --artifact and --at, or run "
+                          "`trm tokenizer rotate` first")
+            return 2
+        tok = HybridTokenizer.load(artifact)
+        if rot is not None and (rot.to_version != tok.version or rot.at != at):
+            console.print(f"[yellow]warning:[/yellow] the rotation record is {rot.to_version} at {rot.at}; "
+                          f"backfilling {tok.version} at {at} leaves it unmarked")
+        events = item_events(args.data) if args.data else events_from_file(args.items, "items")
+    except (ValueError, RotationError, ArtifactError, DataError, PublishError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    publish = _token_publisher(args.bootstrap)
+    rep = backfill(BackfillConfig(repo, at, batch=args.batch, progress=not args.quiet), tok,
+                   texts_at(events, at), publish)
+    console.print(f"backfilled {tok.version} at {at}: {rep.items_written} item rows ({rep.items_current} already "
+                  f"current, {len(rep.items_without_text)} without text), {rep.users_written} user rows "
+                  f"({rep.users_current} already current) in {rep.seconds:.1f} s")
+    if rep.items_without_text:
+        console.print(f"[yellow]warning:[/yellow] no catalogue text at or before {at} for items "
+                      f"{rep.items_without_text[:10]}{' …' if len(rep.items_without_text) > 10 else ''}: "
+                      "they keep their old tokens")
+    print(json.dumps(rep.to_dict()))
+    return 0
+
+
+def _token_publisher(bootstrap: str | None):
+    """rows -> the item_tokens topic (what the item agent produces), or None without a broker."""
+    if not (bootstrap or os.environ.get("TRM_KAFKA_BOOTSTRAP")):
+        return None
+    from streams.contract.codec import AvroCodec
+    from streams.contract.events import ItemTokensEvent
+    from streams.contract.topics import ITEM_TOKENS
+    from streams.kafka_config import KafkaConfig
+    from streams.publisher import publish_raw
+
+    cfg = KafkaConfig.from_env(**({"bootstrap_servers": bootstrap} if bootstrap else {}))
+    codec = AvroCodec()
+
+    def publish(rows: list[dict]) -> None:
+        publish_raw(cfg, ITEM_TOKENS, [
+            (str(r["item_id"]).encode(),
+             codec.encode(ItemTokensEvent(r["item_id"], r["gen_tokens"], r["mem_tokens"], r["tokenizer_version"],
+                                          r["created_at"], r["event_timestamp"], r["retired"],
+                                          r["coarse_tokens"]).to_record(), "ItemTokensEvent"))
+            for r in rows])
+    return publish
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
