@@ -11,8 +11,8 @@ The steps, in this order (the whole rotation: streams/rotation.py):
   3. rewrite user histories: each user's latest row before T is re-stamped at T, and each row at
      or after T is rewritten at its own time, every event's tokens B's (`tokenizer_version` = B);
      online only where the row is the user's newest;
-  4. mark the rotation record `backfilled`: workers then apply the interactions they parked
-     mid-rotation.
+  4. mark the rotation record `backfilled` (once: a later run leaves the first mark and report):
+     workers then apply the interactions they parked mid-rotation.
 
 Why at T and nothing earlier: a point-in-time answer for a time before T reads rows before T only,
 which the backfill never writes, so it cannot change. From T on the join picks the rows at T
@@ -110,7 +110,7 @@ def backfill(cfg: BackfillConfig, tokenizer, texts: dict[int, str],
     # 4. the record
     rot = read_rotation(cfg.repo)
     rep.seconds = round(time.perf_counter() - start, 3)
-    if rot is not None and rot.to_version == tokenizer.version and rot.at == cfg.at:
+    if rot is not None and rot.to_version == tokenizer.version and rot.at == cfg.at and not rot.backfilled:
         from dataclasses import replace
 
         write_rotation(cfg.repo, replace(rot, backfilled_at=time.time(), backfill=rep.to_dict()))

@@ -51,6 +51,7 @@ def assert_recovered(cfg, repo, items: dict, its: list, tok, every: int = 11) ->
     assert all(online[i]["mem_tokens"] == t.mem_tokens for i, t in zip(items, tok.encode_items(list(items.values()))))
     users_tl, items_tl = reference(its, gen_of)
     online_u = sink.read_online("user_history", list(users_tl))
+    assert {online_u[u].pop("tokenizer_version") for u in users_tl} == {tok.version}  # the artifact of their tokens
     assert {u: online_u[u] for u in users_tl} == {u: tl[-1][1] for u, tl in users_tl.items()}
     online_i = sink.read_online("item_stats", list(items_tl))
     assert {i: online_i[i] for i in items_tl} == {i: tl[-1][1] for i, tl in items_tl.items()}

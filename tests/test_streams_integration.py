@@ -100,6 +100,7 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
     items_tl[UNKNOWN_ITEM] = [(t_end, {"item_n_interactions": 1, "item_n_positives": 1})]
     online_u = sink.read_online("user_history", list(users_tl))
     for uid, tl in users_tl.items():
+        assert online_u[uid].pop("tokenizer_version") == tok.version, uid  # the artifact of the row's tokens
         assert online_u[uid] == tl[-1][1], uid
     online_i = sink.read_online("item_stats", list(items_tl))
     for iid, tl in items_tl.items():
