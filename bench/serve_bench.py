@@ -348,6 +348,8 @@ def bare(world: World, bundle, requests, max_requests: int, max_seconds: float, 
     """The feature read, then trainer.evaluate.score on its frame, per request, sequentially (no HTTP).
 
     `cache`: a started, caught-up KafkaTokenCache (CachedOnlineFeatures), or None (OnlineFeatures)."""
+    import torch
+
     from trainer.evaluate import score
     from trainer.serving.online import CachedOnlineFeatures, OnlineFeatures
 
@@ -364,7 +366,8 @@ def bare(world: World, bundle, requests, max_requests: int, max_seconds: float, 
         t0 = time.perf_counter()
         got = online.read(u, items, int(time.time()))
         t1 = time.perf_counter()
-        scored = score(bundle.models, got.frame, bundle.featurizer)
+        with torch.inference_mode():  # as the app scores (trainer/serving/app.py)
+            scored = score(bundle.models, got.frame, bundle.featurizer)
         t2 = time.perf_counter()
         assert len(scored) == len(items)
         if j >= warmup:

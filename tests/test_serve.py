@@ -238,6 +238,31 @@ def test_latency_of_100_candidates(world, served):
     # a figure to read, not a target: latency goals belong in a benchmark (bench/), never in a timed test
 
 
+def test_the_direct_online_read_equals_feasts_get_online_features(world):
+    """OnlineFeatures calls the online store's online_read per view (not get_online_features): the frame
+    must be the one get_online_features(service).to_df() gives, value for value and dtype for dtype, for
+    known and unknown users and items, with and without the token cache (a subset of items cached)."""
+    from trainer.serving.online import CachedOnlineFeatures, OnlineFeatures
+
+    cached = {r["item_id"]: r for r in token_rows(world.items[:20])}
+    readers = [OnlineFeatures(str(world.repo)), CachedOnlineFeatures(str(world.repo), cached)]
+    t = int(time.time())
+    for user in (3, 17, 987_654):  # the last has no row online
+        for items in ([world.items[0]], world.items[:30] + list(UNKNOWN_ITEMS), list(UNKNOWN_ITEMS),
+                      world.items[25:] + world.items[:5]):
+            want = online_frame(world.repo, user, items, t)
+            for r in readers:
+                pd.testing.assert_frame_equal(r.read(user, items, t).frame, want)
+    got = readers[1].read(3, world.items[15:25], t)
+    assert (got.cache_hits, got.cache_misses) == (5, 5)
+    # the poller re-resolves the service's views from the registry (off the request path): same frame after
+    before = readers[0]._plan
+    readers[0].refresh(ttl_s=0)
+    assert readers[0]._plan is not before and readers[0]._plan.resolved_at > before.resolved_at
+    pd.testing.assert_frame_equal(readers[0].read(3, world.items[:10], t).frame,
+                                  online_frame(world.repo, 3, world.items[:10], t))
+
+
 BAD = {
     "malformed JSON": (b'{"user_id": 1, "item_ids": [1,', "json_invalid"),
     "empty body": (b"", None),
@@ -427,6 +452,9 @@ def test_redis_online_store_down_is_a_503_with_the_reason_and_recovers_when_it_i
             wait_for(lambda: healthy(client, "v1"), what="v1 to load")
             st, before = client.rank(req)
             assert st == 200 and sum(x["known"] for x in before["items"]) == 10, before  # the rows are in Redis
+            t = int(time.time())  # the direct online_read on Redis gives get_online_features' frame
+            pd.testing.assert_frame_equal(client.app.state.online.read(4, req["item_ids"], t).frame,
+                                          online_frame(repo, 4, req["item_ids"], t))
             redis.kill()
             st, body = client.rank(req)
             assert st == 503 and "online feature read failed" in body["detail"], body

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -61,6 +62,7 @@ class ServeConfig:
     max_candidates: int = 1000
     poll_s: float = 2.0  # how often LATEST is read (and a store not yet open is retried)
     token_cache: str = "off"  # "off": item tokens from Feast; "kafka": from the item_tokens topic's cache
+    torch_threads: int | None = 1  # torch's intra-op threads for the process (None: torch's default, one per core)
 
 
 class RankRequest(BaseModel):
@@ -143,13 +145,19 @@ def _errors(exc: RequestValidationError) -> list[dict]:
 
 
 def create_app(repo: str | Path, models_dir: str | Path, model: str = "trm", max_candidates: int = 1000,
-               poll_s: float = 2.0, token_cache=None) -> FastAPI:
+               poll_s: float = 2.0, token_cache=None, torch_threads: int | None = 1) -> FastAPI:
     """A ranking app over `repo`'s online store and the versions published in `models_dir`.
 
     `token_cache`: a KafkaTokenCache (not started) to read the candidates' item tokens from, or None.
+    `torch_threads`: set for the whole process here, before any request thread runs torch (each thread
+    takes the process's setting on its first op); None leaves torch's. One by default: a request's
+    forward is small, concurrent requests already use the cores, and intra-op threads that wait for a
+    busy core cost far more than they save (the trainer scores with one thread too, `trm train --threads`).
     The poller (version watcher, store opener) and the token cache run while the app is served (its lifespan)."""
     cfg = ServeConfig(str(repo), str(models_dir), model, max_candidates, poll_s,
-                      "off" if token_cache is None else "kafka")
+                      "off" if token_cache is None else "kafka", torch_threads)
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     metrics = ServeMetrics()
     online = OnlineFeatures(cfg.repo) if token_cache is None else CachedOnlineFeatures(cfg.repo, token_cache)
     registry = ModelRegistry(cfg.models_dir, cfg.model, on_swap=metrics.swapped,
@@ -161,6 +169,7 @@ def create_app(repo: str | Path, models_dir: str | Path, model: str = "trm", max
                 online.open()
             except StoreUnavailable as exc:
                 log.warning("online store unavailable: %s", exc.reason)
+        online.refresh()  # the service's views re-read from the registry now and then (not per request)
 
     poller = Poller(cfg.poll_s, [registry.poll, open_store])
 
@@ -226,7 +235,8 @@ def create_app(repo: str | Path, models_dir: str | Path, model: str = "trm", max
             metrics.cache_hits.inc(got.cache_hits)
             metrics.cache_misses.inc(got.cache_misses)
         t0 = time.perf_counter()
-        scored = score(bundle.models, got.frame, bundle.featurizer)
+        with torch.inference_mode():  # no autograd bookkeeping at all (score itself is no_grad); same values
+            scored = score(bundle.models, got.frame, bundle.featurizer)
         metrics.score_seconds.observe(time.perf_counter() - t0)
         s = scored[f"score_{bundle.model_name}"].to_numpy()
         known = scored["known"].to_numpy()

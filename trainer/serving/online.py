@@ -1,12 +1,25 @@
 """One ranking request's features from the Feast online store, as the frame the trainer scores.
 
-The read is `store.get_online_features(features=<FeatureService ranker_features>, entity_rows=
-[{"user_id": u, "item_id": i}, ...])`: the same service the trainer's point-in-time join reads
-(trainer.pit_join.FEATURE_SERVICE), so the online row of a candidate has exactly the columns of an
-offline joined row. `joined_frame` adds what the join carries besides the features (user_id,
-item_id, label = 0, event_time = the request's second), which is all trainer.evaluate.score needs.
-A candidate the store has no tokens for comes back with nulls; the featurizer scores it with the
-unknown token (known = False), as it does offline.
+What is read: the FeatureService `ranker_features` (trainer.pit_join.FEATURE_SERVICE), the same
+service the trainer's point-in-time join reads, so the online row of a candidate has exactly the
+columns of an offline joined row. `joined_frame` adds what the join carries besides the features
+(user_id, item_id, label = 0, event_time = the request's second), which is all
+trainer.evaluate.score needs. A candidate the store has no tokens for comes back with nulls; the
+featurizer scores it with the unknown token (known = False), as it does offline.
+
+How it is read: the service's views are resolved once, when the store is opened (`ReadPlan`: each
+view's FeatureView, its features and their types, its entity key), and a request calls the online
+store's own `online_read(config, view, entity_keys, features)` per view: the user's views for the
+one user (not once per candidate), the item views for the candidates. That is the call Feast's
+`get_online_features` makes underneath; what it adds per request (resolving the service in the
+registry, converting the entity rows, building and then unpacking a response protobuf) cost more
+than the read itself. The values are converted with Feast's own `feast_value_type_to_python_type`
+(what `OnlineResponse.to_dict` uses), so the frame is the one `get_online_features(...).to_df()`
+gives, value for value and dtype for dtype (tests/test_serve.py checks it on SQLite and Redis).
+It is still Feast's online store (SQLite embedded, Redis in production): its keys, its tables, its
+connection. The poller re-resolves the plan from the registry every `PLAN_TTL_S`, off the request
+path, so a `feast apply` is picked up as Feast's registry cache would pick it up (faster: Feast
+caches the registry for 600 s by default).
 
 Failure behaviour: any exception of the store (opening the repo, the registry, the read itself) is
 raised as `StoreUnavailable` with the reason (the app answers 503). The failed FeatureStore is
@@ -15,15 +28,16 @@ back (a new connection: a restored SQLite file or a restarted Redis is picked up
 
 With `--token-cache kafka` (CachedOnlineFeatures) the candidates' item_tokens features come from
 an in-process cache of the `item_tokens` topic (trainer/serving/token_cache.py) and only the rest
-is read from Feast: the user's views once, for one entity row (not once per candidate), the other
-item views (item_stats) per candidate, and item_tokens only for the candidates the cache misses.
-The frame is the same as the service read's, value for value, so the scores are equal.
+is read from Feast: the user's views, the other item views (item_stats) per candidate, and
+item_tokens only for the candidates the cache misses. The frame is the same, value for value, so
+the scores are equal.
 
 Why a lock around the read: the embedded SQLite online store shares one connection across threads
 (check_same_thread=False); reads of one FeatureStore are serialised so a cursor is never shared.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +49,11 @@ import pandas as pd
 from ..errors import TrainerError
 from ..featurizer import READS
 from ..pit_join import FEATURE_SERVICE
+
+log = logging.getLogger(__name__)
+USER_KEY, ITEM_KEY = "user_id", "item_id"  # the two entity keys a view of the service may have
+TOKEN_VIEW = "item_tokens"  # the feature view the token cache stands in for (the `item_tokens` topic's records)
+PLAN_TTL_S = 30.0  # how often the poller re-resolves the service's views from the registry
 
 
 class StoreUnavailable(TrainerError, RuntimeError):
@@ -53,21 +72,87 @@ class OnlineRead:
     cache_misses: int = 0  # candidates read from Feast's item_tokens instead
 
 
-def joined_frame(features: pd.DataFrame, user_id: int, item_ids: Sequence[int], event_time: int) -> pd.DataFrame:
-    """Online features (one row per candidate, request order) -> the joined frame trainer.evaluate.score reads."""
+@dataclass(frozen=True)
+class ViewRead:
+    """One feature view of the service, as `online_read` takes it."""
+
+    table: Any  # feast.FeatureView, as the registry holds it
+    name: str  # the projection's name (the service's view name)
+    features: tuple[str, ...]  # the service's features of it, in the service's order
+    types: tuple[Any, ...]  # their feast ValueType (feast_value_type_to_python_type's hint, as to_dict passes it)
+    key: str  # USER_KEY or ITEM_KEY
+    key_field: str  # the ValueProto field of the key: "int64_val" or "int32_val"
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    views: tuple[ViewRead, ...]
+    resolved_at: float  # time.monotonic()
+
+    def of(self, key: str) -> list[ViewRead]:
+        return [v for v in self.views if v.key == key]
+
+
+def resolve_plan(store, service) -> ReadPlan:
+    """The service's views: each a user-keyed or item-keyed FeatureView with integer ids, else ValueError."""
+    from feast.value_type import ValueType
+
+    key_fields = {ValueType.INT64: "int64_val", ValueType.INT32: "int32_val"}
+    views = []
+    for proj in service.feature_view_projections:
+        fv = store.get_feature_view(proj.name)
+        keys = list(fv.join_keys)
+        if keys not in ([USER_KEY], [ITEM_KEY]):
+            raise ValueError(f"feature view {proj.name} has join keys {sorted(keys)}: neither the user's nor the item's")
+        key_type = {c.name: c.dtype.to_value_type() for c in fv.entity_columns}.get(keys[0])
+        if key_type not in key_fields:
+            raise ValueError(f"feature view {proj.name}: entity key {keys[0]} is {key_type}, not an integer")
+        dtypes = {f.name: f.dtype.to_value_type() for f in fv.features}
+        names = tuple(f.name for f in proj.features)
+        views.append(ViewRead(fv, proj.name, names, tuple(dtypes.get(n) for n in names), keys[0], key_fields[key_type]))
+    return ReadPlan(tuple(views), time.monotonic())
+
+
+def read_view(online_store, config, view: ViewRead, ids: Sequence[int]) -> dict[str, list]:
+    """{feature: [python value or None per id]}: the online store's rows of `ids`, as Feast's to_dict gives them."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+    from feast.type_map import feast_value_type_to_python_type as to_python
+
+    keys = [EntityKey(join_keys=[view.key], entity_values=[Value(**{view.key_field: i})]) for i in ids]
+    rows = online_store.online_read(config=config, table=view.table, entity_keys=keys,
+                                    requested_features=list(view.features))
+    if len(rows) != len(ids):
+        raise RuntimeError(f"{view.name}: the online store returned {len(rows)} rows for {len(ids)} keys")
+    cols: dict[str, list] = {f: [None] * len(ids) for f in view.features}
+    pairs = list(zip(view.features, view.types))
+    for j, (_, values) in enumerate(rows):
+        if values:  # None: no row for this key (every feature null, as Feast's NOT_FOUND)
+            for f, t in pairs:
+                v = values.get(f)
+                if v is not None:
+                    cols[f][j] = to_python(v, t)
+    return cols
+
+
+def joined_frame(features: dict[str, list], user_id: int, item_ids: Sequence[int], event_time: int) -> pd.DataFrame:
+    """Online features (one value per candidate, request order) -> the joined frame trainer.evaluate.score reads.
+
+    One DataFrame built from one dict of columns (each column's dtype inferred from its values, as
+    `pd.DataFrame(response.to_dict())` infers it); a column the service lacks reads as null."""
     n = len(item_ids)
-    if len(features) != n:
-        raise StoreUnavailable(f"online read returned {len(features)} rows for {n} candidates")
-    frame = pd.DataFrame({
+    for c, v in features.items():
+        if len(v) != n:
+            raise StoreUnavailable(f"online read returned {len(v)} values of {c} for {n} candidates")
+    cols: dict[str, Any] = {
         "user_id": np.full(n, user_id, dtype=np.int64),
         "item_id": np.asarray(item_ids, dtype=np.int64),
         "label": np.zeros(n, dtype=np.int64),  # unknown at serving; no model reads it to score
         "event_time": np.full(n, event_time, dtype=np.int64),
-    })
-    features = features.reset_index(drop=True)
-    for c in READS:  # a column the service lacks reads as null, as the featurizer treats it
-        frame[c] = features[c] if c in features.columns else None
-    return frame
+    }
+    for c in READS:
+        cols[c] = features[c] if c in features else [None] * n
+    return pd.DataFrame(cols)
 
 
 class OnlineFeatures:
@@ -78,11 +163,16 @@ class OnlineFeatures:
         self._lock = threading.Lock()
         self._store: Any = None  # feast.FeatureStore (imported lazily)
         self._service: Any = None  # feast.FeatureService
+        self._online: Any = None  # the store's OnlineStore (its online_read)
+        self._plan: ReadPlan | None = None
         self.error: str | None = "online store not opened yet"  # None while the last read succeeded
 
     @property
     def healthy(self) -> bool:
         return self.error is None
+
+    def _check_plan(self, plan: ReadPlan) -> None:
+        """A plan this reader cannot serve raises ValueError (CachedOnlineFeatures needs item_tokens)."""
 
     def _open_locked(self) -> None:
         from feast import FeatureStore  # heavy: imported when the store is first opened
@@ -93,10 +183,17 @@ class OnlineFeatures:
         except Exception as exc:  # noqa: BLE001 - a missing repo, registry or service: the store is down
             self.error = f"cannot open the Feast repo {self.repo}: {type(exc).__name__}: {exc}"
             raise StoreUnavailable(self.error) from exc
+        try:
+            plan = resolve_plan(store, service)
+            self._check_plan(plan)
+            online = store._get_provider().online_store  # the provider's OnlineStore: what get_online_features reads
+        except Exception as exc:  # noqa: BLE001 - a service this reader cannot read is not usable
+            self.error = f"cannot read the FeatureService {self.service_name}: {type(exc).__name__}: {exc}"
+            raise StoreUnavailable(self.error) from exc
         # `error` stays as it is: only a read that succeeds clears it. Opening a FeatureStore touches
         # the registry, not the online store (a Redis that is down opens fine), so the poller's
         # re-open must not make /healthz answer 200 while every read fails.
-        self._store, self._service = store, service
+        self._store, self._service, self._online, self._plan = store, service, online, plan
 
     def open(self) -> None:
         """Open the store now if it is not open (the poller calls this, so the first request finds it open)."""
@@ -104,22 +201,60 @@ class OnlineFeatures:
             if self._store is None:
                 self._open_locked()
 
-    def read(self, user_id: int, item_ids: Sequence[int], event_time: int) -> OnlineRead:
-        """The joined frame of (user_id, item) for every candidate; StoreUnavailable if the store fails."""
-        rows = [{"user_id": int(user_id), "item_id": int(i)} for i in item_ids]
+    def refresh(self, ttl_s: float = PLAN_TTL_S) -> None:
+        """Re-resolve the service's views from the registry when the plan is older than `ttl_s` (the poller;
+        off the request path: the new plan replaces the old in one assignment). A registry that cannot be
+        read keeps the old plan (logged): the online store may still answer."""
+        store, plan = self._store, self._plan
+        if store is None or plan is None or time.monotonic() - plan.resolved_at < ttl_s:
+            return
+        try:
+            new = resolve_plan(store, store.get_feature_service(self.service_name))
+            self._check_plan(new)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cannot re-resolve the FeatureService %s (the old views are kept): %s: %s",
+                        self.service_name, type(exc).__name__, exc)
+            self._plan = ReadPlan(plan.views, time.monotonic())  # retried after another ttl_s
+            return
+        if self._store is store:  # not re-opened meanwhile
+            self._plan = new
+
+    def _read_locked(self, user_id: int, ids: list[int], token_ids: list[int] | None) -> tuple[dict, dict]:
+        """(columns of every feature except the token view's when `token_ids` is given, the token view's
+        columns for `token_ids`); the user's views are read for the one user and repeated per candidate."""
+        plan, cfg, n = self._plan, self._store.config, len(ids)
+        cols: dict[str, list] = {}
+        tokens: dict[str, list] = {}
+        for v in plan.views:
+            if v.key == USER_KEY:
+                got = read_view(self._online, cfg, v, [user_id])
+                cols.update({f: vals * n for f, vals in got.items()})  # one user: the same row for every candidate
+            elif token_ids is not None and v.name == TOKEN_VIEW:
+                tokens = read_view(self._online, cfg, v, token_ids) if token_ids else {f: [] for f in v.features}
+            else:
+                cols.update(read_view(self._online, cfg, v, ids))
+        return cols, tokens
+
+    def _read(self, user_id: int, ids: list[int], token_ids: list[int] | None) -> tuple[dict, dict, float]:
         with self._lock:
             if self._store is None:
                 self._open_locked()
             t0 = time.perf_counter()
             try:
-                features = self._store.get_online_features(features=self._service, entity_rows=rows).to_df()
+                cols, tokens = self._read_locked(user_id, ids, token_ids)
             except Exception as exc:  # noqa: BLE001 - whatever the store raised, the request gets a 503
-                self._store = self._service = None  # the next read opens a fresh store (new connection)
+                self._store = self._service = self._online = self._plan = None  # the next read opens a fresh store
                 self.error = f"online feature read failed: {type(exc).__name__}: {exc}"
                 raise StoreUnavailable(self.error) from exc
             seconds = time.perf_counter() - t0
             self.error = None
-        return OnlineRead(joined_frame(features, user_id, item_ids, event_time), seconds)
+        return cols, tokens, seconds
+
+    def read(self, user_id: int, item_ids: Sequence[int], event_time: int) -> OnlineRead:
+        """The joined frame of (user_id, item) for every candidate; StoreUnavailable if the store fails."""
+        ids = [int(i) for i in item_ids]
+        cols, _, seconds = self._read(int(user_id), ids, None)
+        return OnlineRead(joined_frame(cols, user_id, ids, event_time), seconds)
 
     def probe(self) -> bool:
         """One read of a single (user 0, item 0) row: True when the store answers (health checks)."""
@@ -130,89 +265,35 @@ class OnlineFeatures:
         return True
 
 
-TOKEN_VIEW = "item_tokens"  # the feature view the token cache stands in for (the `item_tokens` topic's records)
-
-
 class CachedOnlineFeatures(OnlineFeatures):
     """OnlineFeatures whose item_tokens features come from `cache` (a KafkaTokenCache), misses from Feast.
 
-    The FeatureService's views are split by entity when the store is opened: user-keyed views are
-    read for the one user, item-keyed views other than item_tokens for every candidate, item_tokens
-    for the cache misses only. Three online reads at most; each is to_dict (no DataFrame per view)."""
+    The user's views are read for the one user, the item views other than item_tokens for every
+    candidate, item_tokens for the cache misses only (nothing when every candidate is a hit)."""
 
     def __init__(self, repo: str, cache, service: str = FEATURE_SERVICE):
         super().__init__(repo, service)
         self.cache = cache
-        self._refs: dict[str, list[str]] = {}  # "user" | "item" | "tokens" -> feature refs
-        self._token_features: list[str] = []
 
-    def _open_locked(self) -> None:
-        super()._open_locked()
-        try:
-            refs: dict[str, list[str]] = {"user": [], "item": [], "tokens": []}
-            for proj in self._service.feature_view_projections:
-                names = [f.name for f in proj.features]
-                if proj.name == TOKEN_VIEW:
-                    group = "tokens"
-                    self._token_features = names
-                else:
-                    keys = set(self._store.get_feature_view(proj.name).join_keys)
-                    if keys == {"user_id"}:
-                        group = "user"
-                    elif keys == {"item_id"}:
-                        group = "item"
-                    else:
-                        raise ValueError(f"feature view {proj.name} has join keys {sorted(keys)}: "
-                                         f"neither the user's nor the item's")
-                refs[group] += [f"{proj.name}:{n}" for n in names]
-            if not refs["tokens"]:
-                raise ValueError(f"the FeatureService {self.service_name} reads no {TOKEN_VIEW} features")
-        except Exception as exc:  # noqa: BLE001 - a repo the cache cannot stand in for is not usable
-            self._store = self._service = None
-            self.error = f"cannot split the FeatureService {self.service_name}: {type(exc).__name__}: {exc}"
-            raise StoreUnavailable(self.error) from exc
-        self._refs = refs
+    def _check_plan(self, plan: ReadPlan) -> None:
+        if not any(v.name == TOKEN_VIEW for v in plan.views):
+            raise ValueError(f"the FeatureService {self.service_name} reads no {TOKEN_VIEW} features")
 
     def read(self, user_id: int, item_ids: Sequence[int], event_time: int) -> OnlineRead:
-        n = len(item_ids)
-        cached = [self.cache.get(int(i)) for i in item_ids]
-        misses = [int(i) for i, r in zip(item_ids, cached) if r is None]
-        with self._lock:
-            if self._store is None:
-                self._open_locked()
-            t0 = time.perf_counter()
-            try:
-                get = self._store.get_online_features
-                refs = self._refs
-                user = get(features=refs["user"], entity_rows=[{"user_id": int(user_id)}]).to_dict() \
-                    if refs["user"] else {}
-                items = get(features=refs["item"], entity_rows=[{"item_id": int(i)} for i in item_ids]).to_dict() \
-                    if refs["item"] else {}
-                fallback = get(features=refs["tokens"], entity_rows=[{"item_id": i} for i in misses]).to_dict() \
-                    if misses else {}
-            except Exception as exc:  # noqa: BLE001 - whatever the store raised, the request gets a 503
-                self._store = self._service = None
-                self.error = f"online feature read failed: {type(exc).__name__}: {exc}"
-                raise StoreUnavailable(self.error) from exc
-            seconds = time.perf_counter() - t0
-            self.error = None
-        cols: dict[str, list] = {}
-        for c, v in user.items():
-            if c != "user_id":
-                cols[c] = [v[0]] * n  # one user: the same row for every candidate
-        for c, v in items.items():
-            if c != "item_id":
-                cols[c] = v
+        ids = [int(i) for i in item_ids]
+        n = len(ids)
+        cached = [self.cache.get(i) for i in ids]
+        misses = [i for i, r in zip(ids, cached) if r is None]
+        cols, fallback, seconds = self._read(int(user_id), ids, misses)
         k = 0
-        token_cols: dict[str, list] = {c: [None] * n for c in self._token_features}
+        token_cols: dict[str, list] = {c: [None] * n for c in fallback}
         for j, r in enumerate(cached):
             if r is None:  # the store's row (or nulls: no tokens anywhere)
-                for c in self._token_features:
-                    token_cols[c][j] = fallback[c][k]
+                for c, vals in fallback.items():
+                    token_cols[c][j] = vals[k]
                 k += 1
             else:
-                for c in self._token_features:
+                for c in token_cols:
                     token_cols[c][j] = r.get(c)
         cols.update(token_cols)
-        frame = joined_frame(pd.DataFrame(cols, index=range(n)), user_id, item_ids, event_time)
-        return OnlineRead(frame, seconds, n - len(misses), len(misses))
+        return OnlineRead(joined_frame(cols, user_id, ids, event_time), seconds, n - len(misses), len(misses))
