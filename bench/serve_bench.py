@@ -172,13 +172,13 @@ def wait_healthy(port: int, timeout: float, alive=lambda: True) -> dict:
 class ThreadServer:
     """create_app + uvicorn.Server in a daemon thread of this process (as tests/test_serve.py)."""
 
-    def __init__(self, world: World, max_candidates: int, kafka=None):
+    def __init__(self, world: World, max_candidates: int, kafka=None, torch_threads: int | None = 1):
         import uvicorn
 
         from trainer.serving.app import create_app
 
         self.app = create_app(world.repo, world.models, max_candidates=max_candidates, poll_s=2.0,
-                              token_cache=token_cache(kafka))
+                              token_cache=token_cache(kafka), torch_threads=torch_threads)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -202,8 +202,8 @@ class ThreadServer:
 class ProcessServer:
     """`python -m trm.cli serve` in a child process: its own interpreter and GIL."""
 
-    def __init__(self, world: World, max_candidates: int, kafka=None):
-        self.port = free_port()
+    def __init__(self, world: World, max_candidates: int, kafka=None, torch_threads: int | None = 1):
+        self.port = free_port()  # (torch_threads: `trm serve`'s own setting, create_app's default)
         self.argv = [sys.executable, "-m", "trm.cli", "serve", "--repo", str(world.repo), "--models", str(world.models),
                      "--host", "127.0.0.1", "--port", str(self.port), "--max-candidates", str(max_candidates),
                      "--log-level", "warning"]
@@ -398,6 +398,8 @@ def main(argv=None) -> int:
                     help="comma list of token-cache modes to measure: off (Feast), kafka (the item_tokens cache)")
     ap.add_argument("--server", choices=("thread", "process"), default="thread",
                     help="uvicorn in a thread of this process (as the tests) or `trm serve` as a child process")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="--server thread: create_app's torch_threads (0: leave torch's default, one per core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "out" / "serve_bench"))
     ap.add_argument("--work", default=None, help="work dir for the synthetic world (default: a temp dir)")
@@ -526,7 +528,7 @@ def measure(world: World, bundle, reqs: dict, ns: list[int], cs: list[int], args
     # 1. the service
     cells: dict[tuple[int, int], dict] = {}
     Server = ThreadServer if args.server == "thread" else ProcessServer
-    with Server(world, max(ns), kafka) as srv:
+    with Server(world, max(ns), kafka, args.torch_threads or None) as srv:
         if srv.health["model_version"] != bundle.version:
             raise SystemExit(f"the server serves {srv.health['model_version']}, the bare path {bundle.version}")
         for n in ns:
