@@ -20,7 +20,26 @@ unit rows) at every size, so it measures the tokenizer and not the encoder; the 
 rate is the `encoder` line. Sizes: S 100 k events / 10 k items / 1 k users, M 1 M / 100 k / 10 k,
 L 10 M / 1 M / 100 k.
 
-    python bench/scale_bench.py [--sizes S,M] [--work DIR] [--plot scale.png]
+Above M (`FULL_MAX_EVENTS`) two stages change, and the output says so (`fit_sample`,
+`feast_compare`):
+  * the tokenizer is fitted on a uniform sample of `--fit-sample` items (100 k, M's whole
+    catalogue) and the interactions on them, then encodes *every* item with it (what production
+    does past ~1 M items: a fit is linear in the catalogue, encoding is cheap);
+  * Feast's own `get_historical_features` over the whole store is not timed: it reads every row
+    of every view on each call (M: 28 s per 2,048-event batch and 12.7 GB peak RSS at 1.9 M
+    rows), so at 19 M rows it would not fit in this machine's 24 GB. The index's answers are
+    still checked against Feast's, on the last 256 events the index joined: their users' and
+    items' rows are copied (pyarrow filter) into a fresh repo, where Feast's join of those events
+    is exact (a point-in-time join reads only the rows of the event's own entities). The index
+    never hands a batch to Feast there (`pit_index` would for events older than its boundary):
+    it raises instead of silently joining over the whole store.
+The worker, index, compaction and online-read measurements are the same at every size.
+
+    python bench/scale_bench.py [--sizes S,M] [--work DIR] [--plot scale.png] [--fit-sample 100000]
+        [--fit-threads 2] [--merge-json earlier.json]
+
+`--merge-json`: results of an earlier run (its last line) for sizes not run now, so one figure
+and one table can show S and M from one run and L from another (each size keeps its own figures).
 
 The last line printed is one JSON object with an entry per size (and "encoder").
 """
@@ -47,6 +66,8 @@ SIZES = {"XS": (20_000, 2_000), "S": (100_000, 10_000),  # (events, items)
          "M": (1_000_000, 100_000), "L": (10_000_000, 1_000_000)}
 N_TOPICS, DIM, PARTITIONS, BATCH = 40, 384, 4, 2048
 T0, SPAN = 1_500_000_000, 365 * 86_400  # a year of event time
+FULL_MAX_EVENTS = 1_000_000  # above: tokenizer fit on a sample, no whole-store Feast join (docstring)
+FEAST_SAMPLE_EVENTS = 256  # above M: the index's answers for the last joined 256 events are checked against Feast
 
 
 def log(msg: str) -> None:
@@ -114,7 +135,10 @@ def embeddings(topic: np.ndarray, seed: int = 2) -> np.ndarray:
     """Precomputed stand-ins for encoder output: a unit topic centroid + noise, unit rows."""
     rng = np.random.default_rng(seed)
     cent = rng.normal(size=(N_TOPICS, DIM)).astype(np.float32)
-    x = cent[topic] + 0.8 * rng.normal(size=(len(topic), DIM)).astype(np.float32)
+    x = np.empty((len(topic), DIM), np.float32)
+    for lo in range(0, len(topic), 100_000):  # by row blocks: the same draws, without an N x 384 float64
+        hi = min(lo + 100_000, len(topic))
+        x[lo:hi] = cent[topic[lo:hi]] + 0.8 * rng.normal(size=(hi - lo, DIM)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -136,27 +160,47 @@ def interaction_records(codec, d: dict, lo: int, hi: int, offsets: list[int]) ->
 
 
 # --- stages (each in its own process) ----------------------------------------------------------
-def stage_fit(work: Path, size: str) -> dict:
+def stage_fit(work: Path, size: str, fit_sample: int = 100_000, threads: int = 2) -> dict:
+    """Fit on the catalogue (above FULL_MAX_EVENTS: on a uniform sample of `fit_sample` items and
+    the interactions on them), then encode every item from its embedding."""
     from streams.movielens import Interaction, Item
     from tokenizer.hybrid import HybridTokenizer, TokenizerConfig
 
     d = dict(np.load(work / "data.npz"))
+    n_items = len(d["topic"])
     texts = item_texts(d["topic"])
-    items = [Item(i + 1, texts[i], (), (), int(d["created"][i])) for i in range(len(texts))]
     cut = int(0.9 * len(d["t"]))  # fitted on the events before the follow window
+    if len(d["t"]) > FULL_MAX_EVENTS and n_items > fit_sample:
+        rows = np.sort(np.random.default_rng(3).choice(n_items, fit_sample, replace=False))
+    else:
+        rows = np.arange(n_items)
+    items = [Item(int(i) + 1, texts[i], (), (), int(d["created"][i])) for i in rows]
+    keep = np.isin(d["item"][:cut], rows + 1) if len(rows) < n_items else np.ones(cut, bool)
     inter = [Interaction(int(u), int(i), 4.0 if y else 2.0, int(y), int(t))
-             for u, i, y, t in zip(d["user"][:cut], d["item"][:cut], d["label"][:cut], d["t"][:cut])]
+             for u, i, y, t in zip(d["user"][:cut][keep], d["item"][:cut][keep], d["label"][:cut][keep],
+                                   d["t"][:cut][keep])]
+    del texts
     emb = embeddings(d["topic"])
     rss0 = peak_rss_mb()
     t = time.perf_counter()
-    tok = HybridTokenizer.fit(items, inter, TokenizerConfig(levels=3, codebook_size=256, threads=2), progress=False,
-                              embeddings=emb)
+    tok = HybridTokenizer.fit(items, inter, TokenizerConfig(levels=3, codebook_size=256, threads=threads),
+                              progress=False, embeddings=emb[rows] if len(rows) < n_items else emb)
     fit_s = time.perf_counter() - t
-    toks = tok.encode_embeddings(emb)
-    gen = np.array([x.gen_tokens for x in toks], np.int64)
-    mem = np.array([json.dumps([int(m) for m in x.mem_tokens]) for x in toks])
-    np.savez(work / "tokens.npz", gen=gen, mem=mem, version=np.array(tok.version))
-    return {"tokenizer_fit_s": fit_s, "tokenizer_fit_peak_rss_mb": peak_rss_mb(), "rss_before_fit_mb": rss0}
+    fit_rss = peak_rss_mb()
+    del items, inter
+    t = time.perf_counter()
+    gen, mem = [], []
+    for lo in range(0, n_items, 100_000):  # every item, in blocks
+        toks = tok.encode_embeddings(emb[lo:lo + 100_000])
+        gen.append(np.array([x.gen_tokens for x in toks], np.int64))
+        mem += [json.dumps([int(m) for m in x.mem_tokens]) for x in toks]
+    gen = np.concatenate(gen)
+    encode_s = time.perf_counter() - t
+    np.savez(work / "tokens.npz", gen=gen, mem=np.array(mem), version=np.array(tok.version))
+    return {"tokenizer_fit_s": fit_s, "tokenizer_fit_peak_rss_mb": fit_rss, "rss_before_fit_mb": rss0,
+            "tokenizer_fit_items": int(len(rows)), "tokenizer_fit_interactions": int(keep.sum()),
+            "tokenizer_fit_threads": threads, "tokenizer_encode_all_s": encode_s,
+            "fit_sample": bool(len(rows) < n_items)}
 
 
 def _norm(v):
@@ -253,6 +297,9 @@ def stage_store(work: Path, size: str) -> dict:
 
     # 2. following [90 %, 95 %): the worker writes a batch, the trainer joins it through the index
     joiner = IndexedJoiner(str(repo))
+    full = n <= FULL_MAX_EVENTS
+    if not full:
+        joiner.feast = _refuse_feast  # every event below is answered by the index, or the bench stops
     t = time.perf_counter()
     joiner(events(a - BATCH, a))  # the first call reads every part file once
     out["index_build_s"] = time.perf_counter() - t
@@ -274,32 +321,57 @@ def stage_store(work: Path, size: str) -> dict:
         return [timed(lambda lo=lo: historical_features(joiner.store, events(lo, lo + k)))[1] for lo, _ in last]
 
     out["files_part"] = files()
-    f2048, f256 = feast_times(BATCH), feast_times(256)
-    same = all(same_answers(joiner(events(lo, hi)), historical_features(joiner.store, events(lo, hi)))
-               for lo, hi in last)
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
-    out.update(join_2048_s=med(idx_2048[1:] or idx_2048), join_256_s=med(idx_256),
-               feast_join_2048_s=statistics.median(f2048), feast_join_2048_min_s=min(f2048),
-               feast_join_256_s=statistics.median(f256), index_equals_feast=same)
-    log(f"{size} join 2048: index {out['join_2048_s']:.3f} s vs Feast {out['feast_join_2048_s']:.2f} s "
-        f"({out['files_part']} files, identical: {same})")
+    out.update(join_2048_s=med(idx_2048[1:] or idx_2048), join_256_s=med(idx_256))
+    out["feast_compare"] = "whole store" if full else (
+        f"sample: the last {FEAST_SAMPLE_EVENTS} events joined, their entities' rows in a fresh repo "
+        f"(Feast's whole-store join is O(store): not run above {FULL_MAX_EVENTS:,} events)")
+    if full:
+        f2048, f256 = feast_times(BATCH), feast_times(256)
+        same = all(same_answers(joiner(events(lo, hi)), historical_features(joiner.store, events(lo, hi)))
+                   for lo, hi in last)
+        out.update(feast_join_2048_s=statistics.median(f2048), feast_join_2048_min_s=min(f2048),
+                   feast_join_256_s=statistics.median(f256), index_equals_feast=same)
+        log(f"{size} join 2048: index {out['join_2048_s']:.3f} s vs Feast {out['feast_join_2048_s']:.2f} s "
+            f"({out['files_part']} files, identical: {same})")
+    else:
+        lo, hi = batches[-1]
+        lo = lo + (hi - lo - 1) // 256 * 256  # the last 256-event join (newer than the index's boundary)
+        same, n_rows = same_as_feast_sample(joiner, repo, events(lo, hi), work / "sample-repo")
+        out.update(feast_join_2048_s=None, feast_join_256_s=None, index_equals_feast=same,
+                   feast_sample_rows=n_rows)
+        log(f"{size} join 2048: index {out['join_2048_s']:.3f} s ({out['files_part']} files); equal to Feast "
+            f"on {FEAST_SAMPLE_EVENTS} sampled events ({n_rows:,} rows of their entities): {same}")
 
     # 3. compaction of everything, then the joins on the compacted store
     t = time.perf_counter()
     compact_repo(repo, older_than_s=0, delete_grace_s=0)
     out["compaction_s"] = time.perf_counter() - t
     out["files_compacted"] = files()
-    f2048c, f256c = feast_times(BATCH), feast_times(256)
+    log(f"{size} compaction: {out['compaction_s']:.1f} s, {out['files_part']} -> {out['files_compacted']} files")
+    if full:
+        f2048c, f256c = feast_times(BATCH), feast_times(256)
     fresh = IndexedJoiner(str(repo))
+    if not full:
+        fresh.feast = _refuse_feast
     t = time.perf_counter()
     fresh(events(a - BATCH, a))
     out["index_build_compacted_s"] = time.perf_counter() - t
     ic = [timed(lambda lo=lo, hi=hi: fresh(events(lo, hi)))[1] for lo, hi in batches[-6:]]
-    same_c = all(same_answers(fresh(events(lo, hi)), historical_features(fresh.store, events(lo, hi)))
-                 for lo, hi in last)
-    out.update(feast_join_2048_compacted_s=statistics.median(f2048c),
-               feast_join_256_compacted_s=statistics.median(f256c),
-               join_2048_compacted_s=statistics.median(ic), index_equals_feast_compacted=same_c)
+    out["join_2048_compacted_s"] = statistics.median(ic)
+    if full:
+        same_c = all(same_answers(fresh(events(lo, hi)), historical_features(fresh.store, events(lo, hi)))
+                     for lo, hi in last)
+        out.update(feast_join_2048_compacted_s=statistics.median(f2048c),
+                   feast_join_256_compacted_s=statistics.median(f256c), index_equals_feast_compacted=same_c)
+    else:
+        lo, hi = batches[-1]
+        lo = lo + (hi - lo - 1) // 256 * 256
+        same_c, _ = same_as_feast_sample(fresh, repo, events(lo, hi), work / "sample-repo-compacted")
+        out.update(feast_join_2048_compacted_s=None, feast_join_256_compacted_s=None,
+                   index_equals_feast_compacted=same_c)
+    log(f"{size} compacted: index build {out['index_build_compacted_s']:.1f} s, join "
+        f"{out['join_2048_compacted_s']:.3f} s, equal to Feast: {out['index_equals_feast_compacted']}")
 
     # 4. the last 5 % through the worker, then a compaction of what is new
     for j in range(b, n, BATCH):
@@ -328,6 +400,41 @@ def stage_store(work: Path, size: str) -> dict:
     return out
 
 
+def _refuse_feast(events):
+    raise RuntimeError("the index handed events to Feast's whole-store join above M (older than its boundary): "
+                       "that join does not fit in memory here")
+
+
+def same_as_feast_sample(joiner, repo: Path, ev, sample_repo: Path) -> tuple[bool, int]:
+    """The index's answers for (up to FEAST_SAMPLE_EVENTS) events `ev` equal Feast's? Feast joins them
+    in a fresh repo holding only the rows of their users and items (filtered from `repo`'s part
+    files with pyarrow), which gives the same point-in-time answers for these events and costs
+    O(their entities' rows) instead of O(store). Returns (equal, rows copied)."""
+    import pyarrow.dataset as pds
+    import pyarrow.parquet as pq
+
+    from streams.feast_sink import JOIN_KEYS, offline_dir
+    from streams.feature_repo_tools import materialize_repo
+    from trainer.pit_join import historical_features
+
+    ev = ev.iloc[np.linspace(0, len(ev) - 1, min(FEAST_SAMPLE_EVENTS, len(ev))).astype(int)].reset_index(drop=True)
+    shutil.rmtree(sample_repo, ignore_errors=True)
+    small = materialize_repo(sample_repo)
+    ids = {"user_id": sorted(set(ev["user_id"].tolist())), "item_id": sorted(set(ev["item_id"].tolist()))}
+    n_rows = 0
+    for view, key in JOIN_KEYS.items():
+        src = offline_dir(repo, view)
+        files = sorted(str(p) for p in src.glob("*.parquet"))
+        table = pds.dataset(files, format="parquet").to_table(filter=pds.field(key).isin(ids[key]))
+        pq.write_table(table, offline_dir(small, view) / "part-sample.parquet")
+        n_rows += table.num_rows
+    from feast import FeatureStore
+
+    mine = joiner(ev)
+    theirs = historical_features(FeatureStore(repo_path=str(small)), ev)
+    return same_answers(mine, theirs), n_rows
+
+
 def pq_rows(d: Path) -> int:
     import pyarrow.parquet as pq
 
@@ -354,10 +461,10 @@ def stage_encoder(work: Path, size: str) -> dict:
 STAGES = {"fit": stage_fit, "store": stage_store, "encoder": stage_encoder}
 
 
-def run_stage(stage: str, work: Path, size: str) -> dict:
+def run_stage(stage: str, work: Path, size: str, extra: tuple[str, ...] = ()) -> dict:
     """A stage in a fresh interpreter: its RSS is its own, not the previous stage's."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, __file__, "--stage", stage, "--size", size, "--work", str(work)],
+    p = subprocess.run([sys.executable, __file__, "--stage", stage, "--size", size, "--work", str(work), *extra],
                        stdout=subprocess.PIPE, env=env, check=False, text=True)
     if p.returncode:
         raise SystemExit(f"stage {stage} of size {size} failed (exit {p.returncode}); its log is above")
@@ -371,17 +478,23 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [s for s in SIZES if s in results]
-    rows = [results[s]["rows_offline"] for s in sizes]
+    sampled = [s for s in sizes if results[s].get("fit_sample")]
+    fit_label = "tokenizer fit" + (f" ({', '.join(sampled)}: on a sample)" if sampled else "")
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+
+    def pts(k):  # sizes without the figure (Feast's whole-store join above M) are left out
+        xy = [(results[s]["rows_offline"], results[s].get(k)) for s in sizes if results[s].get(k) is not None]
+        return [x for x, _ in xy], [y for _, y in xy]
+
     for k, lab in (("feast_join_2048_s", "Feast join, part files"), ("feast_join_2048_compacted_s", "Feast, compacted"),
                    ("join_2048_s", "index, part files"), ("join_2048_compacted_s", "index, compacted")):
-        ax[0].plot(rows, [results[s][k] for s in sizes], "o-", label=lab)
+        ax[0].plot(*pts(k), "o-", label=lab)
     ax[0].set(xscale="log", yscale="log", xlabel="offline rows", ylabel="s per 2,048-event batch",
               title="trainer's point-in-time join")
     ax[0].legend(fontsize=8)
     for k, lab in (("compaction_s", "compaction, all"), ("compaction_new_s", "compaction, new 5 %"),
-                   ("tokenizer_fit_s", "tokenizer fit"), ("index_build_s", "index build (once)")):
-        ax[1].plot(rows, [results[s][k] for s in sizes], "o-", label=lab)
+                   ("tokenizer_fit_s", fit_label), ("index_build_s", "index build (once)")):
+        ax[1].plot(*pts(k), "o-", label=lab)
     ax[1].set(xscale="log", yscale="log", xlabel="offline rows", ylabel="s", title="one-off costs")
     ax[1].legend(fontsize=8)
     for s in sizes:
@@ -400,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="S,M", help="comma-separated of S, M, L (default S,M)")
     ap.add_argument("--work", default=None, help="working directory (default: a temp dir, removed after)")
     ap.add_argument("--plot", default=None, help="write the curves to this PNG")
+    ap.add_argument("--fit-sample", type=int, default=100_000,
+                    help="above M: items the tokenizer is fitted on (every item is encoded)")
+    ap.add_argument("--fit-threads", type=int, default=2, help="threads of the tokenizer fit (default 2)")
+    ap.add_argument("--merge-json", default=None,
+                    help="an earlier run's output (its last line, or a file holding it): sizes not run now come from it")
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -407,15 +525,15 @@ def main(argv: list[str] | None = None) -> int:
         from trm import quiet_third_party_warnings
 
         quiet_third_party_warnings()
-        print(json.dumps(STAGES[args.stage](Path(args.work), args.size)))
+        kw = {"fit_sample": args.fit_sample, "threads": args.fit_threads} if args.stage == "fit" else {}
+        print(json.dumps(STAGES[args.stage](Path(args.work), args.size, **kw)))
         return 0
     sizes = [s.strip().upper() for s in args.sizes.split(",") if s.strip()]
     bad = [s for s in sizes if s not in SIZES]
     if bad:
         raise SystemExit(f"unknown size(s) {bad}: use {', '.join(SIZES)}")
     base = Path(args.work or tempfile.mkdtemp(prefix="trm-scale-"))
-    results: dict = {"encoder": run_stage("encoder", base, "-")}
-    log(f"encoder: {results['encoder']['encoder_items_per_s']:.0f} items/s")
+    results: dict = {}
     for s in sizes:
         work = base / s
         work.mkdir(parents=True, exist_ok=True)
@@ -423,19 +541,33 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         np.savez(work / "data.npz", **generate(n_events, n_items))
         log(f"{s}: generated {n_events:,} events over {n_items:,} items in {time.perf_counter() - t:.1f} s")
-        r = run_stage("fit", work, s)
-        log(f"{s}: tokenizer fit {r['tokenizer_fit_s']:.1f} s, peak RSS {r['tokenizer_fit_peak_rss_mb']:.0f} MB")
+        r = run_stage("fit", work, s, ("--fit-sample", str(args.fit_sample), "--fit-threads", str(args.fit_threads)))
+        log(f"{s}: tokenizer fit {r['tokenizer_fit_s']:.1f} s on {r['tokenizer_fit_items']:,} items"
+            f"{' (a sample)' if r['fit_sample'] else ''}, peak RSS {r['tokenizer_fit_peak_rss_mb']:.0f} MB; "
+            f"every item encoded in {r['tokenizer_encode_all_s']:.1f} s")
         r.update(run_stage("store", work, s))
         r["rows"] = r["rows_offline"]
         results[s] = r
+        (base / f"result-{s}.json").write_text(json.dumps(r))  # kept per size: a later run can merge it
+    results["encoder"] = run_stage("encoder", base, "-")  # last: the one stage on two threads throughout
+    log(f"encoder: {results['encoder']['encoder_items_per_s']:.0f} items/s")
+    if args.merge_json:
+        src = Path(args.merge_json)
+        text = src.read_text() if src.is_file() else args.merge_json
+        earlier = json.loads(text.strip().splitlines()[-1])
+        for s in SIZES:
+            if s in earlier and s not in results:
+                results[s] = earlier[s]
+                log(f"{s}: figures from {src if src.is_file() else 'the given JSON'} (not run now)")
+        sizes = [s for s in SIZES if s in results]
     keys = ("rows", "files_part", "join_2048_s", "join_256_s", "feast_join_2048_s", "feast_join_256_s",
             "join_2048_compacted_s", "feast_join_2048_compacted_s", "index_build_s", "worker_events_per_s",
             "worker_rss_mb", "compaction_s", "compaction_new_s", "online_read_p99_ms", "tokenizer_fit_s",
             "tokenizer_fit_peak_rss_mb", "index_equals_feast")
     print(f"{'':32}" + "".join(f"{s:>14}" for s in sizes), file=sys.stderr)
     for k in keys:
-        print(f"{k:32}" + "".join(f"{results[s][k]:>14,.3f}" if isinstance(results[s][k], float)
-                                  else f"{results[s][k]!s:>14}" for s in sizes), file=sys.stderr)
+        print(f"{k:32}" + "".join(f"{results[s].get(k):>14,.3f}" if isinstance(results[s].get(k), float)
+                                  else f"{results[s].get(k)!s:>14}" for s in sizes), file=sys.stderr)
     if args.plot:
         plot(results, Path(args.plot))
         log(f"curves written to {args.plot}")
