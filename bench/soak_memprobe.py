@@ -6,7 +6,14 @@ same code from Avro decode to the Feast/parquet writes and the state save (with 
 only without Kafka — one batch per simulated wall second, tracemalloc on. At every tenth it prints
 this process's RSS, Python's traced memory and the detail the partition states hold
 (`PartitionState.n_detail`: user detail events, dedup keys); at the end, the
-source lines whose allocations grew most from 10 % and from 50 % of the run to its end.
+source lines whose allocations grew most from 10 % and from 50 % of the run to its end, and the
+slopes after warm-up.
+
+Warm-up ends once event time spans the allowed lateness plus two compaction buckets (H + H/8:
+the detail stops growing and every user has its compacted base), 337 s at the defaults. The
+slopes (least squares over a sample every 10 simulated seconds, per simulated minute = per soak
+minute) are given for RSS, traced memory and the detail, and the catalogue's growth beside them
+(items interned: legitimate growth, one entry per new item and partition).
 
     python bench/soak_memprobe.py [--seconds 600] [--rate 2000] [--time-scale 2016] [--no-trace]
 """
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=5000)
     ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--allowed-lateness", type=float, default=None, help="event seconds (default: the worker's)")
     ap.add_argument("--no-trace", dest="trace", action="store_false", help="RSS and detail counts only")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
@@ -48,13 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     from streams.feature_repo_tools import materialize_repo
     from streams.interaction_agent import InteractionProcessor
     from streams.movielens import load_movielens
+    from streams.state import DEFAULT_ALLOWED_LATENESS_S
 
     work = Path(tempfile.mkdtemp(prefix="trm-soak-probe-"))
     repo = materialize_repo(work / "repo")
     ds = load_movielens(DATA)
     src = EventSource(sorted(ds.items.values(), key=lambda i: i.item_id), args.items, args.users, 0.4, 0.05, 0.0)
+    H = DEFAULT_ALLOWED_LATENESS_S if args.allowed_lateness is None else args.allowed_lateness
     proc = InteractionProcessor(FeastSink(repo, writer_id="probe"), work / "state", work / "pairs",
-                                lambda iid: [iid % 32, 32 + iid % 31, 64 + iid % 29], "interactions")
+                                lambda iid: [iid % 32, 32 + iid % 31, 64 + iid % 29], "interactions",
+                                allowed_lateness_s=H)
+    warm = (H + 2 * max(1, int(H) // 16)) / args.time_scale  # simulated s: see the docstring
     codec = AvroCodec()
     offsets = [0] * args.partitions
     me = psutil.Process()
@@ -62,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace:
         tracemalloc.start(1)
     snaps: list = []  # (simulated s, snapshot) at 10 % and at half of the run
+    samples: list[tuple] = []  # (simulated s, RSS MB, traced MB, user detail, items interned)
     t0 = time.perf_counter()
     print(f"{'sim s':>6} {'events':>10} {'RSS MB':>8} {'traced MB':>10} {'user detail':>12} "
           f"{'dedup keys':>11} {'users':>7} {'items':>7} {'wall s':>7}")
@@ -76,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             offsets[p] += 1
         res = proc.process(recs)
         proc.save(res.hwm)
+        if s % 10 == 0:
+            samples.append((s, me.memory_info().rss / 2**20,
+                            tracemalloc.get_traced_memory()[0] / 2**20 if args.trace else float("nan"),
+                            sum(st.n_detail()[0] for st in proc.states.values()),
+                            sum(len(st._tok) for st in proc.states.values())))
         if s % max(1, args.seconds // 10) == 0 or s == args.seconds:
             det = [st.n_detail() for st in proc.states.values()]
             traced = tracemalloc.get_traced_memory()[0] / 2**20 if args.trace else float("nan")
@@ -86,6 +104,19 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             if args.trace and (not snaps or (len(snaps) == 1 and s >= args.seconds // 2)):
                 snaps.append((s, tracemalloc.take_snapshot()))
+    after = [x for x in samples if x[0] >= warm]
+    if len(after) >= 3:
+        import numpy as np
+
+        x = np.array([a[0] for a in after], float) / 60  # simulated minutes
+        slope = lambda k: np.polyfit(x, [a[k] for a in after], 1)[0]  # noqa: E731
+        print(f"\nafter warm-up ({after[0][0]} s -> {after[-1][0]} s simulated, {len(after)} samples; "
+              f"H = {H / 86_400:g} d at {args.time_scale:g}x): RSS {slope(1):+.2f} MB/min "
+              f"({after[0][1]:.1f} -> {after[-1][1]:.1f} MB), traced {slope(2):+.2f} MB/min, "
+              f"user detail {slope(3):+,.0f} events/min ({min(a[3] for a in after):,} - "
+              f"{max(a[3] for a in after):,}), items interned {slope(4):+,.0f}/min")
+    else:
+        print(f"\nno slope: the run ends before warm-up does ({warm:.0f} s simulated)")
     if args.trace and snaps:
         end = tracemalloc.take_snapshot()
         filt = [tracemalloc.Filter(False, tracemalloc.__file__)]
