@@ -21,6 +21,7 @@ from streams.contract.codec import AvroCodec
 from streams.contract.events import InteractionEvent, ItemEvent, ItemTokensEvent
 from streams.dlq import SourceRecord
 from tests.streams_fixtures import feast_repo, ml_slice, tiny_tokenizer  # noqa: F401
+from tests.tokenizer_fixtures import rewrite_artifact_file
 
 CODEC = AvroCodec()
 T0 = 1_600_000_000  # items are published at T0
@@ -204,20 +205,6 @@ def test_rotation_backfill_keeps_the_past_and_loses_no_interaction(  # noqa: F81
     assert pit(store, USER_FEATS, "user_id", USERS, BEFORE + [T, T + 1_000]) == before_users
 
 
-def _rewrite(artifact, name: str, data: bytes) -> None:
-    """Replace a file and fix up the manifest, so only the encoder check can catch it."""
-    import hashlib
-
-    from tokenizer.artifact import version_of
-
-    (artifact / name).write_bytes(data)
-    mpath = artifact / "manifest.json"
-    manifest = json.loads(mpath.read_text())
-    manifest["files"][name] = hashlib.sha256(data).hexdigest()
-    manifest["version"] = version_of(manifest["files"])
-    mpath.write_text(json.dumps(manifest))
-
-
 def test_worker_refuses_an_artifact_of_another_encoder(feast_repo, tiny_tokenizer, tmp_path):  # noqa: F811
     import shutil
 
@@ -228,7 +215,7 @@ def test_worker_refuses_an_artifact_of_another_encoder(feast_repo, tiny_tokenize
     other = shutil.copytree(tiny_tokenizer, tmp_path / "other")
     meta = json.loads((other / "encoder.json").read_text())
     meta["weights_sha256"] = "0" * 64
-    _rewrite(other, "encoder.json", json.dumps(meta).encode())
+    rewrite_artifact_file(other, "encoder.json", json.dumps(meta).encode())
     with pytest.raises(WorkerConfigError, match="installed encoder weights"):
         WorkerSettings(repo_path=feast_repo, tokenizer_dir=other).resolved()
     WorkerSettings(repo_path=feast_repo, tokenizer_dir=tiny_tokenizer).resolved()  # the good one starts

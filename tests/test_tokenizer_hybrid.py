@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.tokenizer_fixtures import subset_config
+from tests.tokenizer_fixtures import rewrite_artifact_file, subset_config
 
 
 def test_tokens_follow_the_contract(fitted_tokenizer, tok_subset):
@@ -141,20 +141,6 @@ def test_missing_file_or_manifest_raises(artifact_copy):
         HybridTokenizer.load(artifact_copy)
 
 
-def _rewrite(artifact, name: str, data: bytes) -> None:
-    """Replace a file *and* fix up the manifest: only the semantic checks can catch it then."""
-    import hashlib
-
-    (artifact / name).write_bytes(data)
-    mpath = artifact / "manifest.json"
-    manifest = json.loads(mpath.read_text())
-    manifest["files"][name] = hashlib.sha256(data).hexdigest()
-    from tokenizer.artifact import version_of as _version_of
-
-    manifest["version"] = _version_of(manifest["files"])
-    mpath.write_text(json.dumps(manifest))
-
-
 def test_config_mismatch_raises(artifact_copy, saved_artifact):
     from tokenizer.hybrid import ArtifactError, HybridTokenizer, TokenizerConfig
 
@@ -168,7 +154,7 @@ def test_config_mismatch_raises(artifact_copy, saved_artifact):
     # a config that disagrees with the tensors, with a consistent manifest
     cfg = json.loads((artifact_copy / "config.json").read_text())
     cfg["levels"] = 4
-    _rewrite(artifact_copy, "config.json", json.dumps(cfg).encode())
+    rewrite_artifact_file(artifact_copy, "config.json", json.dumps(cfg).encode())
     with pytest.raises(ArtifactError, match="codebooks.safetensors holds codebooks of shape"):
         HybridTokenizer.load(artifact_copy)
 
@@ -178,7 +164,7 @@ def test_encoder_checksum_mismatch_raises(artifact_copy):
 
     meta = json.loads((artifact_copy / "encoder.json").read_text())
     meta["weights_sha256"] = "0" * 64
-    _rewrite(artifact_copy, "encoder.json", json.dumps(meta).encode())
+    rewrite_artifact_file(artifact_copy, "encoder.json", json.dumps(meta).encode())
     with pytest.raises(ArtifactError, match="encoder.json: the installed encoder weights"):
         HybridTokenizer.load(artifact_copy)
 

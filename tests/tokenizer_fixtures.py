@@ -102,3 +102,19 @@ def artifact_copy(tmp_path, saved_artifact):
     dst = tmp_path / "artifact"
     shutil.copytree(saved_artifact, dst)
     return dst
+
+
+def rewrite_artifact_file(artifact: Path, name: str, data: bytes) -> None:
+    """Replace a file of an artifact *and* fix up its manifest (checksum and version): only the
+    semantic checks (geometry, encoder) can catch the change then."""
+    import hashlib
+    import json
+
+    from tokenizer.artifact import version_of
+
+    (artifact / name).write_bytes(data)
+    mpath = artifact / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["files"][name] = hashlib.sha256(data).hexdigest()
+    manifest["version"] = version_of(manifest["files"])
+    mpath.write_text(json.dumps(manifest))
