@@ -499,9 +499,10 @@ def plot(results: dict, path: Path) -> None:
     ax[1].legend(fontsize=8)
     for s in sizes:
         c = results[s]["worker_curve"]
-        ax[2].plot([x["users"] + x["items"] for x in c], [x["rss_mb"] for x in c], "o-", label=f"{s} RSS")
-    ax[2].set(xscale="log", xlabel="users + items in the worker's state", ylabel="worker RSS (MB)",
-              title="worker memory")
+        note = "" if len(c) > 1 else " (end only)"
+        ax[2].plot([x["events"] for x in c], [x["rss_mb"] for x in c], "o-", label=f"{s} RSS{note}")
+    ax[2].set(xscale="log", xlabel="events through the worker (its users and items grow with them)",
+              ylabel="worker process RSS (MB)", title="worker memory")
     ax[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="above M: items the tokenizer is fitted on (every item is encoded)")
     ap.add_argument("--fit-threads", type=int, default=2, help="threads of the tokenizer fit (default 2)")
     ap.add_argument("--merge-json", default=None,
-                    help="an earlier run's output (its last line, or a file holding it): sizes not run now come from it")
+                    help="an earlier run's output (its last line, or a file holding it): the sizes not run now")
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -532,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in sizes if s not in SIZES]
     if bad:
         raise SystemExit(f"unknown size(s) {bad}: use {', '.join(SIZES)}")
+    if not sizes and not args.merge_json:
+        raise SystemExit("no sizes: give --sizes, or --merge-json to redraw earlier results")
     base = Path(args.work or tempfile.mkdtemp(prefix="trm-scale-"))
     results: dict = {}
     for s in sizes:
@@ -549,12 +552,16 @@ def main(argv: list[str] | None = None) -> int:
         r["rows"] = r["rows_offline"]
         results[s] = r
         (base / f"result-{s}.json").write_text(json.dumps(r))  # kept per size: a later run can merge it
-    results["encoder"] = run_stage("encoder", base, "-")  # last: the one stage on two threads throughout
-    log(f"encoder: {results['encoder']['encoder_items_per_s']:.0f} items/s")
+    if sizes:  # (none: only --merge-json's results, e.g. to redraw the figure)
+        results["encoder"] = run_stage("encoder", base, "-")  # last: the one stage on two threads throughout
+        log(f"encoder: {results['encoder']['encoder_items_per_s']:.0f} items/s")
     if args.merge_json:
         src = Path(args.merge_json)
         text = src.read_text() if src.is_file() else args.merge_json
-        earlier = json.loads(text.strip().splitlines()[-1])
+        try:
+            earlier = json.loads(text)
+        except json.JSONDecodeError:  # a run's whole output: the results are its last line
+            earlier = json.loads(text.strip().splitlines()[-1])
         for s in SIZES:
             if s in earlier and s not in results:
                 results[s] = earlier[s]
@@ -563,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("rows", "files_part", "join_2048_s", "join_256_s", "feast_join_2048_s", "feast_join_256_s",
             "join_2048_compacted_s", "feast_join_2048_compacted_s", "index_build_s", "worker_events_per_s",
             "worker_rss_mb", "compaction_s", "compaction_new_s", "online_read_p99_ms", "tokenizer_fit_s",
-            "tokenizer_fit_peak_rss_mb", "index_equals_feast")
+            "tokenizer_fit_peak_rss_mb", "tokenizer_fit_items", "index_equals_feast", "index_equals_feast_compacted")
     print(f"{'':32}" + "".join(f"{s:>14}" for s in sizes), file=sys.stderr)
     for k in keys:
         print(f"{k:32}" + "".join(f"{results[s].get(k):>14,.3f}" if isinstance(results[s].get(k), float)
