@@ -175,13 +175,13 @@ def test_cli_refit_writes_an_artifact_with_lineage_and_refuses_a_tampered_one(tm
     # another geometry inside the artifact (config edited, manifest made consistent): named too
     import shutil
 
-    from test_tokenizer_hybrid import _rewrite
+    from tests.tokenizer_fixtures import rewrite_artifact_file
 
     geom = tmp_path / "geom"
     shutil.copytree(new, geom)
     cfg = json.loads((geom / "config.json").read_text())
     cfg["codebook_size"] = 16
-    _rewrite(geom, "config.json", json.dumps(cfg).encode())
+    rewrite_artifact_file(geom, "config.json", json.dumps(cfg).encode())
     assert main(["tokenizer", "refit", "--from", str(geom), "--data", str(data), "--out",
                  str(tmp_path / "y"), "--quiet"]) == 2
     assert "codebooks of shape" in capsys.readouterr().out.replace("\n", "")
