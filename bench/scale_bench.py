@@ -501,7 +501,7 @@ def plot(results: dict, path: Path) -> None:
         c = results[s]["worker_curve"]
         note = "" if len(c) > 1 else " (end only)"
         ax[2].plot([x["events"] for x in c], [x["rss_mb"] for x in c], "o-", label=f"{s} RSS{note}")
-    ax[2].set(xscale="log", xlabel="events through the worker (its users and items grow with them)",
+    ax[2].set(xscale="log", xlabel="events through the worker",
               ylabel="worker process RSS (MB)", title="worker memory")
     ax[2].legend(fontsize=8)
     fig.tight_layout()
