@@ -22,7 +22,8 @@ Ordering of one call (numbered, in one place):
 1. list each view's part files; read the ones not seen yet (a file that vanished between the
    listing and the read was a compaction input: list again, its rows are in the merged file,
    which is renamed into place before any input is deleted);
-2. new rows stamped before W fold into the snapshot, the rest join the delta;
+2. new rows stamped before W fold into the snapshot, the rest join the delta (on the first call W
+   is set from this batch before any file is read, so the first build folds file by file);
 3. W advances to (oldest event of this batch - `horizon_s`), folding delta rows older than it
    into the snapshot once they are `fold_rows` or more (amortised: a fold costs O(rows folded));
 4. events with t ≥ W are answered from the index, the others by Feast; input order restored.
@@ -281,6 +282,8 @@ class IndexedJoiner:
         t = entity["event_time"].to_numpy(np.int64) * 10**9 - PIT_OFFSET.value  # ns: event time - 1 µs
         w = int(t.min() - self.cfg.horizon_s * 1e9)
         for v in self.views:
+            if v.w == NEG_INF and not v.seen:  # first call: fold while reading, so the build holds
+                v.w = w  # O(entities + rows after W), not the whole store (L: 19 M rows, OOM at 23 GB)
             self.stats["rows_read"] += v.refresh()  # 1. + 2.
             v.advance(w, self.cfg.fold_rows)  # 3.
         ok = np.ones(len(entity), bool)
