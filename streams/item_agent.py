@@ -22,7 +22,7 @@ from .contract.codec import AvroCodec, DecodeError
 from .contract.events import InvalidEvent, ItemEvent, ItemTokensEvent
 from .dlq import DeadLetter, SourceRecord
 from .processor import BaseProcessor, BatchResult
-from .rotation import RotationError, RotationWatch
+from .rotation import Rotation, RotationError, RotationWatch
 
 
 class ItemProcessor(BaseProcessor):
@@ -35,9 +35,8 @@ class ItemProcessor(BaseProcessor):
         self.load = load  # artifact dir -> tokenizer (HybridTokenizer.load: refuses another encoder)
         self._by_version = {tokenizer.version: tokenizer}
 
-    def tokenizer_at(self, t: int):
-        """The tokenizer of event time `t`: the rotation record's artifact for it, else `tokenizer`."""
-        rot = self.rotation.current() if self.rotation is not None else None
+    def tokenizer_at(self, t: int, rot: Rotation | None):
+        """The tokenizer of event time `t` under the rotation record `rot` (None: `tokenizer`)."""
         if rot is None:
             return self.tokenizer
         version = rot.version_at(t)
@@ -65,11 +64,13 @@ class ItemProcessor(BaseProcessor):
                 res.dead.append(DeadLetter(r, f"invalid: missing or mistyped field {exc}"))
         if not events:
             return res
-        # one encode_texts call per artifact (two only across a rotation time)
+        # the record read once per batch; one encode_texts call per artifact (two only across a rotation time)
+        rot = self.rotation.current() if self.rotation is not None else None
+        tok_of = {ev.event_time: self.tokenizer_at(ev.event_time, rot) for ev, _ in events if ev.text.strip()}
         by_tok: dict[str, tuple[object, set[str]]] = {}
         for ev, _ in events:
             if ev.text.strip():
-                tok = self.tokenizer_at(ev.event_time)
+                tok = tok_of[ev.event_time]
                 by_tok.setdefault(tok.version, (tok, set()))[1].add(ev.text)
         encoded: dict[tuple[str, str], object] = {}
         for version, (tok, group) in by_tok.items():
@@ -80,7 +81,7 @@ class ItemProcessor(BaseProcessor):
         rows, outs = [], []
         for ev, r in events:
             if ev.text.strip():
-                tok = encoded[(self.tokenizer_at(ev.event_time).version, ev.text)]
+                tok = encoded[(tok_of[ev.event_time].version, ev.text)]
                 gen, mem, version = list(tok.gen_tokens), list(tok.mem_tokens), tok.tokenizer_version
                 coarse = list(tok.coarse_tokens)
             else:  # a retire with no text: keep the tokens the item already has
