@@ -4,7 +4,8 @@ What one batch computes (when it is written, produced and committed: `BatchLoop.
   1. decode   – framed Avro -> ItemEvent; bad bytes/content become dead letters
   2. compute  – one `encode_texts` call for the batch's texts (the encoder is the cost, so it
                 runs batched); a retire keeps the item's tokens and sets `retired=True` — marked,
-                not forgotten (a retire without text reuses the tokens in the online store)
+                not forgotten (a retire without text reuses the tokens in the online store);
+                category tokens are the event's categories hashed (tokenizer/categories.py)
   3. write    – Feast online + offline, stamped with each item event's event time; the outputs are
                 ItemTokensEvents for `item_tokens` (dead letters go to `items.dlq`)
 No state of its own (`BaseProcessor`'s defaults): tokens are a pure function of (text, tokenizer
@@ -17,6 +18,8 @@ function of (text, event time, record); without a record, `tokenizer` tokenizes 
 from __future__ import annotations
 
 from typing import Callable
+
+from tokenizer.categories import category_tokens
 
 from .contract.codec import AvroCodec, DecodeError
 from .contract.events import InvalidEvent, ItemEvent, ItemTokensEvent
@@ -84,6 +87,7 @@ class ItemProcessor(BaseProcessor):
                 tok = encoded[(tok_of[ev.event_time].version, ev.text)]
                 gen, mem, version = list(tok.gen_tokens), list(tok.mem_tokens), tok.tokenizer_version
                 coarse = list(tok.coarse_tokens)
+                cats = category_tokens(ev.categories)
             else:  # a retire with no text: keep the tokens the item already has
                 cur = known.get(ev.item_id) or {}
                 if cur.get("gen_tokens") is None:
@@ -92,10 +96,13 @@ class ItemProcessor(BaseProcessor):
                     continue
                 gen, mem, version = cur["gen_tokens"], cur["mem_tokens"], cur["tokenizer_version"]
                 coarse = cur.get("coarse_tokens") or []  # none in rows written before coarse tokens
+                # the event's own categories if it names any, else the item's (none in older rows)
+                cats = category_tokens(ev.categories) or cur.get("category_tokens") or []
             out = ItemTokensEvent(ev.item_id, [int(x) for x in gen], [int(x) for x in mem], version,
-                                  ev.created_at, ev.event_time, ev.op == "retire", [int(x) for x in coarse])
+                                  ev.created_at, ev.event_time, ev.op == "retire", [int(x) for x in coarse],
+                                  [int(x) for x in cats])
             rows.append({"item_id": out.item_id, "gen_tokens": out.gen_tokens, "mem_tokens": out.mem_tokens,
-                         "coarse_tokens": out.coarse_tokens,
+                         "coarse_tokens": out.coarse_tokens, "category_tokens": out.category_tokens,
                          "tokenizer_version": out.tokenizer_version, "created_at": out.created_at,
                          "retired": out.retired, "event_timestamp": out.event_time})
             outs.append((str(ev.item_id).encode(), self.codec.encode(out.to_record(), "ItemTokensEvent")))

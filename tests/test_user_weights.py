@@ -104,18 +104,33 @@ def test_token_models_key_on_tokens_and_only_the_id_baseline_on_the_id():
     batch, _ = Featurizer.for_config(cfg, None)(df.sort_values("event_time", kind="stable"))
     trm, idm = build_model("trm", cfg), build_model("id", cfg)
     k = trm.online_keys(batch.select(trm.inputs))  # item_id is None in TRM's view
-    L, M, C = cfg.num_levels, batch.mem.shape[1], cfg.coarse_keys
-    assert k.shape == (len(batch), L + M + C)
+    L, M, C, G = cfg.num_levels, batch.mem.shape[1], cfg.coarse_keys, batch.category.shape[1]
+    assert G == 8 and cfg.category_keys
+    assert k.shape == (len(batch), L + M + C + G)
     same = (batch.gen[:, 0].unsqueeze(1) == batch.gen[:, 0].unsqueeze(0))
     assert torch.equal(k[:, 0].unsqueeze(1) == k[:, 0].unsqueeze(0), same)  # level-1 prefix key = the first code
     # an item's next-nearest level-1 codes are the same keys as those codes' own first prefix
     coarse = batch.coarse[:, 1:1 + C]
-    alt = k[:, L + M:]
+    alt = k[:, L + M:L + M + C]
     assert torch.equal(alt[coarse >= 0], coarse[coarse >= 0] * 16) and bool((alt[coarse < 0] == -1).all())
     known = batch.known
     assert torch.equal(k[known, 0], batch.gen[known, 0] * 16)
-    legacy = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 != "coarse_keys"})
+    # the item's category tokens: their own namespace (11), -1 pads stay padding; read for every item
+    cat, ck = batch.category, k[:, L + M + C:]
+    assert bool((cat >= 0).any()) and torch.equal(ck[cat >= 0], cat[cat >= 0] * 16 + 11)
+    assert bool((ck[cat < 0] == -1).all())
+    legacy = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 not in ("coarse_keys",
+                                                                                            "category_keys")})
+    assert not legacy.category_keys
     assert build_model("trm", legacy).online_keys(batch.select(trm.inputs)).shape == (len(batch), L + M)
+    no_cat = RankerConfig.from_dict({**cfg.to_dict(), "category_keys": False})
+    assert torch.equal(build_model("trm", no_cat).online_keys(batch.select(trm.inputs)), k[:, :L + M + C])
+    assert "category" in build_model("trm_no_ntp", cfg).inputs
+    # the baselines are ablations of the item side: they neither read nor key on categories
+    for name in ("id", "gen_only", "two_gram", "prefix_ngram"):
+        m = build_model(name, cfg)
+        assert "category" not in m.inputs, name
+        assert m.online_keys(batch.select(m.inputs)).shape[1] in (1, L, L + batch.two_gram.shape[1]), name
     assert torch.equal(idm.online_keys(batch.select(idm.inputs))[:, 0] // 16, batch.item_id)
     old = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 != "online_keys"})
     assert build_model("trm", old).online_keys(batch.select(trm.inputs)) is None

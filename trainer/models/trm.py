@@ -71,8 +71,8 @@ class TRM(Ranker):
 
     def __init__(self, cfg: RankerConfig, generative: bool = True):
         super().__init__(cfg)
-        self.inputs = ("gen", "mem", "coarse", *self.history_inputs(cfg, ("recent_gen",), ("hist_gen",)),
-                       "stats", "label", "known")
+        self.inputs = ("gen", "mem", "coarse", "category",
+                       *self.history_inputs(cfg, ("recent_gen",), ("hist_gen",)), "stats", "label", "known")
         self.gen_emb = GenTokenEmbedding(cfg.num_levels, cfg.codebook_size, cfg.d_model)
         self.deep = DeepGenTokens(cfg, self.gen_emb, cfg.token_dropout)
         self.wide = WideTokens(cfg, seed=1)
@@ -88,10 +88,13 @@ class TRM(Ranker):
     def item_keys(self, batch) -> torch.Tensor:
         # gen prefixes (B, L) + mem-tokens (B, M) [+ next-nearest level-1 codes (B, C), keyed as the
         # first prefix is: a code's key is the same whether it is the item's own or its neighbour]
+        # [+ category tokens (B, 8), namespace 11: the item's published categories (config.category_keys)]
         keys = [self.gen_prefix_keys(self.cfg, batch.gen), key(batch.mem, 8)]
         n = self.cfg.coarse_keys
         if n and batch.coarse is not None:
             keys.append(key(batch.coarse[:, 1:1 + n], 0))  # (B, n); -1 pads stay padding
+        if self.cfg.category_keys and batch.category is not None:
+            keys.append(key(batch.category, 11))  # (B, 8); -1 pads stay padding
         return torch.cat(keys, 1)
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

@@ -11,9 +11,10 @@ peer's pace:
     logit = (1 + s) · ranker_logit(x) + b_u + Σ_j w_uj · x_j + Σ_k (v_k + c_uk)
 
     x = a few request-time features (FEATURES)
-    k = the item's online keys (`Ranker.online_keys`: TRM's gen-token prefixes and mem-tokens,
-        the ID baseline's item id): a global weight per key and a user × key cross, VW's
-        `-q ug -q ut` on this system's own categories
+    k = the item's online keys (`Ranker.online_keys`: TRM's gen-token prefixes, mem-tokens,
+        next-nearest level-1 codes and category tokens (the item's published categories), the ID
+        baseline's item id): a global weight per key and a user × key cross, VW's `-q ug -q ut`
+        on this system's own categories
 
 s is one global weight on the ranker's own logit (`stack_lr`, stacking): on the validation
 window the ranker's logit is over-confident for users it has not seen (it fits the warm-start rows
