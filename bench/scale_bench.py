@@ -36,7 +36,15 @@ Above M (`FULL_MAX_EVENTS`) two stages change, and the output says so (`fit_samp
 The worker, index, compaction and online-read measurements are the same at every size.
 
     python bench/scale_bench.py [--sizes S,M] [--work DIR] [--plot scale.png] [--fit-sample 100000]
-        [--fit-threads 2] [--merge-json earlier.json]
+        [--fit-threads 2] [--merge-json earlier.json] [--feast-max-events 1000000]
+    python bench/scale_bench.py --sizes L --reuse-store OLD_WORK/L --work DIR
+
+`--reuse-store`: the trainer's follow phase (index build, joins, the check against Feast) on the
+store an earlier run left (its size's work dir), without generating, fitting or running the worker
+over the first 90 % again: the store is copied (part files hard-linked), the worker continues from
+its saved state over [90 %, 95 %) while the trainer joins each batch, and the stage stops there.
+`--feast-max-events`: above it, Feast's whole-store join is not timed and the check is the sample
+one (below); M's whole-store join needs ~13 GB, so a shared machine runs M with e.g. 200000.
 
 `--merge-json`: results of an earlier run (its last line) for sizes not run now, so one figure
 and one table can show S and M from one run and L from another (each size keeps its own figures).
@@ -216,7 +224,30 @@ def same_answers(a, b) -> bool:
         [_norm(x) for x in a[c].tolist()] == [_norm(x) for x in b[c].tolist()] for c in a.columns)
 
 
-def stage_store(work: Path, size: str) -> dict:
+def _reuse_store(src: Path, work: Path) -> Path:
+    """A working copy of an earlier run's store `src` (a size's work dir: data.npz, tokens.npz,
+    repo/, state/, stats-state/) in `work`, so the follow phase writes to the copy and `src` stays
+    as it was: part files hard-linked (never modified in place: written under a temporary name and
+    renamed), the online SQLite and the worker state copied, the repo re-applied (its registry
+    holds absolute paths)."""
+    from streams.feature_repo_tools import materialize_repo
+
+    for old in ("repo", "state", "stats-state"):
+        shutil.rmtree(work / old, ignore_errors=True)
+    shutil.copytree(src / "repo" / "data" / "offline", work / "repo" / "data" / "offline", copy_function=os.link)
+    shutil.copy2(src / "repo" / "data" / "online.db", work / "repo" / "data" / "online.db")
+    for d in ("state", "stats-state"):
+        shutil.copytree(src / d, work / d)
+    return materialize_repo(work / "repo", source=src / "repo")
+
+
+def stage_store(work: Path, size: str, reuse: str | None = None, feast_max_events: int = FULL_MAX_EVENTS) -> dict:
+    """The worker, then the trainer's join, compaction and the online read (module docstring).
+
+    `reuse`: an earlier run's store of this size (its work dir) instead of writing one: the worker
+    phase is skipped, the follow phase (the worker writes [90 %, 95 %) while the trainer joins
+    each batch through the index) runs on a copy (`_reuse_store`), and the stage ends there (the
+    store's compaction and online read were measured when it was made)."""
     import pandas as pd
     import psutil
 
@@ -233,16 +264,19 @@ def stage_store(work: Path, size: str) -> dict:
     d = dict(np.load(work / "data.npz"))
     tk = np.load(work / "tokens.npz")
     gen, mem, version = tk["gen"], [json.loads(m) for m in tk["mem"]], str(tk["version"])
-    for old in ("repo", "state", "stats-state"):  # a rerun in the same --work starts from nothing
-        shutil.rmtree(work / old, ignore_errors=True)
-    repo = materialize_repo(work / "repo")
+    if reuse:
+        repo = _reuse_store(Path(reuse), work)
+    else:
+        for old in ("repo", "state", "stats-state"):  # a rerun in the same --work starts from nothing
+            shutil.rmtree(work / old, ignore_errors=True)
+        repo = materialize_repo(work / "repo")
     sink = FeastSink(repo, writer_id="scale")
     me = psutil.Process()
     out: dict = {"events": int(len(d["t"])), "items": int(len(gen))}
 
     # item tokens as the item agent writes them, stamped at creation
     order = np.argsort(d["created"], kind="stable")
-    for s in range(0, len(order), 20_000):
+    for s in range(0, 0 if reuse else len(order), 20_000):
         idx = order[s:s + 20_000]
         sink.write("item_tokens", [{"item_id": int(i) + 1, "gen_tokens": gen[i].tolist(), "mem_tokens": mem[i],
                                     "tokenizer_version": version, "created_at": int(d["created"][i]),
@@ -253,6 +287,11 @@ def stage_store(work: Path, size: str) -> dict:
     stats = ItemStatsProcessor(sink, work / "stats-state", "interactions_by_item", codec=codec)
     off = [0] * PARTITIONS
     off2 = [0] * PARTITIONS
+    if reuse:  # the next offsets are past what the saved state applied
+        proc.assign(list(range(PARTITIONS)))
+        stats.assign(list(range(PARTITIONS)))
+        off = [proc.hwm(p) + 1 for p in range(PARTITIONS)]
+        off2 = [stats.hwm(p) + 1 for p in range(PARTITIONS)]
     n = len(d["t"])
 
     def run(lo: int, hi: int):
@@ -273,11 +312,16 @@ def stage_store(work: Path, size: str) -> dict:
 
     # 1. the worker over the first 90 %: events/s and RSS against its state
     a, b = int(0.90 * n), int(0.95 * n)
+    if reuse:
+        out.update(reused_store=str(reuse), rows_offline_reused=sum(
+            pq_rows(Path(repo) / "data" / "offline" / v) for v in ("user_history", "item_stats", "item_tokens")))
+        log(f"{size}: store of {reuse} reused ({out['rows_offline_reused']:,} offline rows), worker from {a:,}, "
+            f"offsets {off} / {off2}")
     curve, dead = [], 0
     t0 = time.perf_counter()
     marks = set(np.linspace(0, a, 11).astype(int)[1:].tolist())
     last_t, last_j = t0, 0
-    for j in range(0, a, BATCH):
+    for j in range(0, 0 if reuse else a, BATCH):
         hi = min(j + BATCH, a)
         dead += run(j, hi)
         if any(j < m <= hi for m in marks):
@@ -288,8 +332,9 @@ def stage_store(work: Path, size: str) -> dict:
                           "rss_mb": me.memory_info().rss / 2**20, "events_per_s": (hi - last_j) / (now - last_t)})
             last_t, last_j = now, hi
             log(f"{size} worker: {hi:,} events, {curve[-1]['events_per_s']:,.0f}/s, RSS {curve[-1]['rss_mb']:.0f} MB")
-    out.update(worker_events_per_s=a / (time.perf_counter() - t0), worker_rss_mb=curve[-1]["rss_mb"],
-               worker_curve=curve, dead_letters=dead)
+    if not reuse:
+        out.update(worker_events_per_s=a / (time.perf_counter() - t0), worker_rss_mb=curve[-1]["rss_mb"],
+                   worker_curve=curve, dead_letters=dead)
     files = lambda: sum(len(list((Path(repo) / "data" / "offline" / v).glob("*.parquet")))  # noqa: E731
                         for v in ("item_tokens", "user_history", "item_stats"))
     out["rows_offline"] = sum(pq_rows(Path(repo) / "data" / "offline" / v) for v in ("user_history", "item_stats",
@@ -297,12 +342,17 @@ def stage_store(work: Path, size: str) -> dict:
 
     # 2. following [90 %, 95 %): the worker writes a batch, the trainer joins it through the index
     joiner = IndexedJoiner(str(repo))
-    full = n <= FULL_MAX_EVENTS
+    full = n <= feast_max_events
     if not full:
         joiner.feast = _refuse_feast  # every event below is answered by the index, or the bench stops
+    rss0 = me.memory_info().rss
     t = time.perf_counter()
     joiner(events(a - BATCH, a))  # the first call reads every part file once
     out["index_build_s"] = time.perf_counter() - t
+    out["index_build_peak_rss_mb"] = peak_rss_mb()  # of the stage so far (the worker's state included)
+    out["index_build_rss_added_mb"] = (me.memory_info().rss - rss0) / 2**20
+    log(f"{size} index build: {out['index_build_s']:.1f} s, peak RSS so far {out['index_build_peak_rss_mb']:.0f} MB "
+        f"(+{out['index_build_rss_added_mb']:.0f} MB held after), rows held {joiner.rows_held}")
     idx_2048, idx_256, batches = [], [], []
     starts = list(range(a, b, BATCH))
     n256 = min(3, len(starts) // 2)
@@ -315,6 +365,11 @@ def stage_store(work: Path, size: str) -> dict:
             idx_256 += [timed(lambda lo=lo: joiner(events(lo, min(lo + 256, hi))))[1] for lo in range(j, hi, 256)]
         batches.append((j, hi))
     out["index_rows_held"] = joiner.rows_held
+    out["join_2048_all_s"], out["join_256_all_s"] = idx_2048, idx_256
+    if idx_2048:
+        out["join_2048_min_s"] = min(idx_2048)
+    if idx_256:
+        out["join_256_min_s"] = min(idx_256)
     last = batches[-3:]
 
     def feast_times(k: int) -> list[float]:
@@ -325,7 +380,7 @@ def stage_store(work: Path, size: str) -> dict:
     out.update(join_2048_s=med(idx_2048[1:] or idx_2048), join_256_s=med(idx_256))
     out["feast_compare"] = "whole store" if full else (
         f"sample: the last {FEAST_SAMPLE_EVENTS} events joined, their entities' rows in a fresh repo "
-        f"(Feast's whole-store join is O(store): not run above {FULL_MAX_EVENTS:,} events)")
+        f"(Feast's whole-store join is O(store): not run above {feast_max_events:,} events)")
     if full:
         f2048, f256 = feast_times(BATCH), feast_times(256)
         same = all(same_answers(joiner(events(lo, hi)), historical_features(joiner.store, events(lo, hi)))
@@ -342,6 +397,10 @@ def stage_store(work: Path, size: str) -> dict:
                    feast_sample_rows=n_rows)
         log(f"{size} join 2048: index {out['join_2048_s']:.3f} s ({out['files_part']} files); equal to Feast "
             f"on {FEAST_SAMPLE_EVENTS} sampled events ({n_rows:,} rows of their entities): {same}")
+
+    if reuse:  # the follow phase was the point; the store's compaction was measured when made
+        out["store_peak_rss_mb"] = peak_rss_mb()
+        return out
 
     # 3. compaction of everything, then the joins on the compacted store
     t = time.perf_counter()
@@ -419,7 +478,7 @@ def same_as_feast_sample(joiner, repo: Path, ev, sample_repo: Path) -> tuple[boo
 
     ev = ev.iloc[np.linspace(0, len(ev) - 1, min(FEAST_SAMPLE_EVENTS, len(ev))).astype(int)].reset_index(drop=True)
     shutil.rmtree(sample_repo, ignore_errors=True)
-    small = materialize_repo(sample_repo)
+    small = materialize_repo(sample_repo, source=repo)  # the store's own definitions: its files' schema
     ids = {"user_id": sorted(set(ev["user_id"].tolist())), "item_id": sorted(set(ev["item_id"].tolist()))}
     n_rows = 0
     for view, key in JOIN_KEYS.items():
@@ -519,6 +578,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-threads", type=int, default=2, help="threads of the tokenizer fit (default 2)")
     ap.add_argument("--merge-json", default=None,
                     help="an earlier run's output (its last line, or a file holding it): the sizes not run now")
+    ap.add_argument("--reuse-store", default=None, metavar="DIR",
+                    help="one size only: an earlier run's work dir of that size (data.npz, tokens.npz, repo/, state/): "
+                         "no generation, fit or worker phase; the follow phase (index build, joins, check against "
+                         "Feast) runs on a copy of its store, DIR is left as it was")
+    ap.add_argument("--feast-max-events", type=int, default=FULL_MAX_EVENTS,
+                    help="above this many events, Feast's whole-store join is not timed and the index is checked "
+                         f"against Feast on a sample (default {FULL_MAX_EVENTS:,}; M's whole-store join peaks at ~13 GB)")
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -526,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         from trm import quiet_third_party_warnings
 
         quiet_third_party_warnings()
-        kw = {"fit_sample": args.fit_sample, "threads": args.fit_threads} if args.stage == "fit" else {}
+        kw = ({"fit_sample": args.fit_sample, "threads": args.fit_threads} if args.stage == "fit" else
+              {"reuse": args.reuse_store, "feast_max_events": args.feast_max_events} if args.stage == "store" else {})
         print(json.dumps(STAGES[args.stage](Path(args.work), args.size, **kw)))
         return 0
     sizes = [s.strip().upper() for s in args.sizes.split(",") if s.strip()]
@@ -535,11 +602,24 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown size(s) {bad}: use {', '.join(SIZES)}")
     if not sizes and not args.merge_json:
         raise SystemExit("no sizes: give --sizes, or --merge-json to redraw earlier results")
+    if args.reuse_store and len(sizes) != 1:
+        raise SystemExit("--reuse-store takes one size (the size of the store it names)")
     base = Path(args.work or tempfile.mkdtemp(prefix="trm-scale-"))
     results: dict = {}
+    store_args = ("--feast-max-events", str(args.feast_max_events))
     for s in sizes:
         work = base / s
         work.mkdir(parents=True, exist_ok=True)
+        if args.reuse_store:  # the store's own events and tokens; nothing generated or fitted
+            src = Path(args.reuse_store).resolve()
+            for f in ("data.npz", "tokens.npz"):
+                if not (work / f).exists():
+                    shutil.copy2(src / f, work / f)
+            r = run_stage("store", work, s, store_args + ("--reuse-store", str(src)))
+            r["rows"] = r.get("rows_offline")
+            results[s] = r
+            (base / f"result-{s}.json").write_text(json.dumps(r))
+            continue
         n_events, n_items = SIZES[s]
         t = time.perf_counter()
         np.savez(work / "data.npz", **generate(n_events, n_items))
@@ -548,11 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{s}: tokenizer fit {r['tokenizer_fit_s']:.1f} s on {r['tokenizer_fit_items']:,} items"
             f"{' (a sample)' if r['fit_sample'] else ''}, peak RSS {r['tokenizer_fit_peak_rss_mb']:.0f} MB; "
             f"every item encoded in {r['tokenizer_encode_all_s']:.1f} s")
-        r.update(run_stage("store", work, s))
+        r.update(run_stage("store", work, s, store_args))
         r["rows"] = r["rows_offline"]
         results[s] = r
         (base / f"result-{s}.json").write_text(json.dumps(r))  # kept per size: a later run can merge it
-    if sizes:  # (none: only --merge-json's results, e.g. to redraw the figure)
+    if sizes and not args.reuse_store:  # (none: only --merge-json's results, e.g. to redraw the figure)
         results["encoder"] = run_stage("encoder", base, "-")  # last: the one stage on two threads throughout
         log(f"encoder: {results['encoder']['encoder_items_per_s']:.0f} items/s")
     if args.merge_json:
@@ -568,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{s}: figures from {src if src.is_file() else 'the given JSON'} (not run now)")
         sizes = [s for s in SIZES if s in results]
     keys = ("rows", "files_part", "join_2048_s", "join_256_s", "feast_join_2048_s", "feast_join_256_s",
-            "join_2048_compacted_s", "feast_join_2048_compacted_s", "index_build_s", "worker_events_per_s",
+            "join_2048_compacted_s", "feast_join_2048_compacted_s", "index_build_s", "index_build_peak_rss_mb",
+            "worker_events_per_s",
             "worker_rss_mb", "compaction_s", "compaction_new_s", "online_read_p99_ms", "tokenizer_fit_s",
             "tokenizer_fit_peak_rss_mb", "tokenizer_fit_items", "index_equals_feast", "index_equals_feast_compacted")
     print(f"{'':32}" + "".join(f"{s:>14}" for s in sizes), file=sys.stderr)

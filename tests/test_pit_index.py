@@ -113,3 +113,37 @@ def test_index_on_a_store_with_nothing_yet_answers_nothing_like_feast(tmp_path):
     got = IndexedJoiner(str(repo))(ev)
     assert_same(got, historical_features(FeatureStore(repo_path=str(repo)), ev))
     assert got["gen_tokens"].isna().all()
+
+
+def test_snapshot_keeps_the_latest_row_per_key_columnar_and_bounded():
+    """The snapshot's columnar fold (trainer/pit_index.py `_Snapshot`) against a per-row reference:
+    the latest (event_timestamp, created) per key wins, a full tie goes to the row added last;
+    many small folds (chunks merging, superseded rows dropped) keep its store within 2 x entities."""
+    import pyarrow as pa
+
+    from trainer.pit_index import CREATED, TS, _Snapshot
+
+    schema = pa.schema([("v", pa.int64()), ("toks", pa.list_(pa.int64()))])
+    snap = _Snapshot(schema, fold_batch=37)
+    rng = np.random.default_rng(5)
+    want: dict[int, tuple[int, int, int]] = {}
+    serial = 0
+    for step in range(60):
+        n = int(rng.integers(1, 80))
+        k = rng.integers(0, 150, n)
+        ts = rng.integers(0, 6, n)  # few distinct stamps: many ties, then full ties
+        cr = rng.integers(0, 3, n)
+        v = np.arange(serial, serial + n)
+        serial += n
+        snap.add(pa.table({"id": k, TS: ts, CREATED: cr, "v": v, "toks": [[int(x), int(x) % 7] for x in v]}))
+        for key, a, b, val in zip(k.tolist(), ts.tolist(), cr.tolist(), v.tolist()):
+            if key not in want or (a, b) >= want[key][:2]:
+                want[key] = (a, b, val)
+        if step % 7 == 6:  # a lookup folds what is buffered
+            keys = np.arange(-5, 160)
+            hit, got = snap.lookup(keys)
+            assert keys[hit].tolist() == sorted(want)
+            assert got.column("v").to_pylist() == [want[x][2] for x in sorted(want)]
+            assert got.column("toks").to_pylist() == [[want[x][2], want[x][2] % 7] for x in sorted(want)]
+            assert snap.rows_held <= 2 * len(want) + 80
+            assert len(snap.chunks) <= 2 * int(np.log2(max(snap.stored, 2))) + 2

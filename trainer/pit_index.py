@@ -14,9 +14,10 @@ inputs). So the trainer can read each file once and keep, per view:
 For an event whose PIT timestamp t ≥ W, Feast's answer is the latest row of its entity with
 stamp ≤ t: the latest such row in the delta if there is one (every delta row is newer than any
 snapshot row), else the snapshot row. Both are found without touching the rest of the store:
-`pandas.merge_asof` over the delta (bounded by the horizon, not the store) and a dict lookup into
-the snapshot. Events older than W (a warm start over history, a trainer far behind) go to Feast
-itself, so every answer is Feast's; tests/test_pit_index.py checks identity against Feast.
+`pandas.merge_asof` over the delta (bounded by the horizon, not the store) and a binary search
+into the snapshot's sorted keys. Events older than W (a warm start over history, a trainer far
+behind) go to Feast itself, so every answer is Feast's; tests/test_pit_index.py checks identity
+against Feast.
 
 Ordering of one call (numbered, in one place):
 1. list each view's part files; read the ones not seen yet (a file that vanished between the
@@ -28,8 +29,14 @@ Ordering of one call (numbered, in one place):
    into the snapshot once they are `fold_rows` or more (amortised: a fold costs O(rows folded));
 4. events with t ≥ W are answered from the index, the others by Feast; input order restored.
 
-Memory is O(entities + rows within the horizon), not O(store). Duplicates (a compacted file
-repeats rows already read) resolve to the same answer and leave the delta as it is folded.
+Memory is O(entities + rows within the horizon), not O(store), and stays columnar: snapshot and
+delta are Arrow tables (list columns as flat values + offsets), files are read in pieces of
+`read_batch` rows, and "latest per key" is one numpy lexsort per fold. Python objects exist only
+for the rows of one batch's answer. (At L, 19 M rows over 1.1 M entities, the earlier form, whole
+files read at once and one Python object per row and column, passed 9 GB within 25 s of its first
+build and was once OOM-killed at 23 GB; this one peaks at 2.4 GB RSS, 0.7 GB of it the process
+before the build.) Duplicates (a compacted file repeats rows already read) resolve to the same
+answer and leave the delta as it is folded.
 Ties on both (event_timestamp, created) — which the sink never writes for one entity — are the
 one case where Feast's pick is unspecified; the index takes the row read last.
 """
@@ -43,6 +50,9 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .pit_join import FEATURE_SERVICE, PIT_OFFSET, ROW, FeastJoiner, JoinError, entity_frame
 
@@ -58,12 +68,9 @@ class IndexConfig:
     fold_rows: int = 8192  # fold delta rows older than W once there are this many
 
 
-def _arrow_ns(table, name: str) -> np.ndarray:
+def _arrow_ns(table: pa.Table, name: str) -> np.ndarray:
     """A timestamp column of a part file as int64 ns (null -> older than anything), no pandas
     datetime round trip (which iterates per row)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if name not in table.column_names:
         return np.full(len(table), NEG_INF, np.int64)
     col = table.column(name)
@@ -72,84 +79,179 @@ def _arrow_ns(table, name: str) -> np.ndarray:
     return pc.fill_null(col.cast(pa.int64()), NEG_INF).to_numpy()
 
 
+def _rows(batch: pa.Table, key: str, schema: pa.Schema) -> pa.Table:
+    """Part-file rows -> (key, _ts, _created, features) conformed to `schema` (the features' Arrow
+    types): a feature a file lacks is null, so every chunk of the index concatenates."""
+    n = len(batch)
+    cols = {key: pc.cast(batch.column(key), pa.int64()), TS: pa.array(_arrow_ns(batch, "event_timestamp")),
+            CREATED: pa.array(_arrow_ns(batch, "created"))}
+    for f in schema:
+        if f.name in batch.column_names:
+            col = batch.column(f.name)
+            cols[f.name] = col if col.type == f.type else col.cast(f.type)
+        else:
+            cols[f.name] = pa.nulls(n, f.type)
+    return pa.table(cols)
+
+
+def _latest_per_key(keys: np.ndarray, ts: np.ndarray, created: np.ndarray) -> np.ndarray:
+    """Positions of the winning row per key (latest (ts, created); on a full tie the later
+    position, i.e. the row read last), in ascending key order. One stable lexsort, no Python loop."""
+    order = np.lexsort((created, ts, keys))  # stable: equal (key, ts, created) keep read order
+    k = keys[order]
+    last = np.ones(len(k), bool)
+    last[:-1] = k[1:] != k[:-1]
+    return order[last]
+
+
+def _objects(col) -> np.ndarray:
+    """An Arrow column -> the object array the join hands to `_typed` (lists as numpy arrays, as
+    pandas converts them): only ever called on the rows of one batch's answers."""
+    return col.to_pandas().to_numpy(object)
+
+
 @dataclass
 class _Snapshot:
-    """Per entity the winning row stamped before W: columnar arrays with a key -> position dict."""
-    features: list[str]
-    pos: dict = field(default_factory=dict)
-    n: int = 0
+    """Per entity the winning row stamped before W, held columnar (Arrow), never as Python objects.
+
+    Why this shape: at L (1 M items, 100 k users, each row's lists holding ~100 ints in all) the
+    earlier snapshot, one numpy array per row and list column, was most of a first build that
+    never finished under 9 GB; as Arrow the three views' snapshots add ~0.6 GB there. Layout:
+
+    * `keys` (sorted int64), with `ts`, `created` (the winner's stamps) and `where` (its row in
+      the store) aligned to it: a lookup is one `np.searchsorted`; new entities are inserted with
+      `np.insert` (one vectorised copy of these four int64 arrays);
+    * the store: Arrow tables of feature rows (`chunks`), appended to by each fold, so a fold
+      copies O(rows folded) feature rows, not O(entities). Superseded rows stay until they outnumber the live
+      ones, then the live rows are copied out once (amortised O(1) per folded row); consecutive
+      chunks merge while the older one is not much bigger (a binary counter: O(log) chunks).
+
+    Rows come in through `add` and wait in a buffer until `fold_batch` of them (many small part
+    files fold as one); `flush` folds the rest before any lookup.
+    """
+    schema: pa.Schema  # the features' columns
+    fold_batch: int = 1 << 16
+    keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     ts: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     created: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    cols: dict = field(default_factory=dict)
+    where: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    chunks: list = field(default_factory=list)  # pa.Table of feature rows, in store order
+    starts: list = field(default_factory=list)  # first store row of each chunk
+    stored: int = 0  # rows in the store, live or superseded
+    buffer: list = field(default_factory=list)  # (key, _ts, _created, features) tables not yet folded
+    buffered: int = 0
 
-    def __post_init__(self) -> None:
-        self.cols = {f: np.empty(0, object) for f in self.features}  # an empty snapshot answers "nothing"
+    @property
+    def n(self) -> int:
+        return len(self.keys)
 
-    def _grow(self, need: int) -> None:
-        cap = len(self.ts)
-        if need <= cap:
+    def add(self, rows: pa.Table) -> None:
+        """Rows (key, _ts, _created, features) stamped before W; folded once enough wait."""
+        if len(rows):
+            self.buffer.append(rows)
+            self.buffered += len(rows)
+        if self.buffered >= self.fold_batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            rows = pa.concat_tables(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+            self.buffer, self.buffered = [], 0
+            self._fold(rows)
+
+    def _fold(self, rows: pa.Table) -> None:
+        """Merge rows in: per key the latest (ts, created) wins, ties to the row read last."""
+        key = rows.column_names[0]
+        k, ts, cr = (rows.column(c).to_numpy() for c in (key, TS, CREATED))
+        win = _latest_per_key(k, ts, cr)
+        k, ts, cr = k[win], ts[win], cr[win]
+        pos = np.searchsorted(self.keys, k)
+        found = pos < self.n
+        found[found] = self.keys[pos[found]] == k[found]
+        at = pos[found]
+        newer = np.ones(len(k), bool)
+        newer[found] = (ts[found] > self.ts[at]) | ((ts[found] == self.ts[at]) & (cr[found] >= self.created[at]))
+        win, k, ts, cr, pos, found = win[newer], k[newer], ts[newer], cr[newer], pos[newer], found[newer]
+        if not len(win):
             return
-        cap = max(need, 2 * cap, 1024)
-        self.ts = np.resize(self.ts, cap)
-        self.created = np.resize(self.created, cap)
-        for f in self.features:
-            old = self.cols[f]
-            new = np.empty(cap, object)
-            new[:len(old)] = old[:len(old)]
-            self.cols[f] = new
+        rows_at = self.stored + np.arange(len(win))
+        self._append(rows.select(self.schema.names).take(pa.array(win)))
+        at = pos[found]
+        self.ts[at], self.created[at], self.where[at] = ts[found], cr[found], rows_at[found]
+        fresh = ~found  # new entities: inserted in key order (k is sorted, so are their positions)
+        if fresh.any():
+            p = pos[fresh]
+            self.keys, self.ts = np.insert(self.keys, p, k[fresh]), np.insert(self.ts, p, ts[fresh])
+            self.created, self.where = np.insert(self.created, p, cr[fresh]), np.insert(self.where, p, rows_at[fresh])
+        if self.stored > 2 * self.n:  # superseded rows outnumber the live ones: keep the live ones only
+            live = self.take(self.where)
+            self.chunks, self.starts, self.stored = [live], [0], len(live)
+            self.where = np.arange(self.n, dtype=np.int64)
 
-    def fold(self, rows: pd.DataFrame, key: str) -> None:
-        """Merge rows (key, _ts, _created, features) in: per key the latest (ts, created) wins."""
-        if rows.empty:
-            return
-        rows = rows.sort_values([key, TS, CREATED], kind="stable").drop_duplicates(key, keep="last")
-        keys = rows[key].to_numpy()
-        ts, cr = rows[TS].to_numpy(), rows[CREATED].to_numpy()
-        at = np.fromiter((self.pos.get(k, -1) for k in keys.tolist()), np.int64, len(keys))
-        old = at >= 0
-        newer = np.zeros(len(keys), bool)
-        newer[old] = (ts[old] > self.ts[at[old]]) | ((ts[old] == self.ts[at[old]]) & (cr[old] >= self.created[at[old]]))
-        fresh = ~old
-        n_new = int(fresh.sum())
-        self._grow(self.n + n_new)
-        at[fresh] = np.arange(self.n, self.n + n_new)
-        for k, p in zip(keys[fresh].tolist(), at[fresh].tolist()):
-            self.pos[k] = p
-        self.n += n_new
-        put = newer | fresh
-        dst = at[put]
-        self.ts[dst], self.created[dst] = ts[put], cr[put]
-        for f in self.features:
-            self.cols[f][dst] = rows[f].to_numpy(object)[put]
+    def _append(self, table: pa.Table) -> None:
+        self.chunks.append(table)
+        self.starts.append(self.stored)
+        self.stored += len(table)
+        while len(self.chunks) > 1 and len(self.chunks[-2]) <= 2 * len(self.chunks[-1]):
+            last = self.chunks.pop()  # store row numbers stay valid: the two are consecutive
+            self.starts.pop()
+            self.chunks[-1] = pa.concat_tables([self.chunks[-1], last]).combine_chunks()
+
+    def take(self, rows_at: np.ndarray) -> pa.Table:
+        """Feature rows at store positions `rows_at`, in that order."""
+        if len(self.chunks) == 1:
+            return self.chunks[0].take(pa.array(rows_at))
+        chunk = np.searchsorted(np.asarray(self.starts), rows_at, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        c_sorted = chunk[order]
+        pieces = []
+        for c in np.unique(c_sorted).tolist():
+            lo, hi = np.searchsorted(c_sorted, [c, c + 1])
+            pieces.append(self.chunks[c].take(pa.array(rows_at[order[lo:hi]] - self.starts[c])))
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return pa.concat_tables(pieces).take(pa.array(back))
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+        """(positions in `keys` that have a snapshot row, those rows' features)."""
+        self.flush()
+        pos = np.searchsorted(self.keys, keys)
+        ok = pos < self.n
+        ok[ok] = self.keys[pos[ok]] == keys[ok]
+        hit = np.flatnonzero(ok)
+        return hit, self.take(self.where[pos[hit]]) if len(hit) else self.schema.empty_table()
+
+    @property
+    def rows_held(self) -> int:
+        return self.stored + self.buffered
 
 
 @dataclass
 class _ViewIndex:
-    """Snapshot + delta of one feature view (see the module docstring)."""
+    """Snapshot + delta of one feature view (see the module docstring); both Arrow, O(batch) to
+    Python objects only when answering."""
     name: str
     key: str
-    features: list[str]
+    schema: pa.Schema  # the features' Arrow columns (the part-file schema, less key and stamps)
     directory: Path
     seen: set = field(default_factory=set)
     w: int = NEG_INF  # the boundary (ns): snapshot rows < w <= delta rows
     snapshot: _Snapshot | None = None
-    delta: pd.DataFrame | None = None
-    pending: list = field(default_factory=list)  # delta frames not yet merged into `delta`
+    delta: pa.Table | None = None  # (key, _ts, _created, features) sorted by (_ts, _created)
+    pending: list = field(default_factory=list)  # delta rows not yet merged into `delta`
+    read_batch: int = 1 << 16  # rows per read of a part file: a compacted file is read in pieces
 
     def __post_init__(self) -> None:
-        self.snapshot = _Snapshot(self.features)
-        self.delta = self._empty()
+        self.snapshot = _Snapshot(self.schema)
+        self.delta = _rows(pa.table({self.key: pa.array([], pa.int64())}), self.key, self.schema)
 
-    def _empty(self) -> pd.DataFrame:
-        return pd.DataFrame({self.key: pd.Series([], dtype="int64"), TS: pd.Series([], dtype="int64"),
-                             CREATED: pd.Series([], dtype="int64"),
-                             **{f: pd.Series([], dtype=object) for f in self.features}})
+    @property
+    def features(self) -> list[str]:
+        return self.schema.names
 
     # 1. read the files not seen yet ------------------------------------------------------------
     def refresh(self) -> int:
         """Read new part files; returns rows read."""
-        import pyarrow.parquet as pq
-
         rows = 0
         for _ in range(100):  # relist while files vanish under us (compaction deleting its inputs)
             names = sorted(e.name for e in os.scandir(self.directory)
@@ -159,37 +261,46 @@ class _ViewIndex:
                 if name in self.seen:
                     continue
                 try:
-                    table = pq.read_table(self.directory / name)
+                    part = pq.ParquetFile(self.directory / name)  # open: readable to the end even if deleted now
                 except FileNotFoundError:
                     vanished = True
                     continue
                 self.seen.add(name)
-                rows += len(table)
-                if len(table):
-                    self._ingest(table)
+                rows += self._read(part)
             self.seen &= set(names)  # deleted inputs: their names never come back
             if not vanished:
                 return rows
         raise JoinError(f"{self.directory}: part files keep vanishing while listed; is a compaction looping?")
 
-    # 2. new rows: older than W -> snapshot, else delta -------------------------------------------
-    def _ingest(self, table) -> None:
-        """A pyarrow table of part-file rows -> snapshot (stamped before W) or delta."""
-        frame = pd.DataFrame({self.key: table.column(self.key).to_numpy().astype("int64"),
-                              TS: _arrow_ns(table, "event_timestamp"), CREATED: _arrow_ns(table, "created")})
-        names = set(table.column_names)
-        for f in self.features:
-            frame[f] = table.column(f).to_pandas().to_numpy(object) if f in names else None
-        old = frame[TS].to_numpy() < self.w
-        if old.any():
-            self.snapshot.fold(frame[old], self.key)
-        if (~old).any():
-            self.pending.append(frame[~old])
+    def _read(self, part: pq.ParquetFile) -> int:
+        """Ingest one part file in pieces of `read_batch` rows, only the columns the index keeps:
+        a compacted file of 9 M rows would be ~8 GB of Arrow at once."""
+        have = set(part.schema_arrow.names)
+        cols = [c for c in (self.key, *self.features, "event_timestamp", "created") if c in have]
+        n = 0
+        for batch in part.iter_batches(batch_size=self.read_batch, columns=cols):
+            n += batch.num_rows
+            if batch.num_rows:
+                self._ingest(_rows(pa.Table.from_batches([batch]), self.key, self.schema))
+        return n
 
-    def _delta(self) -> pd.DataFrame:
+    # 2. new rows: older than W -> snapshot, else delta -------------------------------------------
+    def _ingest(self, rows: pa.Table) -> None:
+        """Rows (key, _ts, _created, features) -> snapshot (stamped before W) or delta."""
+        old = rows.column(TS).to_numpy() < self.w
+        if old.all():
+            self.snapshot.add(rows)
+        elif not old.any():
+            self.pending.append(rows)
+        else:
+            self.snapshot.add(rows.filter(pa.array(old)))
+            self.pending.append(rows.filter(pa.array(~old)))
+
+    def _delta(self) -> pa.Table:
         if self.pending:
-            self.delta = pd.concat([self.delta, *self.pending], ignore_index=True)
-            self.delta = self.delta.sort_values([TS, CREATED], kind="stable", ignore_index=True)
+            d = pa.concat_tables([self.delta, *self.pending])
+            order = np.lexsort((d.column(CREATED).to_numpy(), d.column(TS).to_numpy()))  # stable: read order on ties
+            self.delta = d.take(pa.array(order))
             self.pending = []
         return self.delta
 
@@ -198,10 +309,10 @@ class _ViewIndex:
         if w <= self.w:
             return
         d = self._delta()
-        cut = int(np.searchsorted(d[TS].to_numpy(), w, side="left"))  # rows [0, cut) are older than w
+        cut = int(np.searchsorted(d.column(TS).to_numpy(), w, side="left"))  # rows [0, cut) are older than w
         if cut >= fold_rows or self.w == NEG_INF:
-            self.snapshot.fold(d.iloc[:cut], self.key)
-            self.delta = d.iloc[cut:].reset_index(drop=True)
+            self.snapshot.add(d.slice(0, cut))
+            self.delta = d.take(pa.array(np.arange(cut, len(d))))  # a copy: the folded rows' buffers go
             self.w = w
 
     # 4. answer ----------------------------------------------------------------------------------
@@ -210,29 +321,31 @@ class _ViewIndex:
         n = len(keys)
         out = {f: np.full(n, None, object) for f in self.features}
         d = self._delta()
+        d_ts = d.column(TS).to_numpy()
         # rows stamped after the batch's newest time cannot answer it (a store ahead of the trainer)
-        d = d.iloc[:int(np.searchsorted(d[TS].to_numpy(), t.max(), side="right"))] if n else d
+        end = int(np.searchsorted(d_ts, t.max(), side="right")) if n else len(d)
         left = pd.DataFrame({self.key: keys.astype("int64"), TS: t.astype("int64"), POS: np.arange(n)})
         left = left.sort_values(TS, kind="stable")
-        right = pd.DataFrame({self.key: d[self.key].to_numpy(), TS: d[TS].to_numpy(), "_j": np.arange(len(d))})
+        right = pd.DataFrame({self.key: d.column(self.key).to_numpy()[:end], TS: d_ts[:end], "_j": np.arange(end)})
         m = pd.merge_asof(left, right, on=TS, by=self.key, direction="backward", allow_exact_matches=True)
         j = m["_j"].to_numpy()
         rows_at = m[POS].to_numpy()
         hit = ~np.isnan(j)
-        for f in self.features:
-            out[f][rows_at[hit]] = d[f].to_numpy(object)[j[hit].astype(np.int64)]
+        if hit.any():
+            got = d.take(pa.array(j[hit].astype(np.int64)))
+            for f in self.features:
+                out[f][rows_at[hit]] = _objects(got.column(f))
         miss = rows_at[~hit]
         if len(miss):
-            snap = self.snapshot
-            at = np.fromiter((snap.pos.get(k, -1) for k in keys[miss].tolist()), np.int64, len(miss))
-            ok = at >= 0
+            found, got = self.snapshot.lookup(keys[miss].astype("int64"))
             for f in self.features:
-                out[f][miss[ok]] = snap.cols[f][at[ok]]
+                if len(found):
+                    out[f][miss[found]] = _objects(got.column(f))
         return out
 
     @property
     def rows_held(self) -> int:
-        return self.snapshot.n + len(self.delta) + sum(len(p) for p in self.pending)
+        return self.snapshot.rows_held + len(self.delta) + sum(len(p) for p in self.pending)
 
 
 def _feature_columns(store, service: str) -> list[tuple[str, str, dict, Path]]:
@@ -263,7 +376,10 @@ class IndexedJoiner:
         self.store = self.feast.store
         self.cfg = cfg or IndexConfig()
         views = _feature_columns(self.store, features)
-        self.views = [_ViewIndex(v, k, list(f), d) for v, k, f, d in views]
+        from streams.feast_sink import arrow_type  # the features' column types on disk
+
+        self.views = [_ViewIndex(v, k, pa.schema([(name, arrow_type(t)) for name, t in f.items()]), d)
+                      for v, k, f, d in views]
         self.types = {name: t for _, _, f, _ in views for name, t in f.items()}
         self.stats = {"indexed": 0, "feast": 0, "rows_read": 0}
         self._lock = threading.Lock()  # the trainer may join the next batch in a prefetch thread
