@@ -33,17 +33,22 @@ def parse(spec: str) -> dict:
     return out
 
 
-SHIPPED = {"bits", "lr", "key_lr", "power", "stack_lr", "features"}  # UserWeights' own arguments
+SHIPPED = {"bits", "lr", "key_lr", "key_global_lr", "power", "stack_lr", "features"}  # UserWeights' own arguments
 
 
 def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
     """(N,) logits of the shipped UserWeights with `spec`'s arguments over every recorded row, in order."""
-    from trainer.models.user_weights import UserWeights
+    from trainer.models.user_weights import CATEGORY_NS, TITLE_NS, UserWeights
 
     kw = {k: v for k, v in spec.items() if k in SHIPPED}
     if "features" in kw:
         kw["features"] = tuple(kw["features"].split(","))
-    uw = UserWeights(**{"bits": 18, "lr": 0.1, "key_lr": 0.05, "power": 0.3, **kw})
+    from trainer.models.config import RankerConfig
+
+    c = RankerConfig()  # the shipped defaults, then the spec's overrides
+    uw = UserWeights(**{"bits": c.user_bits, "lr": c.user_lr, "key_lr": c.key_lr, "key_global_lr": c.key_global_lr,
+                        "power": c.user_power, "stack_lr": c.stack_lr,
+                        "ns_rates": {CATEGORY_NS: (0.0, c.category_lr), TITLE_NS: (c.title_lr, 0.0)}, **kw})
     keys = torch.from_numpy(d["keys"])
     return uw.score_then_learn(torch.from_numpy(d[f"z_{model}"]), torch.from_numpy(d["user"]),
                                torch.from_numpy(d["stats"]), torch.from_numpy(d["label"]),

@@ -254,7 +254,7 @@ def fill_item_tokens(config, repo: Path, items: list[int]) -> int:
     store = FeatureStore(repo_path=str(repo))
     cols = ("gen_tokens", "mem_tokens", "tokenizer_version", "created_at", "retired")
     have = {f.name for f in store.get_feature_view("item_tokens").features}
-    cols += tuple(c for c in ("coarse_tokens", "category_tokens") if c in have)  # older demos' repos lack them
+    cols += tuple(c for c in ("coarse_tokens", "lexical_tokens") if c in have)  # older demos' repos lack them
     got = store.get_online_features(
         features=[f"item_tokens:{c}" for c in cols], entity_rows=[{"item_id": i} for i in items]).to_dict()
     codec, pairs = AvroCodec(), []
@@ -264,7 +264,7 @@ def fill_item_tokens(config, repo: Path, items: list[int]) -> int:
         ev = ItemTokensEvent(item, list(got["gen_tokens"][j]), list(got["mem_tokens"][j] or []),
                              got["tokenizer_version"][j], int(got["created_at"][j]), int(got["created_at"][j]),
                              bool(got["retired"][j]), list((got.get("coarse_tokens") or [None] * len(items))[j] or []),
-                             list((got.get("category_tokens") or [None] * len(items))[j] or []))
+                             list((got.get("lexical_tokens") or [None] * len(items))[j] or []))
         pairs.append((str(item).encode(), codec.encode(ev.to_record(), "ItemTokensEvent")))
     return publish_raw(config, ITEM_TOKENS, pairs)
 

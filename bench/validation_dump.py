@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         "t": batch.event_time.numpy(), "known": batch.known.numpy(), "gen": batch.gen.numpy(),
                         "item": batch.item_id.numpy(), "recent_gen": batch.recent_gen.numpy(),
                         "recent_labels": batch.recent_labels.numpy(), "coarse": batch.coarse.numpy(),
-                        "category": batch.category.numpy(),
+                        "lexical": batch.lexical.numpy(),
                         "keys": keys.numpy() if keys is not None else np.zeros((len(batch), 0), np.int64),
                         **{f"z_{n}": z.numpy() for n, z in logits.items()},
                         **{f"p_{n}": p for n, p in probs.items()}})

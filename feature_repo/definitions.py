@@ -47,7 +47,7 @@ item_tokens = FeatureView(
         Field(name="gen_tokens", dtype=Array(Int64)),
         Field(name="mem_tokens", dtype=Array(Int64)),
         Field(name="coarse_tokens", dtype=Array(Int64)),  # nearest level-1 codes, nearest first
-        Field(name="category_tokens", dtype=Array(Int64)),  # the item event's categories hashed (tokenizer/categories.py)
+        Field(name="lexical_tokens", dtype=Array(Int64)),  # the item event's categories and title words hashed (tokenizer/lexical.py)
         Field(name="tokenizer_version", dtype=String),
         Field(name="created_at", dtype=Int64),
         Field(name="retired", dtype=Bool),
@@ -95,7 +95,7 @@ item_stats = FeatureView(
 ranker_features = FeatureService(
     name="ranker_features",
     features=[
-        item_tokens[["gen_tokens", "mem_tokens", "coarse_tokens", "category_tokens", "tokenizer_version",
+        item_tokens[["gen_tokens", "mem_tokens", "coarse_tokens", "lexical_tokens", "tokenizer_version",
                      "created_at", "retired"]],
         user_history[["hist_gen_tokens", "hist_item_ids", "user_n_events", "user_n_positives",
                       "recent_item_ids", "recent_gen_tokens", "recent_labels", "last_event_time"]],

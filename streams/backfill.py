@@ -5,8 +5,8 @@ The steps, in this order (the whole rotation: streams/rotation.py):
      each (user, event time)'s latest `user_history` row (latest `created` wins, as in the join);
   2. tokenize every item that has a row at or before T with the new artifact B, from its text
      as of T (the catalogue's latest item event at or before T), and write its row stamped at T
-     (created_at, retired and category_tokens kept: categories are the item event's, not the
-     artifact's) through FeastSink: offline, and online unless the item has a newer row.
+     (created_at, retired and lexical_tokens kept: categories and title words are the item event's,
+     not the artifact's) through FeastSink: offline, and online unless the item has a newer row.
      `publish` gets the same rows as ItemTokensEvents (the `item_tokens` topic: the workers'
      token caches learn B's tokens of every item from it);
   3. rewrite user histories: each user's latest row before T is re-stamped at T, and each row at
@@ -154,8 +154,8 @@ def _write_items(cfg: BackfillConfig, sink: FeastSink, tok, texts: dict[int, str
             for r, t in zip(chunk, tok.encode_texts([texts[r["item_id"]] for r in chunk])):
                 out.append({"item_id": r["item_id"], "gen_tokens": list(t.gen_tokens), "mem_tokens": list(t.mem_tokens),
                             "coarse_tokens": list(t.coarse_tokens),
-                            # the item event's categories, not the artifact's: kept from its latest row <= T
-                            "category_tokens": list(r.get("category_tokens") or []), "tokenizer_version": version,
+                            # the item event's categories and title words, not the artifact's: kept from its latest row <= T
+                            "lexical_tokens": list(r.get("lexical_tokens") or []), "tokenizer_version": version,
                             "created_at": r.get("created_at"), "retired": bool(r.get("retired")),
                             "event_timestamp": T})
                 b_gen[r["item_id"]] = (T, list(t.gen_tokens))

@@ -5,7 +5,7 @@ What one batch computes (when it is written, produced and committed: `BatchLoop.
   2. compute  – one `encode_texts` call for the batch's texts (the encoder is the cost, so it
                 runs batched); a retire keeps the item's tokens and sets `retired=True` — marked,
                 not forgotten (a retire without text reuses the tokens in the online store);
-                category tokens are the event's categories hashed (tokenizer/categories.py)
+                lexical tokens are the words of the event's categories and title hashed (tokenizer/lexical.py)
   3. write    – Feast online + offline, stamped with each item event's event time; the outputs are
                 ItemTokensEvents for `item_tokens` (dead letters go to `items.dlq`)
 No state of its own (`BaseProcessor`'s defaults): tokens are a pure function of (text, tokenizer
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tokenizer.categories import category_tokens
+from tokenizer.lexical import lexical_tokens
 
 from .contract.codec import AvroCodec, DecodeError
 from .contract.events import InvalidEvent, ItemEvent, ItemTokensEvent
@@ -87,7 +87,7 @@ class ItemProcessor(BaseProcessor):
                 tok = encoded[(tok_of[ev.event_time].version, ev.text)]
                 gen, mem, version = list(tok.gen_tokens), list(tok.mem_tokens), tok.tokenizer_version
                 coarse = list(tok.coarse_tokens)
-                cats = category_tokens(ev.categories)
+                lex = lexical_tokens(ev.categories, ev.title)
             else:  # a retire with no text: keep the tokens the item already has
                 cur = known.get(ev.item_id) or {}
                 if cur.get("gen_tokens") is None:
@@ -96,13 +96,13 @@ class ItemProcessor(BaseProcessor):
                     continue
                 gen, mem, version = cur["gen_tokens"], cur["mem_tokens"], cur["tokenizer_version"]
                 coarse = cur.get("coarse_tokens") or []  # none in rows written before coarse tokens
-                # the event's own categories if it names any, else the item's (none in older rows)
-                cats = category_tokens(ev.categories) or cur.get("category_tokens") or []
+                # the event's own categories (and title) if it names categories, else the item's (none in older rows)
+                lex = lexical_tokens(ev.categories, ev.title) if ev.categories else cur.get("lexical_tokens") or []
             out = ItemTokensEvent(ev.item_id, [int(x) for x in gen], [int(x) for x in mem], version,
                                   ev.created_at, ev.event_time, ev.op == "retire", [int(x) for x in coarse],
-                                  [int(x) for x in cats])
+                                  [int(x) for x in lex])
             rows.append({"item_id": out.item_id, "gen_tokens": out.gen_tokens, "mem_tokens": out.mem_tokens,
-                         "coarse_tokens": out.coarse_tokens, "category_tokens": out.category_tokens,
+                         "coarse_tokens": out.coarse_tokens, "lexical_tokens": out.lexical_tokens,
                          "tokenizer_version": out.tokenizer_version, "created_at": out.created_at,
                          "retired": out.retired, "event_timestamp": out.event_time})
             outs.append((str(ev.item_id).encode(), self.codec.encode(out.to_record(), "ItemTokensEvent")))

@@ -114,7 +114,7 @@ def test_feast_apply_and_online_round_trip_on_redis_and_postgres(prod_repo, post
         "gen_tokens": [[1, 9, 17], [2, 10, 18], [3, 11, 19]],
         "mem_tokens": [[5, 6], [7], [8, 9, 10]],
         "coarse_tokens": [[1, 4], [2, 3], [3, 0]],
-        "category_tokens": [[24346660, 19638016], [], [35676741]],
+        "lexical_tokens": [[24346660, 19638016], [], [35676741]],
         "tokenizer_version": ["tok-a1", "tok-a1", "tok-b2"],
         "created_at": [1_700_000_000, 1_700_000_100, 1_700_000_200],
         "retired": [False, True, False],

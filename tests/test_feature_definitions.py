@@ -27,7 +27,7 @@ I64_LIST = pa.list_(pa.int64())
 # with the five features added since at its end)
 DECLARED = {
     "item_tokens": pa.schema([("item_id", pa.int64()), ("gen_tokens", I64_LIST), ("mem_tokens", I64_LIST),
-                              ("coarse_tokens", I64_LIST), ("category_tokens", I64_LIST),
+                              ("coarse_tokens", I64_LIST), ("lexical_tokens", I64_LIST),
                               ("tokenizer_version", pa.string()), ("created_at", pa.int64()),
                               ("retired", pa.bool_()), ("event_timestamp", TS), ("created", TS)]),
     "user_history": pa.schema([("user_id", pa.int64()), ("hist_gen_tokens", I64_LIST),
@@ -48,7 +48,7 @@ JOINED_BEFORE = (
     "item_stats:item_n_interactions", "item_stats:item_n_positives",
 )
 # the service: that list, the user's recent labelled events and recency after the user counts
-SERVICE = JOINED_BEFORE[:2] + ("item_tokens:coarse_tokens", "item_tokens:category_tokens") + JOINED_BEFORE[2:9] + (
+SERVICE = JOINED_BEFORE[:2] + ("item_tokens:coarse_tokens", "item_tokens:lexical_tokens") + JOINED_BEFORE[2:9] + (
     "user_history:recent_item_ids", "user_history:recent_gen_tokens", "user_history:recent_labels",
     "user_history:last_event_time") + JOINED_BEFORE[9:]
 METRIC_COLUMNS = ("created_at",)  # read by trainer.metrics.summarize (item age), not by the featurizer

@@ -493,7 +493,7 @@ def produce_item_tokens(config, rows: list[dict]) -> None:
     for r in rows:
         ev = ItemTokensEvent(r["item_id"], list(r["gen_tokens"]), list(r["mem_tokens"]), r["tokenizer_version"],
                              r["created_at"], r["event_timestamp"], r["retired"], list(r.get("coarse_tokens") or []),
-                             list(r.get("category_tokens") or []))
+                             list(r.get("lexical_tokens") or []))
         pairs.append((str(ev.item_id).encode(), codec.encode(ev.to_record(), "ItemTokensEvent")))
     assert publish_raw(config, ITEM_TOKENS, pairs) == len(rows)
 

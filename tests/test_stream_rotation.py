@@ -31,7 +31,7 @@ USERS = (1, 2, 3, 4)
 USER_FEATS = ["user_history:hist_item_ids", "user_history:hist_gen_tokens", "user_history:user_n_events",
               "user_history:recent_item_ids", "user_history:recent_gen_tokens", "user_history:tokenizer_version"]
 ITEM_FEATS = ["item_tokens:gen_tokens", "item_tokens:mem_tokens", "item_tokens:tokenizer_version",
-              "item_tokens:created_at", "item_tokens:category_tokens"]
+              "item_tokens:created_at", "item_tokens:lexical_tokens"]
 BEFORE = [T0 + 1, T0 + 2_500, T0 + 6_001, T - 1]  # point-in-time probes before T
 
 
@@ -74,7 +74,7 @@ class Tokens:
         for r in rows:
             self.learn(ItemTokensEvent(r["item_id"], r["gen_tokens"], r["mem_tokens"], r["tokenizer_version"],
                                        r["created_at"], r["event_timestamp"], r["retired"], r["coarse_tokens"],
-                                       r["category_tokens"]))
+                                       r["lexical_tokens"]))
 
 
 def interactions(items: list[int]) -> list[tuple[int, int, int, int]]:
@@ -108,7 +108,7 @@ def test_rotation_backfill_keeps_the_past_and_loses_no_interaction(  # noqa: F81
     from streams.interaction_agent import InteractionProcessor
     from streams.item_agent import ItemProcessor
     from streams.rotation import Rotation, RotationWatch, read_rotation, write_rotation
-    from tokenizer.categories import category_tokens
+    from tokenizer.lexical import lexical_tokens
     from tokenizer.hybrid import HybridTokenizer
     from trm.cli import main
 
@@ -176,12 +176,12 @@ def test_rotation_backfill_keeps_the_past_and_loses_no_interaction(  # noqa: F81
     # from T: B's tokens and version everywhere
     b_gen = {i: list(t.gen_tokens) for i, t in zip(ids, tok_b.encode_texts([texts[i] for i in ids]))}
     assert any(b_gen[i] != tokens.by_version[tok_a.version][i] for i in ids)  # the test means something
-    cats = {ev.item_id: category_tokens(ev.categories) for ev in catalogue}
+    cats = {ev.item_id: lexical_tokens(ev.categories, ev.title) for ev in catalogue}
     assert all(cats.values())  # the test means something: every film of the slice has genres
     for row in pit(store, ITEM_FEATS, "item_id", ids, [T, T + 1_000]):
         assert (row["gen_tokens"], row["tokenizer_version"]) == (b_gen[row["item_id"]], tok_b.version)
-        assert row["category_tokens"] == cats[row["item_id"]]  # the item event's, kept across the rotation
-    assert all(r["category_tokens"] == cats[r["item_id"]] for r in past_items if r["gen_tokens"] is not None)
+        assert row["lexical_tokens"] == cats[row["item_id"]]  # the item event's, kept across the rotation
+    assert all(r["lexical_tokens"] == cats[r["item_id"]] for r in past_items if r["gen_tokens"] is not None)
     at_t = pit(store, USER_FEATS, "user_id", USERS, [T, T + 1_000])
     for row in at_t:
         assert row["tokenizer_version"] == tok_b.version

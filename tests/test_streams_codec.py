@@ -49,7 +49,7 @@ def test_registry_ids_are_stable_and_producers_write_v1():
         "trm.streams.ItemTokensEvent"
     assert reg.write_id("ItemEvent") == ITEM_V1
     assert reg.write_id("trm.streams.InteractionEvent") == INTERACTION_V1
-    # v2 added coarse_tokens, v3 category_tokens (every reader here has them)
+    # v2 added coarse_tokens, v3 lexical_tokens (every reader here has them)
     assert reg.write_id("ItemTokensEvent") == TOKENS_V3
 
 
@@ -57,14 +57,14 @@ def test_item_tokens_v1_and_v2_read_each_other(codec):
     """A v1 record (written before coarse tokens) reads with coarse_tokens = []; a v2 one for a v1 reader
     drops them: the topic can hold both while workers and servers roll."""
     rec = ItemTokensEvent(7, [1, 9, 17], [3, 40], "abc", 100, 100, False, [1, 4, 2]).to_record()
-    rec.pop("category_tokens")  # not in v2
+    rec.pop("lexical_tokens")  # not in v2
     old = {k: v for k, v in rec.items() if k != "coarse_tokens"}
     assert ItemTokensEvent.from_record(codec.decode(codec.encode(old, schema_id=TOKENS_V1))).coarse_tokens == []
     assert codec.decode(codec.encode(rec, schema_id=TOKENS_V2), reader_schema_id=TOKENS_V1) == old
 
 
-def test_item_tokens_v3_adds_category_tokens_and_reads_older_versions(codec):
-    """v3 (category tokens) round-trips; a v2 or v1 record reads with category_tokens = [] (as Avro's
+def test_item_tokens_v3_adds_lexical_tokens_and_reads_older_versions(codec):
+    """v3 (category tokens) round-trips; a v2 or v1 record reads with lexical_tokens = [] (as Avro's
     default for a v3 reader, and as ItemTokensEvent.from_record of the writer's own record); a v3 one
     for a v2 reader drops them."""
     ev = ItemTokensEvent(7, [1, 9, 17], [3, 40], "abc", 100, 100, False, [1, 4, 2], [5, 2**26 - 1])
@@ -72,13 +72,13 @@ def test_item_tokens_v3_adds_category_tokens_and_reads_older_versions(codec):
     data = codec.encode(rec, "ItemTokensEvent")
     assert struct.unpack(">I", data[1:5])[0] == TOKENS_V3
     assert ItemTokensEvent.from_record(codec.decode(data)) == ev
-    v2 = {k: v for k, v in rec.items() if k != "category_tokens"}
+    v2 = {k: v for k, v in rec.items() if k != "lexical_tokens"}
     v1 = {k: v for k, v in v2.items() if k != "coarse_tokens"}
     for old, sid in ((v2, TOKENS_V2), (v1, TOKENS_V1)):
         raw = codec.encode(old, schema_id=sid)
-        assert ItemTokensEvent.from_record(codec.decode(raw)).category_tokens == []
+        assert ItemTokensEvent.from_record(codec.decode(raw)).lexical_tokens == []
         resolved = codec.decode(raw, reader_schema_id=TOKENS_V3)
-        assert resolved["category_tokens"] == [] and ItemTokensEvent.from_record(resolved).category_tokens == []
+        assert resolved["lexical_tokens"] == [] and ItemTokensEvent.from_record(resolved).lexical_tokens == []
     assert ItemTokensEvent.from_record(codec.decode(codec.encode(v2, schema_id=TOKENS_V2))).coarse_tokens == [1, 4, 2]
     assert codec.decode(data, reader_schema_id=TOKENS_V2) == v2
 

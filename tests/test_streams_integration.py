@@ -34,7 +34,7 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
     from streams.feast_sink import FeastSink, to_utc
     from streams.pairs import load_pairs
     from streams.publisher import publish_kind, publish_raw
-    from tokenizer.categories import category_tokens
+    from tokenizer.lexical import lexical_tokens
     from tokenizer.hybrid import HybridTokenizer
 
     cfg = kafka_config
@@ -95,7 +95,7 @@ def test_worker_end_to_end(kafka_config, feast_repo, tiny_tokenizer, ml_slice, t
         assert row["gen_tokens"] == t.gen_tokens and row["mem_tokens"] == t.mem_tokens
         assert row["tokenizer_version"] == tok.version and row["created_at"] == items[iid].created_at
         assert row["retired"] is (iid == retired.item_id)
-        assert row["category_tokens"] == category_tokens(items[iid].genres)  # the item event's categories
+        assert row["lexical_tokens"] == lexical_tokens(items[iid].genres, items[iid].title)  # the item event's categories
 
     # -- user features and item counters online == the reference's final state
     users_tl, items_tl = reference(its, gen_of)

@@ -119,3 +119,35 @@ def test_count_params_splits_tables_from_dense(cfg):
         assert dense + sparse == sum(p.numel() for p in m.parameters())
     assert counts["trm"][0] > counts["two_gram"][0]  # the generative head is dense
     assert isinstance(TRM(cfg).gen_emb, GenTokenEmbedding)
+
+
+def test_warm_start_linear_fit_matches_a_logistic_regression_and_the_deep_part_starts_at_zero():
+    """Learner.fit_linear fits each wide logit to convergence on standardized features (the warm
+    start's step 3): its training logloss equals scikit-learn's logistic regression on the same
+    rows; an untrained model's logit is its linear part alone; the wide rate then drops."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    from trainer.learner import Learner, LearnerConfig
+
+    cfg = small_config()
+    df = joined_frame(400, seed=3)
+    b, _ = featurizer(cfg)(df)
+    b.label = (b.stats[:, 4] + 0.5 * torch.randn(len(b), generator=torch.Generator().manual_seed(0)) > 0).float()
+    lr = Learner(["trm"], cfg, LearnerConfig(seed=0, wide_lr_after_fit=1e-3))
+    m = lr.models["trm"]
+    view = b.select(m.inputs)
+    loss = lr.fit_linear(b, l2=0.0)["trm"]
+    xs = m.dense_inputs(view).numpy()
+    ref = LogisticRegression(C=1e6, max_iter=5000).fit(xs, b.label.numpy())
+    assert loss == pytest.approx(log_loss(b.label.numpy(), ref.predict_proba(xs)[:, 1]), abs=2e-3)
+    assert np.allclose(m.stats_scale.mean.numpy(), b.stats[:, :cfg.n_stats].mean(0).numpy(), atol=1e-5)
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(m(view), m.wide_dense(m.dense_inputs(view)).squeeze(-1), atol=1e-6)
+    assert lr.optimizers["trm"].param_groups[1]["lr"] == 1e-3
+    # the scale is fitted once: later training rows do not move it
+    mean = m.stats_scale.mean.clone()
+    lr.train_model("trm", b.slice(slice(0, 64)))
+    assert torch.equal(m.stats_scale.mean, mean)

@@ -5,7 +5,7 @@ from tests.trainer_fixtures import (
     T0,
     TOKENIZER_VERSION,
     Event,
-    category_tokens,
+    lexical_tokens,
     coarse_tokens,
     event_stream,
     feature_rows,
@@ -38,7 +38,7 @@ def store(tmp_path_factory, stream):
     sink.write("item_stats", [dict(item_id=probe.item_id, item_n_interactions=10**6, item_n_positives=10**6,
                                    event_timestamp=probe.event_time + 1)], online=False)
     sink.write("item_tokens", [dict(item_id=probe.item_id, gen_tokens=[15, 31, 47], mem_tokens=[7],
-                                    coarse_tokens=[15, 9, 8], category_tokens=FUTURE_CATEGORIES,
+                                    coarse_tokens=[15, 9, 8], lexical_tokens=FUTURE_CATEGORIES,
                                     tokenizer_version="future-version", created_at=0, retired=True,
                                     event_timestamp=probe.event_time + 3600)], online=False)
     # another item re-published with new categories in the very second of one of its events (all else
@@ -46,7 +46,7 @@ def store(tmp_path_factory, stream):
     same = stream[SAME_SECOND]
     gen, mem = item_tokens(same.item_id)
     sink.write("item_tokens", [dict(item_id=same.item_id, gen_tokens=gen, mem_tokens=mem,
-                                    coarse_tokens=coarse_tokens(same.item_id), category_tokens=SAME_SECOND_CATEGORIES,
+                                    coarse_tokens=coarse_tokens(same.item_id), lexical_tokens=SAME_SECOND_CATEGORIES,
                                     tokenizer_version=TOKENIZER_VERSION, retired=False,
                                     created_at=next(e.event_time for e in stream if e.item_id == same.item_id) - 60,
                                     event_timestamp=same.event_time)], online=False)
@@ -74,7 +74,7 @@ def test_planted_future_values_are_never_seen(store, stream):
     row = df.iloc[10]
     assert row["item_id"] == probe.item_id and list(row["gen_tokens"]) == item_tokens(probe.item_id)[0]
     assert list(row["coarse_tokens"]) == coarse_tokens(probe.item_id)  # the item's tokens as published, not later ones
-    assert list(row["category_tokens"]) == category_tokens(probe.item_id)
+    assert list(row["lexical_tokens"]) == lexical_tokens(probe.item_id)
     assert 999_999 not in list(row["hist_item_ids"] if row["hist_item_ids"] is not None else [])
     # the same entities asked for *after* the planted time do see them: the plant is real
     # (stream events are 10 s apart, so nothing else lands between the plant and these probes)
@@ -84,26 +84,26 @@ def test_planted_future_values_are_never_seen(store, stream):
     assert seen["item_n_interactions"].iloc[1] == 10**6
     assert seen["tokenizer_version"].iloc[2] == "future-version"
     assert list(seen["coarse_tokens"].iloc[2]) == [15, 9, 8]
-    assert list(seen["category_tokens"].iloc[2]) == FUTURE_CATEGORIES
-    assert list(seen["category_tokens"].iloc[1]) == category_tokens(probe.item_id)  # 2 s after: not the plant yet
+    assert list(seen["lexical_tokens"].iloc[2]) == FUTURE_CATEGORIES
+    assert list(seen["lexical_tokens"].iloc[1]) == lexical_tokens(probe.item_id)  # 2 s after: not the plant yet
 
 
-def test_planted_category_tokens_are_never_seen_early_nor_in_their_own_second(store, stream):
+def test_planted_lexical_tokens_are_never_seen_early_nor_in_their_own_second(store, stream):
     """Category tokens re-published at an event's own second: that event and every earlier one read
     the ones published before; the next second reads the new ones (the plant is real)."""
     same = stream[SAME_SECOND]
     df = historical_features(store, events_frame(stream[:200]))
-    planted = [list(v) == SAME_SECOND_CATEGORIES for v in df["category_tokens"]]
-    for e, got, p in zip(stream[:200], df["category_tokens"], planted):
+    planted = [list(v) == SAME_SECOND_CATEGORIES for v in df["lexical_tokens"]]
+    for e, got, p in zip(stream[:200], df["lexical_tokens"], planted):
         if e.item_id == same.item_id and e.event_time > same.event_time:
             assert p, e  # a later event of the item reads the re-published categories
         else:
-            assert not p and list(got) == category_tokens(e.item_id), e
+            assert not p and list(got) == lexical_tokens(e.item_id), e
     assert sum(1 for e in stream[:200] if e.item_id == same.item_id and e.event_time > same.event_time) >= 1
     seen = historical_features(store, events_frame([Event(same.user_id, same.item_id, 0, same.event_time + dt)
                                                     for dt in (0, 1)]))
-    assert list(seen["category_tokens"].iloc[0]) == category_tokens(same.item_id)  # its own second: before
-    assert list(seen["category_tokens"].iloc[1]) == SAME_SECOND_CATEGORIES
+    assert list(seen["lexical_tokens"].iloc[0]) == lexical_tokens(same.item_id)  # its own second: before
+    assert list(seen["lexical_tokens"].iloc[1]) == SAME_SECOND_CATEGORIES
 
 
 def test_own_label_never_leaks(store, stream):

@@ -1,5 +1,6 @@
 """Per-user online weights (trainer/models/user_weights.py): second-by-second ordering, the
 point-in-time rule, learning, and the table travelling with the checkpoint."""
+import pytest
 import torch
 
 from tests.trainer_fixtures import joined_frame, small_config
@@ -104,8 +105,8 @@ def test_token_models_key_on_tokens_and_only_the_id_baseline_on_the_id():
     batch, _ = Featurizer.for_config(cfg, None)(df.sort_values("event_time", kind="stable"))
     trm, idm = build_model("trm", cfg), build_model("id", cfg)
     k = trm.online_keys(batch.select(trm.inputs))  # item_id is None in TRM's view
-    L, M, C, G = cfg.num_levels, batch.mem.shape[1], cfg.coarse_keys, batch.category.shape[1]
-    assert G == 8 and cfg.category_keys
+    L, M, C, G = cfg.num_levels, batch.mem.shape[1], cfg.coarse_keys, batch.lexical.shape[1]
+    assert G == 18 and cfg.lexical_keys
     assert k.shape == (len(batch), L + M + C + G)
     same = (batch.gen[:, 0].unsqueeze(1) == batch.gen[:, 0].unsqueeze(0))
     assert torch.equal(k[:, 0].unsqueeze(1) == k[:, 0].unsqueeze(0), same)  # level-1 prefix key = the first code
@@ -115,21 +116,24 @@ def test_token_models_key_on_tokens_and_only_the_id_baseline_on_the_id():
     assert torch.equal(alt[coarse >= 0], coarse[coarse >= 0] * 16) and bool((alt[coarse < 0] == -1).all())
     known = batch.known
     assert torch.equal(k[known, 0], batch.gen[known, 0] * 16)
-    # the item's category tokens: their own namespace (11), -1 pads stay padding; read for every item
-    cat, ck = batch.category, k[:, L + M + C:]
-    assert bool((cat >= 0).any()) and torch.equal(ck[cat >= 0], cat[cat >= 0] * 16 + 11)
-    assert bool((ck[cat < 0] == -1).all())
+    # the item's lexical tokens: categories in namespace 11, title words in 12, -1 pads stay padding;
+    # read for every item
+    lex, lk = batch.lexical, k[:, L + M + C:]
+    cat, title = (lex >= 0) & (lex < 2**26), lex >= 2**26
+    assert bool(cat.any()) and torch.equal(lk[cat], lex[cat] * 16 + 11)
+    assert bool(title.any()) and torch.equal(lk[title], lex[title] * 16 + 12)
+    assert bool((lk[lex < 0] == -1).all())
     legacy = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 not in ("coarse_keys",
-                                                                                            "category_keys")})
-    assert not legacy.category_keys
+                                                                                            "lexical_keys")})
+    assert not legacy.lexical_keys
     assert build_model("trm", legacy).online_keys(batch.select(trm.inputs)).shape == (len(batch), L + M)
-    no_cat = RankerConfig.from_dict({**cfg.to_dict(), "category_keys": False})
+    no_cat = RankerConfig.from_dict({**cfg.to_dict(), "lexical_keys": False})
     assert torch.equal(build_model("trm", no_cat).online_keys(batch.select(trm.inputs)), k[:, :L + M + C])
-    assert "category" in build_model("trm_no_ntp", cfg).inputs
+    assert "lexical" in build_model("trm_no_ntp", cfg).inputs
     # the baselines are ablations of the item side: they neither read nor key on categories
     for name in ("id", "gen_only", "two_gram", "prefix_ngram"):
         m = build_model(name, cfg)
-        assert "category" not in m.inputs, name
+        assert "lexical" not in m.inputs, name
         assert m.online_keys(batch.select(m.inputs)).shape[1] in (1, L, L + batch.two_gram.shape[1]), name
     assert torch.equal(idm.online_keys(batch.select(idm.inputs))[:, 0] // 16, batch.item_id)
     old = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 != "online_keys"})
@@ -178,3 +182,30 @@ def test_the_stacking_weight_learns_to_discount_an_overconfident_ranker_without_
     old = {k: v for k, v in small_config().to_dict().items() if k != "stack_lr"}
     assert build_model("trm", RankerConfig.from_dict(old)).user_weights.stack_lr is None  # old checkpoints load
     assert RankerConfig().stack_lr == 0.1
+
+
+def test_a_namespace_learns_only_the_parts_its_rates_allow():
+    """Category keys (11) learn a user x key cross and no global weight; title words (12) a global
+    weight and no cross (trainer/models/config.py: category_lr, title_lr); other keys both."""
+    from trainer.models.user_weights import CATEGORY_NS, TITLE_NS, key
+
+    uw = UserWeights(bits=12, key_lr=0.1, key_global_lr=0.05, ns_rates={CATEGORY_NS: (0.0, 0.1), TITLE_NS: (0.1, 0.0)})
+    users, stats = torch.tensor([1, 2]), torch.zeros(2, N_DENSE)
+    keys = torch.cat([key(torch.tensor([[3], [3]]), 0), key(torch.tensor([[3], [3]]), CATEGORY_NS),
+                      key(torch.tensor([[3], [3]]), TITLE_NS)], 1)  # (2, 3)
+    x = uw.inputs(stats, keys)
+    F = 1 + len(uw.cols)
+    # columns: F head, then 3 global parts, then 3 crosses
+    assert x[:, F:].tolist() == [[1, 0, 1, 1, 1, 0]] * 2
+    r = uw.rates(keys, 2)
+    assert r[0, F:].tolist() == pytest.approx([0.05, 0.0, 0.1, 0.1, 0.1, 0.0])
+    # user 1 learns a positive on the three keys; user 2 then sees only the global parts: key 0 and the title word
+    uw.score_then_learn(torch.zeros(1), users[:1], stats[:1], torch.ones(1), torch.tensor([0]), keys[:1])
+    only_global = uw.logits(users[1:], stats[1:], keys[1:])
+    title_only = UserWeights(bits=12, ns_rates={CATEGORY_NS: (0.0, 0.1), TITLE_NS: (0.1, 0.0)})
+    title_only.score_then_learn(torch.zeros(1), users[:1], stats[:1], torch.ones(1), torch.tensor([0]), keys[:1, 2:])
+    assert float(only_global) > 0 and float(title_only.logits(users[1:], stats[1:], keys[1:, 2:])) > 0
+    cat_only = UserWeights(bits=12, ns_rates={CATEGORY_NS: (0.0, 0.1), TITLE_NS: (0.1, 0.0)})
+    cat_only.score_then_learn(torch.zeros(1), users[:1], stats[:1], torch.ones(1), torch.tensor([0]), keys[:1, 1:2])
+    assert float(cat_only.logits(users[1:], stats[1:], keys[1:, 1:2])) == 0  # no global weight: user 2 sees nothing
+    assert float(cat_only.logits(users[:1], stats[:1], keys[:1, 1:2])) > 0  # user 1's own cross

@@ -41,11 +41,11 @@ def coarse_tokens(item_id: int) -> list[int]:
 GENRES = ("Action", "Comedy", "Drama", "Romance", "Sci-Fi", "Thriller", "Animation")
 
 
-def category_tokens(item_id: int) -> list[int]:
-    """The item's published categories (one to three genres) as the item agent writes them."""
-    from tokenizer.categories import category_tokens as tokens
+def lexical_tokens(item_id: int) -> list[int]:
+    """The item's published categories (one to three genres) and title ("Film <id>") as the item agent writes them."""
+    from tokenizer.lexical import lexical_tokens as tokens
 
-    return tokens([GENRES[(item_id * k) % len(GENRES)] for k in range(1, 2 + item_id % 3)])
+    return tokens([GENRES[(item_id * k) % len(GENRES)] for k in range(1, 2 + item_id % 3)], f"Film {item_id}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def feature_rows(events: list[Event], hist_len: int = 8) -> dict[str, list[dict]
     for it, t in first.items():
         gen, mem = item_tokens(it)
         rows["item_tokens"].append(dict(item_id=it, gen_tokens=gen, mem_tokens=mem, coarse_tokens=coarse_tokens(it),
-                                        category_tokens=category_tokens(it), tokenizer_version=TOKENIZER_VERSION,
+                                        lexical_tokens=lexical_tokens(it), tokenizer_version=TOKENIZER_VERSION,
                                         created_at=t - 60, retired=False, event_timestamp=t - 60))
     hist: dict[int, list[int]] = {}
     ucount: dict[int, list[int]] = {}
@@ -126,7 +126,7 @@ def joined_frame(n: int = 64, seed: int = 0, null_every: int = 5) -> pd.DataFram
             user_id=int(rng.integers(1, 20)), item_id=it, label=int(rng.integers(2)), event_time=T0 + i,
             gen_tokens=None if missing else np.array(gen), mem_tokens=None if missing else np.array(mem),
             coarse_tokens=None if missing else np.array(coarse_tokens(it)),
-            category_tokens=None if missing else np.array(category_tokens(it)),
+            lexical_tokens=None if missing else np.array(lexical_tokens(it)),
             tokenizer_version=None if missing else TOKENIZER_VERSION, created_at=np.nan if missing else T0 - 100,
             retired=None if missing else False,
             hist_gen_tokens=np.array([g for x in h for g in item_tokens(x)[0]]) if h else None,

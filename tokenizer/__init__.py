@@ -2,7 +2,7 @@
 
 Modules, one concept each: `encoder` (frozen MiniLM), `alignment` (collaborative projection),
 `rq_kmeans` (gen-tokens), `bpe` (mem-tokens), `ngrams` (comparison tokenizations),
-`categories` (the item's published categories as tokens), `hybrid`
+`lexical` (the words of the item's categories and title as tokens), `hybrid`
 (the fitted whole: fit and encode), `artifact` (its versioned, checksummed directory: save and
 load), `manifest` (the sha256-manifest helper the trainer's checkpoints share), `errors` (the
 `TokenizerError` root). The bottom layer: it imports nothing of the project's other packages

@@ -21,7 +21,7 @@ class Batch:
     gen: torch.Tensor | None = None  # (B, L) level-offset gen ids; unknown -> L*K + level
     mem: torch.Tensor | None = None  # (B, M) mem-token ids
     coarse: torch.Tensor | None = None  # (B, C) the item's nearest level-1 codes, nearest first; [:, 0] = gen[:, 0]
-    category: torch.Tensor | None = None  # (B, 8) the item's category tokens (tokenizer/categories.py), -1 pads
+    lexical: torch.Tensor | None = None  # (B, 18) the item's category, then title-word tokens (tokenizer/lexical.py), -1 pads
     hist_gen: torch.Tensor | None = None  # (B, H, L) history items' gen ids, oldest first
     two_gram: torch.Tensor | None = None  # (B, M) 2-gram ids of gen (comparison tokenization)
     prefix_ngram: torch.Tensor | None = None  # (B, M) prefix n-gram ids (SEMID)

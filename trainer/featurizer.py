@@ -19,16 +19,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tokenizer.categories import CATEGORY_BITS, MAX_CATEGORY_TOKENS
+from tokenizer.lexical import LEXICAL_BITS, MAX_LEXICAL_TOKENS
 
 from .batch import Batch
 from .features import COUNT_COLUMNS, dense_features
 from .models.config import RankerConfig
 
-ITEM_COLUMNS = ("gen_tokens", "mem_tokens", "coarse_tokens", "category_tokens", "tokenizer_version", "retired",
+ITEM_COLUMNS = ("gen_tokens", "mem_tokens", "coarse_tokens", "lexical_tokens", "tokenizer_version", "retired",
                 "created_at")
 MAX_COARSE = 8  # most coarse tokens (nearest level-1 codes) read per item
-MAX_CATEGORY = MAX_CATEGORY_TOKENS  # most category tokens read per item (8: all the item agent writes)
+MAX_LEXICAL = MAX_LEXICAL_TOKENS  # most lexical tokens read per item (18: all the item agent writes)
 HISTORY_COLUMNS = ("hist_gen_tokens", "hist_item_ids")
 RECENT_COLUMNS = ("recent_item_ids", "recent_gen_tokens", "recent_labels", "last_event_time")
 STAT_COLUMNS = COUNT_COLUMNS
@@ -118,10 +118,10 @@ class Featurizer:
         st = FeaturizeStats(rows=n)
         unknown = [L * K + l for l in range(L)]
         col = lambda c: df[c].tolist() if c in df.columns else [None] * n  # noqa: E731
-        gens, mems, coarse, cats, known = [], [], [], [], []
+        gens, mems, coarse, lex, known = [], [], [], [], []
         versions = col("tokenizer_version")
         for g, m, c, v, a in zip(col("gen_tokens"), col("mem_tokens"), col("coarse_tokens"), versions,
-                                 col("category_tokens")):
+                                 col("lexical_tokens")):
             g = _ints(g)
             ok = self._valid_gen(g)
             if ok and self.tokenizer_version is not None and v != self.tokenizer_version:
@@ -132,10 +132,10 @@ class Featurizer:
             mems.append((_ints(m) or []) if ok else [])
             c = (_ints(c) or []) if ok else []
             coarse.append(c if all(0 <= x < K for x in c) else [])  # level-1 codes; a bad list is dropped
-            # the item event's categories: content of the item, not of the artifact, so read even when
+            # the item event's categories and title words: content of the item, not of the artifact, so read even when
             # its tokens are unusable (another version); a bad list is dropped
             a = _ints(a) or []
-            cats.append(a if all(0 <= x < 1 << CATEGORY_BITS for x in a) else [])
+            lex.append(a if all(0 <= x < 1 << LEXICAL_BITS for x in a) else [])
         st.unknown_item = n - sum(known)
         st.retired = sum(1 for r in col("retired") if r is True or r == 1)
 
@@ -171,7 +171,7 @@ class Featurizer:
             gen=gen,
             mem=_pad(mems, self.max_wide),
             coarse=_pad(coarse, MAX_COARSE),
-            category=_pad(cats, MAX_CATEGORY),
+            lexical=_pad(lex, MAX_LEXICAL),
             hist_gen=torch.from_numpy(hist_gen),
             item_id=torch.tensor(df["item_id"].to_numpy(np.int64)),
             hist_ids=hist_ids,

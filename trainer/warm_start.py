@@ -8,22 +8,27 @@ training, then online training). Here:
 2. both are point-in-time joined through the trainer's own joiner (Feast
    `get_historical_features`, trainer/pit_join.py) in slices of `join_batch` events, and
    featurized once;
-3. each epoch every model takes optimizer steps over the training rows in a fresh random order
+3. each model's linear (wide) logit on the request-time features is fitted alone, to convergence,
+   on the training rows (`Learner.fit_linear`: L-BFGS, features standardized on those rows); the
+   deep part, whose output starts at 0, then learns what it leaves (validation window, trm, seeds
+   0 / 1: the ranker alone 0.7462 / 0.7534 AUC -> 0.7628 / 0.7651; with the per-user table 0.7725 /
+   0.7727 -> 0.7742 / 0.7738);
+4. each epoch every model takes optimizer steps over the training rows in a fresh random order
    of blocks of `shuffle_block` consecutive events (one generator, seeded: the run is
    reproducible), then scores the validation window. Blocks, not rows: a minibatch of
    consecutive events holds a few users' sessions, and on the validation window of
    ml-latest-small (trm_no_ntp, 2 seeds, two epochs) blocks of 256 scored 0.755 AUC against
    0.747 for a row shuffle;
-4. each model keeps the weights (and optimizer state) of its best validation AUC; training stops
+5. each model keeps the weights (and optimizer state) of its best validation AUC; training stops
    when no model improved for `patience` epochs or after `max_epochs`;
-5. the per-user weights (trainer/models/user_weights.py) of the kept models learn the training rows
+6. the per-user weights (trainer/models/user_weights.py) of the kept models learn the training rows
    once, in time order, and so do the peers (trainer.peers), event by event in time order: their
    natural regime, and what they would have seen had they followed the stream;
-6. the start of the validation window becomes the checkpoint's `trained_until`: a follower
+7. the start of the validation window becomes the checkpoint's `trained_until`: a follower
    (`trm train --follow`) skips the events before it, which the weights already hold, and learns
    the validation window prequentially, once, like any later event.
 
-Nothing is written before step 6: a warm start that crashes leaves no checkpoint, and running it
+Nothing is written before step 7: a warm start that crashes leaves no checkpoint, and running it
 again starts over from fresh weights (`trm train --epochs` refuses a directory that already holds
 a checkpoint, so it never mixes a warm start into a run in progress).
 
@@ -65,6 +70,7 @@ class WarmStartConfig:
     shuffle_block: int = 256  # consecutive events kept together when an epoch is shuffled (1: rows)
     step_rows: int = 8192  # rows handed to Learner.train_model at once (it steps every `minibatch` of them)
     seed: int = 0
+    fit_linear: bool = True  # fit the models' wide logits to convergence first (Learner.fit_linear)
 
 
 @dataclass
@@ -149,6 +155,8 @@ def warm_start(trainer, events: pd.DataFrame, cfg: WarmStartConfig | None = None
     trainer.fstats.add(fsv)
 
     learner = trainer.learner
+    if cfg.fit_linear:
+        learner.fit_linear(train)
     y_valid = valid.label.numpy()
     gen = torch.Generator().manual_seed(cfg.seed)
     best = {n: (-np.inf, 0, None) for n in learner.names}  # auc, epoch, (model state, optimizer state)

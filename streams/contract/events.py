@@ -93,14 +93,14 @@ class ItemTokensEvent:
     event_time: int
     retired: bool = False
     coarse_tokens: list[int] = field(default_factory=list)  # v2: nearest level-1 codes ([] from a v1 record)
-    # v3: the item event's categories as tokens (tokenizer/categories.py; [] from a v1/v2 record)
-    category_tokens: list[int] = field(default_factory=list)
+    # v3: the words of the item event's categories and title as tokens (tokenizer/lexical.py; [] from a v1/v2 record)
+    lexical_tokens: list[int] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, rec: dict) -> "ItemTokensEvent":
         return cls(rec["item_id"], list(rec["gen_tokens"]), list(rec["mem_tokens"]), rec["tokenizer_version"],
                    rec["created_at"], rec["event_time"], bool(rec.get("retired", False)),
-                   list(rec.get("coarse_tokens") or []), list(rec.get("category_tokens") or []))
+                   list(rec.get("coarse_tokens") or []), list(rec.get("lexical_tokens") or []))
 
     def to_record(self) -> dict:
         return asdict(self)

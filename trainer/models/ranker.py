@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .config import RankerConfig
-from .user_weights import UserWeights, key
+from .user_weights import CATEGORY_NS, TITLE_NS, UserWeights, key
 
 
 class HistoryPool(nn.Module):
@@ -39,6 +39,35 @@ class HistoryPool(nn.Module):
         v = self.v(hist).view(B, -1, nh, hd).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, nh, N_u, hd)
         return self.out(y.transpose(1, 2).reshape(B, -1, D))
+
+
+class StatsScale(nn.Module):
+    """Standardizes the request-time features with the mean / std of the first rows trained on.
+
+    Why: the features live on very different scales (log1p hours since the user's last event up to
+    18, a rate logit within ±3, shares near 0), and Adam's steps are the same size in weight space
+    whatever an input's scale: a feature of mean 8 moves the logit eight times as far per step as
+    one of mean 1. Frozen after the first training rows (labelled past the trainer already owns, so
+    no row is scaled by its own future); buffers, so checkpoints and serving carry them.
+    """
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("inv_std", torch.ones(n))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @torch.no_grad()
+    def fit_once(self, x: torch.Tensor) -> None:
+        # x (B, F): the first rows trained on; later calls change nothing
+        if bool(self.fitted) or len(x) < 2:
+            return
+        self.mean.copy_(x.mean(0))
+        self.inv_std.copy_(1.0 / x.std(0).clamp_min(0.05))
+        self.fitted.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std  # (B, F)
 
 
 class Ranker(nn.Module):
@@ -72,10 +101,16 @@ class Ranker(nn.Module):
         elif cfg.history != "positives":
             raise ValueError(f"unknown history {cfg.history!r}: recent | positives")
         self.wide_dense = nn.Linear(cfg.n_stats, 1) if cfg.wide_dense else None
+        self.stats_scale = StatsScale(cfg.n_stats) if cfg.stats_scale else None
+        if cfg.stats_scale:  # the deep part starts at 0: an untrained model is its linear part alone
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
         # buffers, not parameters: learned online by the Learner, never by the optimizer
         self.user_weights = UserWeights(cfg.user_bits, cfg.user_lr, key_lr=cfg.key_lr,
                                         power=cfg.user_power, features=tuple(cfg.user_features.split(",")),
-                                        stack_lr=cfg.stack_lr) if cfg.user_weights else None
+                                        stack_lr=cfg.stack_lr, key_global_lr=cfg.key_global_lr,
+                                        ns_rates={CATEGORY_NS: (0.0, cfg.category_lr), TITLE_NS: (cfg.title_lr, 0.0)}
+                                        ) if cfg.user_weights else None
 
     @property
     def recent(self) -> bool:
@@ -130,7 +165,7 @@ class Ranker(nn.Module):
         """(B,) logits."""
         if context is None:
             context = self.context_tokens(batch)
-        dense = batch.stats[:, :self.cfg.n_stats]  # (B, F)
+        dense = self.dense_inputs(batch)  # (B, F)
         stats = self.stats_proj(dense).unsqueeze(1)  # (B, 1, D)
         x = torch.cat([context, self.item_tokens(batch), stats], 1)  # (B, T, D)
         x = self.backbone(x)
@@ -138,6 +173,11 @@ class Ranker(nn.Module):
         if self.wide_dense is not None:
             logit = logit + self.wide_dense(dense).squeeze(-1)
         return logit
+
+    def dense_inputs(self, batch) -> torch.Tensor:
+        """(B, F) the request-time features the backbone and the wide logit read (standardized)."""
+        dense = batch.stats[:, :self.cfg.n_stats]
+        return dense if self.stats_scale is None else self.stats_scale(dense)
 
     def forward(self, batch) -> torch.Tensor:
         return self.score(batch)

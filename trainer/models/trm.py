@@ -14,11 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.lexical import TITLE_OFFSET
+
 from .config import RankerConfig
 from .embedding import GenTokenEmbedding, HashedBagEmbedding
 from .generative import GenerativeHead
 from .ranker import Ranker
-from .user_weights import key
+from .user_weights import CATEGORY_NS, TITLE_NS, key
 
 
 class DeepGenTokens(nn.Module):
@@ -71,7 +73,7 @@ class TRM(Ranker):
 
     def __init__(self, cfg: RankerConfig, generative: bool = True):
         super().__init__(cfg)
-        self.inputs = ("gen", "mem", "coarse", "category",
+        self.inputs = ("gen", "mem", "coarse", "lexical",
                        *self.history_inputs(cfg, ("recent_gen",), ("hist_gen",)), "stats", "label", "known")
         self.gen_emb = GenTokenEmbedding(cfg.num_levels, cfg.codebook_size, cfg.d_model)
         self.deep = DeepGenTokens(cfg, self.gen_emb, cfg.token_dropout)
@@ -88,13 +90,16 @@ class TRM(Ranker):
     def item_keys(self, batch) -> torch.Tensor:
         # gen prefixes (B, L) + mem-tokens (B, M) [+ next-nearest level-1 codes (B, C), keyed as the
         # first prefix is: a code's key is the same whether it is the item's own or its neighbour]
-        # [+ category tokens (B, 8), namespace 11: the item's published categories (config.category_keys)]
+        # [+ lexical tokens (B, 18): the words of the item's categories (namespace 11) and title (12),
+        #  config.lexical_keys; the table learns each kind at its own rates (config.category_lr, title_lr)]
         keys = [self.gen_prefix_keys(self.cfg, batch.gen), key(batch.mem, 8)]
         n = self.cfg.coarse_keys
         if n and batch.coarse is not None:
             keys.append(key(batch.coarse[:, 1:1 + n], 0))  # (B, n); -1 pads stay padding
-        if self.cfg.category_keys and batch.category is not None:
-            keys.append(key(batch.category, 11))  # (B, 8); -1 pads stay padding
+        if self.cfg.lexical_keys and batch.lexical is not None:
+            lex = batch.lexical  # (B, 18); -1 pads stay padding
+            ns = torch.where(lex >= TITLE_OFFSET, TITLE_NS, CATEGORY_NS)
+            keys.append(torch.where(lex >= 0, lex * 16 + ns, torch.full_like(lex, -1)))
         return torch.cat(keys, 1)
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

@@ -59,6 +59,9 @@ _MIX_U, _MIX_J = 0x9E3779B1, 0x85EBCA77  # odd multipliers of a multiplicative h
 _KEY_SALT, _CROSS_SALT = 0x2545F491, 0x6A09E667
 
 
+CATEGORY_NS, TITLE_NS = 11, 12  # namespaces of lexical tokens (tokenizer/lexical.py) among the online keys
+
+
 def key(value: torch.Tensor, namespace: int) -> torch.Tensor:
     """An online key of `namespace` (0-15) for non-negative int64 values; -1 (padding) stays -1."""
     return torch.where(value >= 0, value * 16 + namespace, torch.full_like(value, -1))
@@ -66,7 +69,8 @@ def key(value: torch.Tensor, namespace: int) -> torch.Tensor:
 
 class UserWeights(nn.Module):
     def __init__(self, bits: int = 18, lr: float = 0.1, g0: float = 1e-2, features: tuple[str, ...] = FEATURES,
-                 key_lr: float | None = None, power: float = 0.5, stack_lr: float | None = None):
+                 key_lr: float | None = None, power: float = 0.5, stack_lr: float | None = None,
+                 key_global_lr: float | None = None, ns_rates: dict[int, tuple[float, float]] | None = None):
         super().__init__()
         self.stack_lr = stack_lr
         if stack_lr is not None:  # one global weight on the ranker's own logit, and its AdaGrad sum
@@ -74,6 +78,12 @@ class UserWeights(nn.Module):
         self.power = power
         self.lr, self.mask, self.bits = lr, (1 << bits) - 1, bits
         self.key_lr = lr if key_lr is None else key_lr
+        # per key namespace (the low 4 bits of a key): the rate of its global weight and of its user
+        # × key cross; 0 leaves that part out. Namespaces not in `ns_rates` use (key_global_lr, key_lr)
+        rates = torch.tensor([[self.key_lr if key_global_lr is None else key_global_lr, self.key_lr]] * 16)
+        for ns, (g, c) in (ns_rates or {}).items():
+            rates[ns] = torch.tensor([g, c])
+        self.register_buffer("ns_rates", rates, persistent=False)  # (16, 2): global, cross
         self.register_buffer("cols", torch.tensor([IDX[f] for f in features], dtype=torch.long), persistent=False)
         self.register_buffer("w", torch.zeros(1 << bits))  # weights
         self.register_buffer("g", torch.full((1 << bits,), g0))  # AdaGrad: running sum of squared gradients
@@ -91,18 +101,27 @@ class UserWeights(nn.Module):
         return torch.cat([s, glob, cross], 1)
 
     def inputs(self, stats: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-        # stats (B, N_DENSE), keys (B, M) -> (B, 1+F [+2M]): 1 (the bias), the features, 1 per real key (twice)
+        # stats (B, N_DENSE), keys (B, M) -> (B, 1+F [+2M]): 1 (the bias), the features, then per key
+        # 1 for its global part and 1 for its cross where the key is real and its namespace learns that part
         x = torch.cat([stats.new_ones(stats.shape[0], 1), stats[:, self.cols]], 1)
         if keys is None:
             return x
-        k = (keys >= 0).to(x.dtype)
-        return torch.cat([x, k, k], 1)
+        r = self.key_rates(keys)  # (B, 2M)
+        real = (keys >= 0).repeat(1, 2)  # (B, 2M)
+        return torch.cat([x, (real & (r > 0)).to(x.dtype)], 1)
 
-    def rates(self, n_cols: int) -> torch.Tensor:
-        # (n_cols,) AdaGrad rate per input column: `lr` for the user's bias and features, `key_lr` for keys
-        r = torch.full((n_cols,), self.key_lr)
-        r[:1 + len(self.cols)] = self.lr
-        return r
+    def key_rates(self, keys: torch.Tensor) -> torch.Tensor:
+        # keys (B, M) -> (B, 2M): each key's global rate, then each key's cross rate (by its namespace)
+        r = self.ns_rates[keys.clamp_min(0) & 15]  # (B, M, 2)
+        return torch.cat([r[..., 0], r[..., 1]], 1)
+
+    def rates(self, keys: torch.Tensor | None, n: int) -> torch.Tensor:
+        # (n, C) or (C,) AdaGrad rate per input column: `lr` for the user's bias and features, the
+        # namespace's rates for keys
+        head = torch.full((1 + len(self.cols),), self.lr)
+        if keys is None:
+            return head
+        return torch.cat([head.expand(n, -1), self.key_rates(keys)], 1)
 
     def logits(self, users: torch.Tensor, stats: torch.Tensor, keys: torch.Tensor | None = None,
                base: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +137,7 @@ class UserWeights(nn.Module):
                          ) -> torch.Tensor:
         """(B,) combined logits of rows in event-time order, each second scored before it is learned."""
         s_all, x_all = self.slots(users, keys), self.inputs(stats, keys)  # (B, C) each
-        lr = self.rates(x_all.shape[1])  # (C,)
+        lr_all = self.rates(keys, len(base))  # (B, C) or (C,)
         out = torch.empty_like(base)
         cut = torch.nonzero(seconds[1:] != seconds[:-1]).flatten() + 1
         bounds = [0, *cut.tolist(), len(base)]
@@ -134,6 +153,7 @@ class UserWeights(nn.Module):
                 self.stack[1] += (gs * gs).sum()
                 self.stack[0] -= self.stack_lr * gs.sum() / self.stack[1].pow(self.power)
             grad = err.unsqueeze(1) * x  # (n, C) d logloss / d w
+            lr = lr_all if lr_all.dim() == 1 else lr_all[a:b]
             self.g.index_add_(0, s.flatten(), (grad * grad).flatten())
             self.w.index_add_(0, s.flatten(), (-lr * grad / self.g[s].pow(self.power)).flatten())
         return out

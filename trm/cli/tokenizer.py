@@ -348,7 +348,7 @@ def _token_publisher(bootstrap: str | None):
             (str(r["item_id"]).encode(),
              codec.encode(ItemTokensEvent(r["item_id"], r["gen_tokens"], r["mem_tokens"], r["tokenizer_version"],
                                           r["created_at"], r["event_timestamp"], r["retired"],
-                                          r["coarse_tokens"], r["category_tokens"]).to_record(), "ItemTokensEvent"))
+                                          r["coarse_tokens"], r["lexical_tokens"]).to_record(), "ItemTokensEvent"))
             for r in rows])
     return publish
 
