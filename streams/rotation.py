@@ -1,7 +1,10 @@
 """The recorded tokenizer rotation: which artifact tokenizes which event times (`trm tokenizer rotate`).
 
 A rotation is one JSON record, `<feast repo>/rotation.json`: every worker and the backfill
-already point at the Feast repo, so it is the one place they all read. It names the artifact in
+already point at the Feast repo, so it is the one place they all read. Where each process has
+its own copy of the repo (the image's, as in deploy/k8s and docker-compose), `TRM_ROTATION_FILE`
+names a file on a volume they all mount instead (there: the artifacts volume, beside the
+artifacts the record names). It names the artifact in
 use (`from`), the next one (`to`) and the rotation time `at` (epoch seconds, event time).
 
 Why event time and not processing order: a token row is then a pure function of (text, event
@@ -34,6 +37,7 @@ from pathlib import Path
 from .errors import StreamsError
 
 ROTATION_FILE = "rotation.json"
+ROTATION_FILE_ENV = "TRM_ROTATION_FILE"  # where the record lives when not in the repo (a shared volume)
 
 
 class RotationError(StreamsError, ValueError):
@@ -66,7 +70,10 @@ class Rotation:
 
 
 def rotation_path(repo: str | Path) -> Path:
-    return Path(repo) / ROTATION_FILE
+    """`$TRM_ROTATION_FILE` when set (every process of a deployment must see the same record), else
+    `<repo>/rotation.json`."""
+    shared = os.environ.get(ROTATION_FILE_ENV)
+    return Path(shared) if shared else Path(repo) / ROTATION_FILE
 
 
 def read_rotation(repo: str | Path) -> Rotation | None:

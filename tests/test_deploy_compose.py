@@ -74,10 +74,11 @@ def yaml_vars(path: Path) -> set[str]:
 
 
 def _config_env_names() -> set[str]:
-    """Every TRM_* variable the code reads (config, bootstrap, healthcheck)."""
+    """Every TRM_* variable the code reads (config, bootstrap, healthcheck, the rotation record)."""
     names: set[str] = set()
     for path in (REPO_ROOT / "streams" / "kafka_config.py", REPO_ROOT / "trm" / "config.py",
-                 REPO_ROOT / "streams" / "contract" / "topics.py", REPO_ROOT / "deploy" / "bootstrap.py"):
+                 REPO_ROOT / "streams" / "contract" / "topics.py", REPO_ROOT / "deploy" / "bootstrap.py",
+                 REPO_ROOT / "streams" / "rotation.py"):
         names |= set(re.findall(r'"(TRM_[A-Z_]+)"', path.read_text()))
     return names
 

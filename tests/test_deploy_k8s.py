@@ -328,3 +328,56 @@ def test_prometheus_scrapes_the_server_the_workers_and_the_trainer():
                 assert port == "8000", t
             else:
                 assert f"--metrics-port {port}" in text and "--metrics-host 0.0.0.0" in text, (t, text)
+
+
+def test_rotation_job_records_where_every_worker_reads_and_its_commands_parse(base):
+    """The rotation template (a suspended CronJob: `kubectl create job --from=cronjob/...`) writes
+    the record at $TRM_ROTATION_FILE on the artifacts volume, which every worker mounts; it writes
+    the offline store where the definitions read; its two commands parse with the real CLI."""
+    from streams.feast_sink import offline_dir
+    from trm.cli import build_parser
+
+    cron = _by_kind(base, "CronJob")["trm-tokenizer-rotate"]
+    assert cron["spec"]["suspend"] is True
+    job = {"kind": "Job", "metadata": {"name": "rotate"}, "spec": cron["spec"]["jobTemplate"]["spec"]}
+    pod, c = _pod(job), _pod(job)["containers"][0]
+    cms, pvcs = _by_kind(base, "ConfigMap"), _by_kind(base, "PersistentVolumeClaim")
+    kust = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert c["image"] in {i["name"] for i in kust["images"]}
+    env = {}
+    for src in c["envFrom"]:
+        if "configMapRef" in src:
+            env.update(cms[src["configMapRef"]["name"]]["data"])
+    assert {"TRM_ROTATION_FILE", "TRM_ROTATION_ARTIFACT", "TRM_ROTATION_AT", "TRM_FEAST_REPO"} <= set(env)
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert set(claims.values()) <= set(pvcs)
+
+    def claim_of(container, path, pod_claims):  # the PVC a path is on, and whether it is mounted writable
+        for m in container["volumeMounts"]:
+            if path.startswith(m["mountPath"] + "/"):
+                return pod_claims.get(m["name"]), not m.get("readOnly")
+        return None, False
+
+    record = env["TRM_ROTATION_FILE"]
+    assert claim_of(c, record, claims) == ("trm-artifacts", True)
+    assert claim_of(c, env["TRM_ROTATION_ARTIFACT"], claims) == ("trm-artifacts", True)
+    offline = str(offline_dir(env["TRM_FEAST_REPO"], "x"))
+    assert claim_of(c, offline, claims) == ("trm-offline", True)
+    for w in _workloads(base):  # every pod that runs a worker reads the same record
+        if w["metadata"]["name"] == "trm-worker":
+            wc = _pod(w)["containers"][0]
+            wclaims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in _pod(w)["volumes"]
+                       if "persistentVolumeClaim" in v}
+            assert claim_of(wc, record, wclaims)[0] == "trm-artifacts"
+    script = c["command"][2].replace('${TRM_ROTATION_FROM:+--from "$TRM_ROTATION_FROM"}',
+                                     "--from /var/lib/trm/artifacts/tokenizer")  # as a first rotation runs it
+    for name, value in env.items():
+        script = script.replace(f'"${name}"', value)
+    parser = build_parser()
+    for cmd in script.split("&&"):
+        argv = cmd.split()
+        assert argv[0] == "trm"
+        try:
+            parser.parse_args(argv[1:])
+        except SystemExit as exc:
+            pytest.fail(f"`{cmd.strip()}` is rejected by the CLI (exit {exc.code})")

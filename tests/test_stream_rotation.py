@@ -246,3 +246,24 @@ def test_cli_help_and_rotate(feast_repo, tiny_tokenizer, new_artifact, capsys): 
                  "--from", str(tiny_tokenizer), "--at", "2020-09-13T12:26:40"]) == 0
     rot = read_rotation(feast_repo)
     assert rot.at == 1_600_000_000 and not rot.backfilled and rot.to_artifact == str(new_artifact.resolve())
+    # the same rotation again (a retried job): the record, and its T, stay as they are
+    assert main(["tokenizer", "rotate", "--repo", str(feast_repo), "--artifact", str(new_artifact), "--at", "now"]) == 0
+    assert read_rotation(feast_repo) == rot
+
+
+def test_the_record_lives_where_trm_rotation_file_says(feast_repo, tiny_tokenizer, new_artifact, tmp_path,  # noqa: F811
+                                                       monkeypatch):
+    """Each pod of a deployment has its own copy of the repo: $TRM_ROTATION_FILE names one record
+    on a volume they all mount (deploy/k8s, docker-compose), read by rotate, workers and backfill alike."""
+    from streams.rotation import RotationWatch, read_rotation, rotation_path
+    from trm.cli import main
+
+    shared = tmp_path / "artifacts" / "rotation.json"
+    shared.parent.mkdir()
+    monkeypatch.setenv("TRM_ROTATION_FILE", str(shared))
+    assert rotation_path(feast_repo) == shared
+    assert main(["tokenizer", "rotate", "--repo", str(feast_repo), "--artifact", str(new_artifact),
+                 "--from", str(tiny_tokenizer), "--at", "2020-09-13T12:26:40"]) == 0
+    assert shared.is_file() and not (feast_repo / "rotation.json").exists()
+    assert read_rotation(feast_repo).at == 1_600_000_000
+    assert RotationWatch(feast_repo).current().at == 1_600_000_000

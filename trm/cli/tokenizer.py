@@ -48,7 +48,7 @@ def register(subparsers) -> None:
 
     ro = sub.add_parser("rotate", help="record a rotation: the stream's workers switch to a new artifact at a time T "
                                        "(streams/rotation.py)",
-                        description="Write <repo>/rotation.json: item events at or after --at are tokenized by "
+                        description="Write <repo>/rotation.json ($TRM_ROTATION_FILE if set): item events at or after --at are tokenized by "
                                     "--artifact, earlier ones by --from; user rows at or after --at wait for "
                                     "`trm tokenizer backfill`. Running workers re-read the record; no restart needed. "
                                     "Both artifacts must verify against the installed encoder.")
@@ -254,7 +254,7 @@ def parse_time(value: str) -> int:
 def cmd_rotate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from streams.rotation import Rotation, RotationError, read_rotation, write_rotation
+    from streams.rotation import Rotation, RotationError, read_rotation, rotation_path, write_rotation
     from tokenizer.artifact import verify
     from tokenizer.errors import ArtifactError
     from trm.config import feast_repo_path
@@ -264,6 +264,12 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     try:
         at = parse_time(args.at)
         cur = read_rotation(repo)
+        if cur is not None and cur.to_version == verify(args.artifact) and not args.old:
+            # the same rotation again (a retried job): keep its T, or a backfill in progress would
+            # be stamped at two times
+            console.print(f"already recorded in {rotation_path(repo)}: {cur.from_version} -> {cur.to_version} at "
+                          f"{cur.at}{' (backfilled)' if cur.backfilled else ''}; nothing changed")
+            return 0
         old = args.old or (cur.to_artifact if cur is not None else None)
         if old is None:
             console.print("[red]error:[/red] no rotation recorded yet: pass --from, the artifact the workers run")
