@@ -138,6 +138,9 @@ def _write_items(cfg: BackfillConfig, sink: FeastSink, tok, texts: dict[int, str
             live[iid] = r
         if r.get("tokenizer_version") == version and (iid not in b_gen or ts > b_gen[iid][0]):
             b_gen[iid] = (ts, list(r["gen_tokens"]))
+    # items the workers already tokenized with B after T (an update processed mid-rotation): their
+    # caches hold those newer tokens, as the online store does; the row at T must not replace them
+    newer_b = {iid for iid, (ts, _) in b_gen.items() if ts > T}
     todo = []
     for iid in sorted(live):
         r = live[iid]
@@ -161,8 +164,9 @@ def _write_items(cfg: BackfillConfig, sink: FeastSink, tok, texts: dict[int, str
                 b_gen[r["item_id"]] = (T, list(t.gen_tokens))
             sink.write_offline(ITEMS, out)
             sink.write_online(ITEMS, [r for r in out if newest[r["item_id"]] <= T])  # never over a newer row
-            if publish is not None:
-                publish(out)
+            pub = [r for r in out if r["item_id"] not in newer_b]  # last record wins in the caches
+            if publish is not None and pub:
+                publish(pub)
             rep.items_written += len(out)
             bar.update(len(out))
     return {iid: g for iid, (_, g) in b_gen.items()}

@@ -267,3 +267,227 @@ def test_the_record_lives_where_trm_rotation_file_says(feast_repo, tiny_tokenize
     assert shared.is_file() and not (feast_repo / "rotation.json").exists()
     assert read_rotation(feast_repo).at == 1_600_000_000
     assert RotationWatch(feast_repo).current().at == 1_600_000_000
+
+
+# -- end to end: the real `trm worker` process and the real broker across `rotate` and `backfill` --
+
+FRESH = 900_001  # an item created after T
+
+
+def _status(repo) -> dict:
+    try:
+        return json.loads((repo / "stream_state" / "status.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _wait(what: str, cond, worker, log_path, timeout: float = 90.0) -> None:
+    """Poll `cond()` until true; fail at the deadline or when the worker exits, with its log."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert worker.poll() is None, f"the worker exited while waiting for {what}:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {_status_text(worker)}"
+        time.sleep(0.1)
+
+
+def _status_text(worker) -> str:
+    return getattr(worker, "_status", lambda: "")()
+
+
+def _counts(repo) -> tuple[int, int, int, int]:
+    st = _status(repo)
+    return (st.get("items", {}).get("processed", 0), st.get("interactions", {}).get("processed", 0),
+            st.get("interactions", {}).get("parked", 0), st.get("item_stats", {}).get("processed", 0))
+
+
+def _state_at(timeline: list, t: int):
+    """The reference state after every event <= t (stream_checks.reference's timeline)."""
+    last = None
+    for ts, snap in timeline:
+        if ts > t:
+            break
+        last = snap
+    return last
+
+
+@pytest.mark.integration
+def test_rotation_through_the_running_worker_and_the_broker(  # noqa: F811
+        broker, feast_repo, tiny_tokenizer, new_artifact, ml_slice, tmp_path):
+    """Issue 15 end to end: `trm worker` (a subprocess) runs on the Tansu broker with A while
+    `trm tokenizer rotate` records B at T (no restart), item events and interactions on both
+    sides of T arrive, and `trm tokenizer backfill --bootstrap` teaches the worker's token cache
+    B's tokens through `item_tokens`. Checked through Feast: answers before T unchanged and A's,
+    from T B's, a late item event (before T) A's, each interaction after T parked until the
+    backfill and then in its user's rows exactly once, the item counters counting it once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from streams.backfill import read_rows
+    from streams.contract.topics import create_topics
+    from streams.feast_sink import FeastSink
+    from streams.kafka_config import KafkaConfig
+    from streams.publisher import publish_kind
+    from streams.rotation import read_rotation
+    from tests.stream_checks import HISTORY_LEN, reference
+    from tests.streams_fixtures import ROOT
+    from tokenizer.hybrid import HybridTokenizer
+    from trm.cli import main
+
+    started = time.monotonic()
+    cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
+    create_topics(cfg)
+    items, _ = ml_slice
+    tok_a, tok_b = HybridTokenizer.load(tiny_tokenizer), HybridTokenizer.load(new_artifact)
+
+    def gen(tok, text: str) -> list[int]:
+        return list(tok.encode_texts([text])[0].gen_tokens)
+
+    catalogue = [ItemEvent.from_item(it, event_time=T0) for it in list(items.values())[:N_ITEMS]]
+    ids = [ev.item_id for ev in catalogue]
+    text0 = {ev.item_id: ev.text for ev in catalogue}
+    # the late event (before T, processed after the switch) and the upsert after T change the text;
+    # pick items where the artifacts' tokens tell the cases apart, so the assertions mean something
+    late_text = {i: text0[i] + " A restored director's cut with a darker ending." for i in ids}
+    up_text = {i: "A remake set in space: astronauts, aliens and a starship far from home. " + text0[i] for i in ids}
+    lt = next(i for i in ids if gen(tok_a, late_text[i]) != gen(tok_b, late_text[i]))
+    up = next(i for i in ids if i != lt and gen(tok_b, up_text[i]) != gen(tok_b, text0[i]))
+    src = items[lt]
+    late = ItemEvent(lt, src.title, late_text[lt], list(src.genres), src.created_at, T0 + 50)
+    src = items[up]
+    upsert = ItemEvent(up, src.title, up_text[up], list(src.genres), src.created_at, T + 200)
+    fresh = ItemEvent(FRESH, "new film", "a brand new film about rotations", ["Drama"], T + 100, T + 100)
+
+    def ev(k: int, user: int, item: int, label: int, t: int) -> InteractionEvent:
+        return InteractionEvent(f"e{k}", user, item, label, t)
+
+    before = [ev(k, *e) for k, e in enumerate(interactions(ids))]
+    mid_before = [ev(100, 4, ids[7], 1, T - 50)]  # before T, arriving mid-rotation: applied at once with A
+    after = [ev(200 + k, *e) for k, e in enumerate([(1, ids[5], 1, T + 300), (2, FRESH, 1, T + 400),
+                                                    (3, up, 1, T + 500), (4, ids[11], 1, T + 600),
+                                                    (1, ids[9], 0, T + 700), (2, up, 1, T + 800)])]
+    everything = sorted(before + mid_before + after, key=lambda e: e.event_time)
+
+    env = dict(os.environ, TRM_KAFKA_BOOTSTRAP=broker.bootstrap, TRM_KAFKA_SESSION_TIMEOUT_MS="6000")
+    env.pop("TRM_ROTATION_FILE", None)
+    log_path = tmp_path / "worker.log"
+    log = open(log_path, "a")
+    worker = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "trm.cli", "worker", "--repo", str(feast_repo),
+                               "--tokenizer", str(tiny_tokenizer), "--history-len", str(HISTORY_LEN)],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker._status = lambda: f"{_status(feast_repo)}\n{log_path.read_text()[-3000:]}"  # type: ignore[attr-defined]
+    timings = {}
+    try:
+        # 1. before the rotation: A tokenizes the catalogue, interactions build the histories
+        publish_kind(cfg, "items", catalogue, progress=False)
+        publish_kind(cfg, "interactions", before, progress=False)
+        n0 = len(before)
+        _wait("the events before the rotation", lambda: _counts(feast_repo) == (N_ITEMS, n0, 0, n0), worker, log_path,
+              timeout=120)
+        timings["before"] = time.monotonic() - started
+        store = FeastSink(feast_repo).store
+        probes0 = [T0 + 1, T0 + 2_500, T0 + 6_001, T - 100]
+        past_users = pit(store, USER_FEATS, "user_id", USERS, probes0)
+        past_items = pit(store, ITEM_FEATS, "item_id", ids, probes0)
+        assert {r["tokenizer_version"] for r in past_users if r["user_n_events"]} == {tok_a.version}
+        assert all(r["gen_tokens"] == gen(tok_a, text0[r["item_id"]]) and r["tokenizer_version"] == tok_a.version
+                   for r in past_items)
+
+        # 2. the switch, with the real CLI while the worker runs
+        assert main(["tokenizer", "rotate", "--repo", str(feast_repo), "--artifact", str(new_artifact),
+                     "--from", str(tiny_tokenizer), "--at", str(T)]) == 0
+        assert read_rotation(feast_repo).at == T
+
+        # 3. mid-rotation: items after T (a new one, an upsert), a late one before T; interactions
+        publish_kind(cfg, "items", [fresh, upsert, late], progress=False)
+        _wait("the item events after the switch", lambda: _counts(feast_repo)[0] == N_ITEMS + 3, worker, log_path)
+        publish_kind(cfg, "interactions", mid_before + after, progress=False)
+        n1 = n0 + len(mid_before)
+        n_all = n1 + len(after)
+        _wait("the mid-rotation interactions", lambda: _counts(feast_repo) == (N_ITEMS + 3, n1, len(after), n_all),
+              worker, log_path)
+        timings["mid"] = time.monotonic() - started
+        # parked: no user row at or after T yet; the item counters count them already
+        user_rows = read_rows(feast_repo, "user_history")
+        assert [r for r in user_rows if r["event_timestamp"] >= T] == []
+        assert any(r["event_timestamp"] == T - 50 and r["user_id"] == 4 for r in user_rows)
+        stat_feats = ["item_stats:item_n_interactions", "item_stats:item_n_positives"]
+        counted = sorted({e.item_id for e in everything})
+        stat_probes = [T - 1, T + 450, T + 1_000]
+
+        def counters() -> list[dict]:
+            return pit(store, stat_feats, "item_id", counted, stat_probes)
+
+        def expected_counters() -> list[dict]:
+            return [{"item_id": i, "event_timestamp": t,
+                     "item_n_interactions": sum(1 for e in everything if e.item_id == i and e.event_time <= t) or None,
+                     "item_n_positives": sum(e.label for e in everything if e.item_id == i and e.event_time <= t)
+                     if any(e.item_id == i and e.event_time <= t for e in everything) else None}
+                    for i in counted for t in stat_probes]
+        assert counters() == expected_counters()
+
+        # 4. the backfill, with the real CLI: items and histories at T, B's tokens to the workers' caches
+        cat_file = tmp_path / "catalogue.jsonl"
+        cat_file.write_text("".join(json.dumps(e.to_record()) + "\n" for e in catalogue + [late, fresh, upsert]))
+        assert main(["tokenizer", "backfill", "--repo", str(feast_repo), "--items", str(cat_file),
+                     "--bootstrap", broker.bootstrap, "--quiet"]) == 0
+        rot = read_rotation(feast_repo)
+        assert rot.backfilled and rot.backfill["items_written"] == N_ITEMS and rot.backfill["users_written"] == 4
+        _wait("the parked interactions", lambda: _counts(feast_repo) == (N_ITEMS + 3, n_all, 0, n_all),
+              worker, log_path)
+        timings["applied"] = time.monotonic() - started
+        assert _status(feast_repo)["interactions"]["dead_lettered"] == 0
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+        log.close()
+    assert worker.returncode == 0, log_path.read_text()[-3000:]
+
+    # 5. the stores, through Feast
+    store = FeastSink(feast_repo).store
+    # before T: the answers of before the rotation (the late event changed only its own item, with A)
+    assert pit(store, USER_FEATS, "user_id", USERS, probes0) == past_users
+    assert [r for r in pit(store, ITEM_FEATS, "item_id", ids, probes0) if r["item_id"] != lt] == \
+        [r for r in past_items if r["item_id"] != lt]
+    for r in pit(store, ITEM_FEATS, "item_id", [lt], [T0 + 1, T0 + 50, T - 1]):
+        want = text0[lt] if r["event_timestamp"] < T0 + 50 else late_text[lt]
+        assert (r["gen_tokens"], r["tokenizer_version"]) == (gen(tok_a, want), tok_a.version), r  # late: A's
+    # from T: B's, from each item's text as of the row's time
+    b_at_t = {i: gen(tok_b, late_text[i] if i == lt else text0[i]) for i in ids}
+    assert any(b_at_t[i] != gen(tok_a, text0[i]) for i in ids)  # the test means something
+    for r in pit(store, ITEM_FEATS, "item_id", ids + [FRESH], [T, T + 150, T + 250, T + 1_000]):
+        i, t = r["item_id"], r["event_timestamp"]
+        if i == FRESH:
+            want = gen(tok_b, fresh.text) if t >= fresh.event_time else None
+        else:
+            want = gen(tok_b, up_text[i]) if i == up and t >= upsert.event_time else b_at_t[i]
+        assert r["gen_tokens"] == want, r
+        assert r["tokenizer_version"] == (tok_b.version if want is not None else None), r
+    # the item counters: every interaction counted once (none lost, none doubled by the parking)
+    assert counters() == expected_counters()
+    # user rows: every event exactly once; from T on version B and B's tokens for every event
+    b_now = {**b_at_t, up: gen(tok_b, up_text[up]), FRESH: gen(tok_b, fresh.text)}  # what the worker's cache has
+    users_tl, _ = reference(everything, b_now)
+    u_probes = [T - 1, T, T + 300, T + 450, T + 650, T + 1_000]
+    for r in pit(store, USER_FEATS, "user_id", USERS, u_probes):
+        u, t = r["user_id"], r["event_timestamp"]
+        ref = _state_at(users_tl[u], t)
+        assert (r["hist_item_ids"], r["recent_item_ids"], r["user_n_events"]) == \
+            (ref["hist_item_ids"], ref["recent_item_ids"], ref["user_n_events"]), (r, ref)
+        if t < T:
+            assert r["tokenizer_version"] == tok_a.version, r
+            continue
+        assert r["tokenizer_version"] == tok_b.version, r
+        # the row at T is the backfill's (each item's B tokens at T); later ones the worker's (its cache's)
+        toks = b_at_t if max(e.event_time for e in everything if e.user_id == u and e.event_time <= t) < T else b_now
+        assert r["hist_gen_tokens"] == [x for i in r["hist_item_ids"] for x in toks[i]], r
+        assert r["recent_gen_tokens"] == [x for i in r["recent_item_ids"] for x in toks[i]], r
+    online = FeastSink(feast_repo).read_online("user_history", list(USERS))
+    assert {online[u]["tokenizer_version"] for u in USERS} == {tok_b.version}
+    assert {u: online[u]["user_n_events"] for u in USERS} == {u: sum(e.user_id == u for e in everything) for u in USERS}
+    print(f"\nrotation end to end: {timings} (s since start), total {time.monotonic() - started:.1f} s")
