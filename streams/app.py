@@ -149,7 +149,7 @@ class StreamWorker:
                                     recent_len=self.s.recent_len, pair_window=self.s.pair_window,
                                     park_timeout_s=self.s.park_timeout_s, allowed_lateness_s=self.s.allowed_lateness_s,
                                     rotation=RotationWatch(self.s.repo_path), tokens_in=tokens.get_version,
-                                    version_now=lambda: tokens.latest_version)
+                                    version_now=lambda: tokens.latest_version, tokens_position=tokens.position)
 
     def _make_item_stats_processor(self):
         from .feast_sink import FeastSink

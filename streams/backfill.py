@@ -12,7 +12,9 @@ The steps, in this order (the whole rotation: streams/rotation.py):
   3. rewrite user histories: each user's latest row before T is re-stamped at T, and each row at
      or after T is rewritten at its own time, every event's tokens B's (`tokenizer_version` = B);
      online only where the row is the user's newest;
-  4. mark the rotation record `backfilled` (once: a later run leaves the first mark and report):
+  4. mark the rotation record `backfilled` (once: a later run leaves the first mark and report),
+     with how far the item_tokens topic holds the rows `publish` sent (`tokens_through`): a
+     worker applies parked events only once its token cache has read that far:
      workers then apply the interactions they parked mid-rotation.
 
 Why at T and nothing earlier: a point-in-time answer for a time before T reads rows before T only,
@@ -56,6 +58,8 @@ class BackfillReport:
     users_written: int = 0  # user rows written (re-stamped at T or rewritten after it)
     users_current: int = 0  # user rows already B's: skipped
     seconds: float = 0.0
+    # item_tokens partition -> offset after the last record `publish` sent (the record's tokens_through)
+    tokens_through: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,7 +101,7 @@ def read_rows(repo: Path, view: str) -> list[dict]:
 
 
 def backfill(cfg: BackfillConfig, tokenizer, texts: dict[int, str],
-             publish: Callable[[list[dict]], None] | None = None) -> BackfillReport:
+             publish: Callable[[list[dict]], dict[int, int] | None] | None = None) -> BackfillReport:
     """Steps 1-4 of the module docstring; `tokenizer` is the new artifact B (HybridTokenizer)."""
     start = time.perf_counter()
     sink = FeastSink(cfg.repo, writer_id=f"backfill-{tokenizer.version}")
@@ -114,7 +118,8 @@ def backfill(cfg: BackfillConfig, tokenizer, texts: dict[int, str],
     if rot is not None and rot.to_version == tokenizer.version and rot.at == cfg.at and not rot.backfilled:
         from dataclasses import replace
 
-        write_rotation(cfg.repo, replace(rot, backfilled_at=time.time(), backfill=rep.to_dict()))
+        write_rotation(cfg.repo, replace(rot, backfilled_at=time.time(), backfill=rep.to_dict(),
+                                         tokens_through=dict(rep.tokens_through) or None))
     return rep
 
 
@@ -166,7 +171,8 @@ def _write_items(cfg: BackfillConfig, sink: FeastSink, tok, texts: dict[int, str
             sink.write_online(ITEMS, [r for r in out if newest[r["item_id"]] <= T])  # never over a newer row
             pub = [r for r in out if r["item_id"] not in newer_b]  # last record wins in the caches
             if publish is not None and pub:
-                publish(pub)
+                for p, o in (publish(pub) or {}).items():
+                    rep.tokens_through[str(p)] = max(rep.tokens_through.get(str(p), 0), o)
             rep.items_written += len(out)
             bar.update(len(out))
     return {iid: g for iid, (_, g) in b_gen.items()}

@@ -35,8 +35,10 @@ than `park_timeout_s` is dead-lettered with the reason, and the user's queue mov
 Rotation (streams/rotation.py, with a `RotationWatch`): an event at t takes the tokens of the
 artifact of t (`tokens_in(item, version)`). An event at or after the rotation time that arrives
 before the backfill is done (*mid-rotation*) is accepted and forwarded to the item counters as any
-other, and parked for its user until the record says `backfilled`: it waits however long that
-takes (no timeout), so it is neither lost nor counted twice. Every user row at or after the
+other, and parked for its user until the record says `backfilled` and the token cache has read every
+item_tokens record the backfill sent (the record's `tokens_through`; the backfill marks the record
+before this worker's consumer has fetched them): it waits however long that takes (no timeout), so
+it is neither lost nor counted twice, and its row never mixes the old artifact's tokens in. Every user row at or after the
 rotation time shows the new artifact's tokens for all its events (`user_row`'s `retoken`) and
 carries its `tokenizer_version`.
 
@@ -81,12 +83,15 @@ class InteractionProcessor(PartitionedProcessor):
                  recent_len: int = DEFAULT_RECENT_LEN, pair_window: int = 5, park_timeout_s: float = 300.0,
                  codec: AvroCodec | None = None, allowed_lateness_s: float = DEFAULT_ALLOWED_LATENESS_S,
                  rotation: RotationWatch | None = None, tokens_in: Callable[[int, str], list[int] | None] | None = None,
-                 version_now: Callable[[], str | None] | None = None):
+                 version_now: Callable[[], str | None] | None = None,
+                 tokens_position: Callable[[int], int] | None = None):
         self.sink = sink
         self.rotation = rotation
         # (item, artifact version) -> gen-tokens, for a rotation (TokenCache.get_version)
         self.tokens_in = tokens_in or (lambda iid, version: tokens_of(iid))
         self.version_now = version_now  # the artifact of the tokens when no rotation is recorded
+        # item_tokens partition -> how far the token cache has read (TokenCache.position)
+        self.tokens_position = tokens_position
         self._rot: Rotation | None = None
         self.state_dir = Path(state_dir)
         self.pairs = PairWriter(pairs_dir) if pairs_dir else None
@@ -208,9 +213,16 @@ class InteractionProcessor(PartitionedProcessor):
         rot = self._rot
         if rot is None:
             return self.tokens_of(iid)
-        if rot.waits(t):
+        if self._waits(rot, t):
             return None
         return self.tokens_in(iid, rot.version_at(t))
+
+    def _waits(self, rot: Rotation, t: int) -> bool:
+        """An event at `t` waits for the backfill: until the record is marked and this worker's token
+        cache has read every item_tokens record the backfill sent."""
+        if rot.waits(t):
+            return True
+        return t >= rot.at and self.tokens_position is not None and not rot.tokens_read(self.tokens_position)
 
     def _retoken_at(self, t: int):
         """For a user row at `t` at or after the rotation time: item -> the new artifact's tokens."""
@@ -247,7 +259,7 @@ class InteractionProcessor(PartitionedProcessor):
                 for p in list(q):
                     if self._tokens(p.item_id, p.event_time) is not None:
                         ready.append((p.event_time, part, p.offset, st, p))
-                    elif self._rot is not None and self._rot.waits(p.event_time):
+                    elif self._rot is not None and self._waits(self._rot, p.event_time):
                         break  # mid-rotation: waits for the backfill, however long (never dead-lettered)
                     elif now - self._parked_since(p) > self.park_timeout_s:
                         ready.append((p.event_time, part, p.offset, st, p))  # dead-lettered below, in order

@@ -147,6 +147,16 @@ def publish_kind(config: KafkaConfig, kind: str, events: Sequence, **kw) -> Publ
 
 def publish_raw(config: KafkaConfig, topic: str, pairs: Iterable[tuple[bytes | None, bytes]]) -> int:
     """Send raw (key, value) bytes — for bad-input tests and replays of dead letters."""
+    return sum(_send_raw(config, topic, pairs)[1:])
+
+
+def publish_raw_through(config: KafkaConfig, topic: str, pairs: Iterable[tuple[bytes | None, bytes]]) -> dict[int, int]:
+    """`publish_raw`, returning per partition the offset after the last record acknowledged there:
+    a reader that has consumed that far has every one of them (the rotation backfill's mark)."""
+    return _send_raw(config, topic, pairs)[0]
+
+
+def _send_raw(config: KafkaConfig, topic: str, pairs) -> tuple[dict[int, int], int]:
     producer = make_producer(config)
     try:
         futs = [producer.send(config.topic(topic), key=k, value=v) for k, v in pairs]
@@ -154,6 +164,10 @@ def publish_raw(config: KafkaConfig, topic: str, pairs: Iterable[tuple[bytes | N
         bad = [f for f in futs if not f.succeeded()]
         if bad:
             raise PublishError(f"{len(bad)} of {len(futs)} raw records to {topic} were not acknowledged")
-        return len(futs)
+        through: dict[int, int] = {}
+        for f in futs:
+            md = f.value  # RecordMetadata of an acknowledged send
+            through[md.partition] = max(through.get(md.partition, 0), md.offset + 1)
+        return through, len(futs)
     finally:
         producer.close(timeout=10)

@@ -33,6 +33,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import StreamsError
 
@@ -53,6 +54,15 @@ class Rotation:
     at: int  # epoch seconds (event time): events at or after it belong to `to`
     backfilled_at: float | None = None  # wall clock when the backfill finished; None: not yet
     backfill: dict | None = None  # the backfill's report (rows written)
+    # item_tokens partition -> the offset after the backfill's last record there (JSON keys are
+    # strings). A worker's token cache must have read that far before a parked event at or after
+    # `at` is applied: the record is marked before the worker's own consumer has fetched the
+    # tokens, and a history row stamped `to` would otherwise keep `from`'s tokens for some items
+    tokens_through: dict[str, int] | None = None
+
+    def tokens_read(self, position: Callable[[int], int]) -> bool:
+        """Whether a cache at `position(partition)` has read every item_tokens record the backfill sent."""
+        return all(position(int(p)) >= o for p, o in (self.tokens_through or {}).items())
 
     def version_at(self, t: int) -> str:
         return self.to_version if t >= self.at else self.from_version

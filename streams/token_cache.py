@@ -14,7 +14,8 @@ then is in the cache). Not `end_offsets`: Tansu's ListOffsets answers the base o
 record batch + 1, an undercount (streams/broker.py), which would claim caught up mid-batch. The
 last record received for an item wins, as in the online stores (last write wins, the topic is
 keyed by item and written in the same order as Feast); `by_version` keeps each artifact's latest
-tokens of an item too, which the interaction agent reads across a rotation (streams/rotation.py).
+tokens of an item too, which the interaction agent reads across a rotation (streams/rotation.py),
+and `position(partition)` tells it whether the backfill's tokens have all been read yet.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class TokenCache:
         self.wake = asyncio.Event()
         self.codec = AvroCodec()
         self.received = 0
+        self.positions: dict[int, int] = {}  # partition -> offset after the last record read
         self._stopping = asyncio.Event()
         self._rewind = asyncio.Event()
 
@@ -53,6 +55,10 @@ class TokenCache:
 
     def get(self, item_id: int) -> list[int] | None:
         return self.gen.get(item_id)
+
+    def position(self, partition: int) -> int:
+        """The offset after the last record read from `partition` (0: none yet)."""
+        return self.positions.get(partition, 0)
 
     def get_version(self, item_id: int, version: str) -> list[int] | None:
         """The item's gen-tokens made by artifact `version` (the interaction agent across a rotation)."""
@@ -87,10 +93,12 @@ class TokenCache:
                     self._rewind.clear()
                     log.warning("re-reading %s from the beginning (its log was replaced)", self.topic)
                     await consumer.seek_to_beginning(*tps)
+                    self.positions.clear()
                 batches = await consumer.getmany(timeout_ms=200, max_records=5000)
                 new = 0
                 for msgs in batches.values():
                     for m in msgs:
+                        self.positions[m.partition] = m.offset + 1
                         try:
                             rec = self.codec.decode(m.value, expect="ItemTokensEvent")
                         except DecodeError as exc:  # our own output; a bad one is a bug worth a log line

@@ -344,13 +344,13 @@ def _token_publisher(bootstrap: str | None):
     from streams.contract.events import ItemTokensEvent
     from streams.contract.topics import ITEM_TOKENS
     from streams.kafka_config import KafkaConfig
-    from streams.publisher import publish_raw
+    from streams.publisher import publish_raw_through
 
     cfg = KafkaConfig.from_env(**({"bootstrap_servers": bootstrap} if bootstrap else {}))
     codec = AvroCodec()
 
-    def publish(rows: list[dict]) -> None:
-        publish_raw(cfg, ITEM_TOKENS, [
+    def publish(rows: list[dict]) -> dict[int, int]:
+        return publish_raw_through(cfg, ITEM_TOKENS, [
             (str(r["item_id"]).encode(),
              codec.encode(ItemTokensEvent(r["item_id"], r["gen_tokens"], r["mem_tokens"], r["tokenizer_version"],
                                           r["created_at"], r["event_timestamp"], r["retired"],
