@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-epochs", type=int, default=3)
     ap.add_argument("--config", default="", help="RankerConfig overrides, k=v comma separated (floats/ints/bools)")
     ap.add_argument("--learner", default="", help="LearnerConfig overrides, k=v comma separated")
+    ap.add_argument("--vw-extra", default="", help="extra Vowpal Wabbit arguments for the peer (e.g. '--ignore i': "
+                                                   "no item-id namespace), a diagnostic")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.assemble import TokenizerInfo, build_trainer
     from trainer.evaluate import window_events
     from trainer.metrics import auc
-    from trainer.peers import VWPeer, item_meta_of
+    from trainer.peers import DEFAULT_ARGS, VWPeer, item_meta_of
     from trainer.prequential import run_events
     from trainer.warm_start import WarmStartConfig, warm_start
     from trm import quiet_third_party_warnings
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tr = build_trainer(demo / "feature_repo", info, Path(tmp) / "ckpt", models, parse(args.config),
                            {"threads": 1, "seed": args.seed, **parse(args.learner)}, keep_predictions=True,
-                           peers={"vw": VWPeer(item_meta_of(ds.items), seed=args.seed)})
+                           peers={"vw": VWPeer(item_meta_of(ds.items), seed=args.seed,
+                                                  args=f"{DEFAULT_ARGS} {args.vw_extra}".strip())})
         rec: list[dict] = []
         learner = tr.learner
         own = learner.predict_then_learn_users
