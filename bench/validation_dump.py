@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-epochs", type=int, default=3)
     ap.add_argument("--config", default="", help="RankerConfig overrides, k=v comma separated (floats/ints/bools)")
     ap.add_argument("--learner", default="", help="LearnerConfig overrides, k=v comma separated")
+    ap.add_argument("--vw-args", default=None, help="the peer's Vowpal Wabbit arguments instead of trainer.peers.DEFAULT_ARGS")
     ap.add_argument("--vw-extra", default="", help="extra Vowpal Wabbit arguments for the peer (e.g. '--ignore i': "
                                                    "no item-id namespace), a diagnostic")
     ap.add_argument("--out", required=True)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         tr = build_trainer(demo / "feature_repo", info, Path(tmp) / "ckpt", models, parse(args.config),
                            {"threads": 1, "seed": args.seed, **parse(args.learner)}, keep_predictions=True,
                            peers={"vw": VWPeer(item_meta_of(ds.items), seed=args.seed,
-                                                  args=f"{DEFAULT_ARGS} {args.vw_extra}".strip())})
+                                                  args=f"{args.vw_args or DEFAULT_ARGS} {args.vw_extra}".strip())})
         rec: list[dict] = []
         learner = tr.learner
         own = learner.predict_then_learn_users
