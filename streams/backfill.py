@@ -162,7 +162,8 @@ def _write_items(cfg: BackfillConfig, sink: FeastSink, tok, texts: dict[int, str
             for r, t in zip(chunk, tok.encode_texts([texts[r["item_id"]] for r in chunk])):
                 out.append({"item_id": r["item_id"], "gen_tokens": list(t.gen_tokens), "mem_tokens": list(t.mem_tokens),
                             "coarse_tokens": list(t.coarse_tokens),
-                            # the item event's categories and title words, not the artifact's: kept from its latest row <= T
+                            # the item event's categories and title words, not the artifact's: kept from
+                            # its latest row <= T
                             "lexical_tokens": list(r.get("lexical_tokens") or []), "tokenizer_version": version,
                             "created_at": r.get("created_at"), "retired": bool(r.get("retired")),
                             "event_timestamp": T})

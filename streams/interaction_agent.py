@@ -38,8 +38,8 @@ before the backfill is done (*mid-rotation*) is accepted and forwarded to the it
 other, and parked for its user until the record says `backfilled` and the token cache has read every
 item_tokens record the backfill sent (the record's `tokens_through`; the backfill marks the record
 before this worker's consumer has fetched them): it waits however long that takes (no timeout), so
-it is neither lost nor counted twice, and its row never mixes the old artifact's tokens in. Every user row at or after the
-rotation time shows the new artifact's tokens for all its events (`user_row`'s `retoken`) and
+it is neither lost nor counted twice, and its row never mixes the old artifact's tokens in. Every
+user row at or after the rotation time shows the new artifact's tokens for all its events (`user_row`'s `retoken`) and
 carries its `tokenizer_version`.
 
 Point in time: a row stamped at t reflects exactly the events with event_time <= t: a user row at t

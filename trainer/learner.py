@@ -114,9 +114,7 @@ class Learner:
         for n, m in self.models.items():
             if m.wide_dense is None:
                 continue
-            x = batch.stats[:, :m.cfg.n_stats]
-            if m.stats_scale is not None:
-                m.stats_scale.fit_once(x)
+            m.fit_stats_scale(batch.stats)
             with torch.no_grad():
                 xs = m.dense_inputs(batch)  # (B, F)
             y, lin = batch.label, m.wide_dense
@@ -148,8 +146,7 @@ class Learner:
         acc: dict[str, float] = {}
         k = 0
         view = batch.select(m.inputs)
-        if m.stats_scale is not None:
-            m.stats_scale.fit_once(view.stats[:, :m.cfg.n_stats])
+        m.fit_stats_scale(view.stats)
         for _ in range(lc.epochs_per_batch):
             for s in range(0, len(batch), lc.minibatch):
                 loss, _, p = m.loss(view.slice(slice(s, s + lc.minibatch)))

@@ -9,8 +9,8 @@ from ..features import N_DENSE
 # older config describes: `from_dict` fills a missing field with it, so old checkpoints still load.
 LEGACY_VALUES = {"history": "positives", "wide_dense": False, "ntp_tied_grad": True, "ntp_mean_levels": False,
                  "ntp_item_grad": True, "user_weights": False,
-                 "online_keys": False, "user_power": 0.5, "stack_lr": None, "coarse_keys": 0, "stats_scale": False, "key_global_lr": None,
-                 "lexical_keys": False}
+                 "online_keys": False, "user_power": 0.5, "stack_lr": None, "coarse_keys": 0,
+                 "stats_scale": False, "key_global_lr": None, "lexical_keys": False}
 
 
 @dataclass

@@ -174,6 +174,11 @@ class Ranker(nn.Module):
             logit = logit + self.wide_dense(dense).squeeze(-1)
         return logit
 
+    def fit_stats_scale(self, stats: torch.Tensor) -> None:
+        """Fix the features' standardization from the first rows trained on (no-op after, or without it)."""
+        if self.stats_scale is not None:
+            self.stats_scale.fit_once(stats[:, :self.cfg.n_stats])
+
     def dense_inputs(self, batch) -> torch.Tensor:
         """(B, F) the request-time features the backbone and the wide logit read (standardized)."""
         dense = batch.stats[:, :self.cfg.n_stats]

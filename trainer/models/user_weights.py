@@ -12,9 +12,9 @@ peer's pace:
 
     x = a few request-time features (FEATURES)
     k = the item's online keys (`Ranker.online_keys`: TRM's gen-token prefixes, mem-tokens,
-        next-nearest level-1 codes and category tokens (the item's published categories), the ID
-        baseline's item id): a global weight per key and a user × key cross, VW's `-q ug -q ut`
-        on this system's own categories
+        next-nearest level-1 codes and lexical tokens (the words of the item's categories and
+        title), the ID baseline's item id): a global weight per key and a user × key cross, each
+        namespace at its own rates (`ns_rates`), VW's `-q ug -q ut` on this system's own categories
 
 s is one global weight on the ranker's own logit (`stack_lr`, stacking): on the validation
 window the ranker's logit is over-confident for users it has not seen (it fits the warm-start rows

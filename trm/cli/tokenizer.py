@@ -48,9 +48,9 @@ def register(subparsers) -> None:
 
     ro = sub.add_parser("rotate", help="record a rotation: the stream's workers switch to a new artifact at a time T "
                                        "(streams/rotation.py)",
-                        description="Write <repo>/rotation.json ($TRM_ROTATION_FILE if set): item events at or after --at are tokenized by "
-                                    "--artifact, earlier ones by --from; user rows at or after --at wait for "
-                                    "`trm tokenizer backfill`. Running workers re-read the record; no restart needed. "
+                        description="Write <repo>/rotation.json ($TRM_ROTATION_FILE if set): item events at or "
+                                    "after --at are tokenized by --artifact, earlier ones by --from; user rows at or "
+                                    "after --at wait for `trm tokenizer backfill`. Running workers re-read the record; no restart needed. "
                                     "Both artifacts must verify against the installed encoder.")
     ro.add_argument("--repo", default=None, help="the workers' Feast repo (default $TRM_FEAST_REPO)")
     ro.add_argument("--artifact", required=True, help="the new artifact (e.g. a `trm tokenizer refit` output)")
@@ -264,7 +264,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     try:
         at = parse_time(args.at)
         cur = read_rotation(repo)
-        if cur is not None and cur.to_version == verify(args.artifact) and not args.old:
+        new_v = verify(args.artifact)  # hashes the artifact's files: once
+        if cur is not None and cur.to_version == new_v and not args.old:
             # the same rotation again (a retried job): keep its T, or a backfill in progress would
             # be stamped at two times
             console.print(f"already recorded in {rotation_path(repo)}: {cur.from_version} -> {cur.to_version} at "
@@ -274,7 +275,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         if old is None:
             console.print("[red]error:[/red] no rotation recorded yet: pass --from, the artifact the workers run")
             return 2
-        old_v, new_v = verify(old), verify(args.artifact)
+        old_v = verify(old)
     except (ValueError, RotationError, ArtifactError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
