@@ -120,7 +120,8 @@ def train(repo: Path, tok, events, args, work: Path, name: str, prefetch: bool, 
     shutil.rmtree(work / name, ignore_errors=True)  # a fresh run, never a resume of an earlier one
     tr = build_trainer(repo, tok, work / name / "ckpt", args.models.split(","),
                        config=dict(d_model=args.d_model, n_blocks=args.blocks),
-                       learner=dict(minibatch=args.minibatch, lr=args.lr, seed=seed),
+                       learner=dict(minibatch=args.minibatch, lr=args.lr, seed=seed,
+                                    **({"device": args.device} if args.device else {})),
                        log_path=work / name / "prequential.jsonl", checkpoint_every=args.checkpoint_every,
                        keep_predictions=True, peers={"vw": VWPeer(item_meta_of(items), seed=seed)} if items else None)
     (work / name).mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=2048, help="events per micro-batch (one PIT join)")
     ap.add_argument("--minibatch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--device", default=None, help="the rankers' device: auto | cpu | cuda (default: TRM_TRAINER_DEVICE, else auto)")
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--checkpoint-every", type=int, default=5)
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
     # the peer's row: what a user would pick instead, on the same events (its ratio is the headline)
 
     speed = Table(title=f"Trainer throughput ({len(tr.learner.names)} models + {len(tr.peers)} peer, micro-batch "
-                        f"{args.batch_size}, 1 torch thread)")
+                        f"{args.batch_size}, 1 torch thread, rankers on {tr.learner.device})")
     for c in ("run", "events", "events/s", "join wait", "join busy", "featurize", "predict", "train", "checkpoint"):
         speed.add_column(c, justify="right")
     rows = [("prefetched join", n, n / wall, shares["join_s"], t.join_busy_s / t.total_s, shares["featurize_s"],
@@ -261,7 +263,7 @@ def main(argv=None) -> int:
     plot_results(after, str(out / "auc_by_age.png"), "Prequential AUC by item age (events after the tokenizer cutoff)")
     plot_curves(str(work / "seed0" / "prequential.jsonl"), str(out / "prequential_auc.png"))
     (out / "trainer_bench.json").write_text(json.dumps({
-        "events": n, "wall_s": wall, "events_per_s": n / wall, "timings": vars(t), "no_prefetch": raw,
+        "events": n, "wall_s": wall, "events_per_s": n / wall, "device": str(tr.learner.device), "timings": vars(t), "no_prefetch": raw,
         "features": feats, "params": params, "warm_start": warm_runs, "examples_per_s_alone": by_model, "tokenizer": vars(tok), "overall": overall, "after_cutoff": after,
         "unknown_item_rows": tr.fstats.unknown_item, "args": vars(args)}, indent=1, default=str))
     log(f"wrote {out}/trainer_bench.json, auc_by_age.png, prequential_auc.png (work dir {work})")

@@ -43,6 +43,11 @@ class Batch:
         keep = set(names) | {"label", "known", "stats"}
         return replace(self, **{f.name: None for f in fields(self) if f.name not in keep})
 
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same inputs on `device` (the trainer's models may sit on a GPU; its table never does)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
     def slice(self, sl: slice) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
                                 if getattr(self, f.name) is not None})

@@ -100,6 +100,20 @@ def verify(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """The generators a resumed run needs to continue bit-identically: the CPU's, and CUDA's where a GPU is used."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(saved: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+
+
 def save_checkpoint(root: str | Path, models: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], state: TrainState, keep: int = 3) -> Path:
     """Write root/ckpt-<step> atomically, point root/LATEST at it, drop all but the newest `keep`."""
@@ -111,7 +125,7 @@ def save_checkpoint(root: str | Path, models: dict[str, torch.nn.Module],
             save_model(model, str(tmp / f"model.{name}.safetensors"))
         for name, opt in optimizers.items():
             torch.save(opt.state_dict(), tmp / f"optim.{name}.pt")
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_file(rng_state(), str(tmp / "rng.safetensors"))
         failpoint("trainer.mid_checkpoint")  # weights written, state and manifest not yet
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=1, sort_keys=True))
         mf.seal(tmp)  # fsync every file, then write the manifest of their digests last
@@ -152,9 +166,10 @@ def load_checkpoint(path: str | Path, models: dict[str, torch.nn.Module],
         f = path / f"optim.{name}.pt"
         if not f.exists():
             raise CheckpointError(f"{path} has no optimizer state for {name!r}")
-        opt.load_state_dict(torch.load(f, weights_only=True))
+        # moments load on the CPU, then move to each parameter's device (a GPU checkpoint resumes on a CPU)
+        opt.load_state_dict(torch.load(f, weights_only=True, map_location="cpu"))
     if restore_rng:
-        torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+        set_rng_state(load_file(str(path / "rng.safetensors")))
     return TrainState(**json.loads((path / STATE).read_text()))
 
 

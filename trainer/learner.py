@@ -5,17 +5,24 @@ metrics: the model has not trained on these rows yet), then each model takes its
 steps on it. Models share the global torch RNG in a fixed order, so a run restored from a
 checkpoint (which saves the RNG) continues bit-identically. The protocol around it (join,
 featurize, score, train, checkpoint, the reported metrics) is trainer/prequential.py.
+
+Device: the rankers' parameters live on `LearnerConfig.device` ("auto": CUDA when torch sees a
+GPU), each batch is moved there for their forward and backward passes, and logits come back to
+the CPU. The per-user table (models/user_weights.py) stays on the CPU: it learns second by
+second, a few rows per update, where a GPU would spend its time launching kernels.
 """
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .batch import Batch
+from .errors import TrainerError
 from .models import RankerConfig, build_model, count_params
 
 
@@ -40,6 +47,21 @@ class LearnerConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int | None = 1  # torch intra-op threads; small models run fastest on one (None: leave as is)
+    # where the rankers train: auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda | cuda:N;
+    # default from TRM_TRAINER_DEVICE (as the encoder's TRM_ENCODER_DEVICE)
+    device: str = field(default_factory=lambda: os.environ.get("TRM_TRAINER_DEVICE", "auto"))
+
+
+def trainer_device(name: str) -> torch.device:
+    """`name` resolved ("auto": CUDA when torch sees a GPU); a CUDA device torch cannot see is an error
+    naming the fix, not a crash at the first batch."""
+    from tokenizer.encoder import resolve_device
+
+    dev = torch.device(resolve_device(name))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainerError(f"trainer device {name!r}: torch sees no CUDA GPU here "
+                           "(use --device cpu or auto, or TRM_TRAINER_DEVICE=cpu)")
+    return dev
 
 
 class Learner:
@@ -47,11 +69,19 @@ class Learner:
         self.names, self.cfg, self.lcfg = list(names), cfg, lcfg or LearnerConfig()
         if self.lcfg.threads:
             torch.set_num_threads(self.lcfg.threads)
-        torch.manual_seed(self.lcfg.seed)
-        self.models = {n: build_model(n, cfg) for n in self.names}
+        torch.manual_seed(self.lcfg.seed)  # seeds CUDA's generators too
+        self.device = trainer_device(self.lcfg.device)
+        self.models = {n: self._place(build_model(n, cfg)) for n in self.names}
         self.optimizers = {n: self._optimizer(m) for n, m in self.models.items()}
         self.busy_s = {n: 0.0 for n in self.names}  # seconds each model spent scoring and training
         self.rows_trained = {n: 0 for n in self.names}
+
+    def _place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The ranker on the trainer's device, its per-user table on the CPU (see the module docstring)."""
+        model.to(self.device)
+        if getattr(model, "user_weights", None) is not None:
+            model.user_weights.to("cpu")
+        return model
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """Adam; the wide logit's parameters in their own group when `wide_lr` is set."""
@@ -74,7 +104,7 @@ class Learner:
         for n, m in self.models.items():
             t = time.perf_counter()
             m.eval()
-            out[n] = m(batch.select(m.inputs))
+            out[n] = m(batch.select(m.inputs).to(self.device)).float().cpu()
             self.busy_s[n] += time.perf_counter() - t
         return out
 
@@ -111,6 +141,7 @@ class Learner:
         The deep part then learns what the linear part leaves, and the wide rate drops to
         `wide_lr_after_fit`, so the fit is not undone by the deep part's noisy steps."""
         out = {}
+        batch = batch.to(self.device)
         for n, m in self.models.items():
             if m.wide_dense is None:
                 continue
@@ -145,7 +176,7 @@ class Learner:
         m.train()
         acc: dict[str, float] = {}
         k = 0
-        view = batch.select(m.inputs)
+        view = batch.select(m.inputs).to(self.device)
         m.fit_stats_scale(view.stats)
         for _ in range(lc.epochs_per_batch):
             for s in range(0, len(batch), lc.minibatch):

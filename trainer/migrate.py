@@ -72,7 +72,7 @@ def _copy_rows(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer | Non
         state = optimizer.state.get(param, {})
         tensors += [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
     for t in tensors:
-        t[dst] = t[src].clone()
+        t[dst.to(t.device)] = t[src.to(t.device)].clone()
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def _train(args) -> int:
     tr = build_trainer(feast_repo_path(args.repo), tok, ck, _models(args.models), config,
                        dict(lr=args.lr, wide_lr=args.wide_lr, minibatch=args.minibatch,
                             epochs_per_batch=args.epochs_per_batch,
-                            threads=args.threads),
+                            threads=args.threads, **({"device": args.device} if args.device else {})),
                        models_dir=args.models_dir or ck.parent / "models", publish_every=args.publish_every,
                        log_path=args.metrics_log or ck.parent / "prequential.jsonl",
                        checkpoint_every=args.checkpoint_every,
@@ -56,6 +56,7 @@ def _train(args) -> int:
 
         serve(TrainerMetrics(tr).registry, args.metrics_port, args.metrics_host)
         console.print(f"Prometheus /metrics on http://{args.metrics_host}:{args.metrics_port}/metrics")
+    console.print(f"rankers on {tr.learner.device}")
     for n, (dense, sparse) in tr.learner.param_counts().items():
         console.print(f"{n}: dense {dense:,} / sparse {sparse:,} parameters")
     if args.epochs and args.follow:
@@ -171,6 +172,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--wide-lr", type=float, default=1e-2,
                    help="learning rate of the linear logit on the request-time features")
     t.add_argument("--threads", type=int, default=1, help="torch threads")
+    t.add_argument("--device", default=None,
+                   help="where the rankers train: auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N "
+                        "(default: TRM_TRAINER_DEVICE, else auto). The per-user table stays on the CPU")
     t.add_argument("--join", choices=("index", "feast"), default="index",
                    help="point-in-time join per batch: 'index' reads each offline part file once and answers "
                         "recent batches in O(batch) (trainer/pit_index.py); 'feast' runs get_historical_features "

@@ -44,6 +44,7 @@ def build_report(cfg, ds, cutoff, tok, tr, st, marks, t_pub, t_inter, t_stream, 
             "trainer_examples_per_s": trained / t.total_s if t.total_s else None,  # every model and peer
             # each model alone: rows it scored and trained per second of its own compute
             "trainer_examples_per_s_by_model": tr.learner.examples_per_s(),
+            "trainer_device": str(tr.learner.device),
             "trainer_join_share": t.join_s / t.total_s if t.total_s else None,
             "trainer_peers_share": t.peers_s / t.total_s if t.total_s else None,
         },
