@@ -20,7 +20,7 @@ T0 = 1_600_000_000  # epoch seconds
 
 def small_config(**kw) -> RankerConfig:
     base = dict(num_levels=L, codebook_size=K, d_model=32, n_blocks=1, hist_len=8, max_wide=4,
-                wide_buckets=512, id_buckets=4096, n_heads=4)
+                wide_buckets=512, id_buckets=4096, n_heads=4, linear_bits=14)
     base.update(kw)
     return RankerConfig(**base)
 

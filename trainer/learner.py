@@ -79,8 +79,9 @@ class Learner:
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         """The ranker on the trainer's device, its per-user table on the CPU (see the module docstring)."""
         model.to(self.device)
-        if getattr(model, "user_weights", None) is not None:
-            model.user_weights.to("cpu")
+        for online in ("user_weights", "online_linear"):
+            if getattr(model, online, None) is not None:
+                getattr(model, online).to("cpu")
         return model
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -113,8 +114,9 @@ class Learner:
         return {n: torch.sigmoid(z).numpy() for n, z in self.logits(batch).items()}
 
     def predict_then_learn_users(self, batch: Batch) -> dict[str, np.ndarray]:
-        """P(label = 1) per model with its per-user correction, which then learns these rows second by
-        second (models/user_weights.py: a second is scored before it is learned). Rows in event-time order."""
+        """P(label = 1) per model with its per-user correction and its linear model, which then learn these
+        rows second by second (models/user_weights.py, models/online_linear.py: a second is scored before
+        it is learned). Rows in event-time order."""
         out = {}
         for n, z in self.logits(batch).items():
             m = self.models[n]
@@ -123,6 +125,12 @@ class Learner:
                 t = time.perf_counter()
                 keys = m.online_keys(batch.select(m.inputs))
                 z = uw.score_then_learn(z, batch.user_id, batch.stats, batch.label, batch.event_time, keys)
+                self.busy_s[n] += time.perf_counter() - t
+            if m.online_linear is not None and batch.user_id is not None:  # its own loss, then the average
+                t = time.perf_counter()
+                lin = m.online_linear.score_then_learn(batch.user_id, batch.stats, m.linear_keys(batch.select(m.inputs)),
+                                                       batch.label, batch.event_time)
+                z = m.mix(z, lin)
                 self.busy_s[n] += time.perf_counter() - t
             out[n] = torch.sigmoid(z).numpy()
         return out

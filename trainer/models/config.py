@@ -10,7 +10,7 @@ from ..features import N_DENSE
 LEGACY_VALUES = {"history": "positives", "wide_dense": False, "ntp_tied_grad": True, "ntp_mean_levels": False,
                  "ntp_item_grad": True, "user_weights": False,
                  "online_keys": False, "user_power": 0.5, "stack_lr": None, "coarse_keys": 0,
-                 "stats_scale": False, "key_global_lr": None, "lexical_keys": False}
+                 "stats_scale": False, "key_global_lr": None, "lexical_keys": False, "linear_mix": 0.0}
 
 
 @dataclass
@@ -70,6 +70,15 @@ class RankerConfig:
     lexical_keys: bool = True
     category_lr: float = 0.05  # the rate of user x category crosses (categories get no global weight)
     title_lr: float = 0.02  # the rate of title words' global weights (they get no user x word cross)
+    # a per-event linear model beside the ranker, averaged with its logit (models/online_linear.py): its
+    # share `linear_mix` (0: none), its 2**bits hashed slots, AdaGrad rate and power. Replayed on the real
+    # trainer's recordings (means of seeds 0 / 1, AUC all / unseen items): tokenizer at q0.4, window
+    # [q0.4, q0.5): 0 0.7777 / 0.7185, 0.5 0.7809 / 0.7254 (VW 0.7775 / 0.7251); window before the demo's
+    # cutoff: 0.7784 -> 0.7811. 2**19 slots 0.7806; without the user x rate weights 0.7804 / 0.7265
+    linear_mix: float = 0.5
+    linear_bits: int = 20
+    linear_lr: float = 0.06  # replays: 0.06 0.7809 / 0.7254, 0.08 at power 0.4 0.7808 / 0.7253
+    linear_power: float = 0.3
     # backbone
     d_model: int = 64
     n_blocks: int = 2

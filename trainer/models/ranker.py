@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .config import RankerConfig
+from .online_linear import OnlineLinear
 from .user_weights import CATEGORY_NS, TITLE_NS, UserWeights, key
 
 
@@ -111,6 +112,7 @@ class Ranker(nn.Module):
                                         stack_lr=cfg.stack_lr, key_global_lr=cfg.key_global_lr,
                                         ns_rates={CATEGORY_NS: (0.0, cfg.category_lr), TITLE_NS: (cfg.title_lr, 0.0)}
                                         ) if cfg.user_weights else None
+        self.online_linear = OnlineLinear(cfg.linear_bits, cfg.linear_lr, cfg.linear_power) if cfg.linear_mix > 0 else None
 
     @property
     def recent(self) -> bool:
@@ -145,9 +147,19 @@ class Ranker(nn.Module):
             out.append(key(p, level))
         return torch.stack(out, 1)
 
+    def linear_keys(self, batch) -> torch.Tensor | None:
+        """(B, M) the item's keys the per-event linear model reads (models/online_linear.py): by default
+        the online keys; a family whose keys that model reads better says which."""
+        return self.item_keys(batch)
+
     # --- shared ------------------------------------------------------------------------------
     def online_keys(self, batch) -> torch.Tensor | None:
         return self.item_keys(batch) if self.cfg.online_keys else None
+
+    def mix(self, logit: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
+        """(B,) the ranker's (corrected) logit averaged with the linear model's, `cfg.linear_mix` its share."""
+        a = self.cfg.linear_mix
+        return (1 - a) * logit + a * linear
 
     def context_tokens(self, batch) -> torch.Tensor:
         """(B, N_q + N_u, D): the query and user tokens (the generative objective's context)."""
@@ -188,10 +200,13 @@ class Ranker(nn.Module):
         return self.score(batch)
 
     def personal_logit(self, batch, users: torch.Tensor) -> torch.Tensor:
-        """(B,) the ranker's logit plus the per-user correction as it stands (serving, evaluation)."""
+        """(B,) the ranker's logit plus the per-user correction, averaged with the linear model, as they
+        stand (serving, evaluation)."""
         logit = self.score(batch)
         if self.user_weights is not None:
             logit = logit + self.user_weights.logits(users, batch.stats, self.online_keys(batch), logit)
+        if self.online_linear is not None:
+            logit = self.mix(logit, self.online_linear.logits(users, batch.stats, self.linear_keys(batch)))
         return logit
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

@@ -97,10 +97,20 @@ class TRM(Ranker):
         if n and batch.coarse is not None:
             keys.append(key(batch.coarse[:, 1:1 + n], 0))  # (B, n); -1 pads stay padding
         if self.cfg.lexical_keys and batch.lexical is not None:
-            lex = batch.lexical  # (B, 18); -1 pads stay padding
-            ns = torch.where(lex >= TITLE_OFFSET, TITLE_NS, CATEGORY_NS)
-            keys.append(torch.where(lex >= 0, lex * 16 + ns, torch.full_like(lex, -1)))
+            keys.append(self.lexical_keys(batch))
         return torch.cat(keys, 1)
+
+    @staticmethod
+    def lexical_keys(batch) -> torch.Tensor:
+        # (B, 18) the words of the item's categories (namespace 11) and title (12); -1 pads stay padding
+        lex = batch.lexical
+        ns = torch.where(lex >= TITLE_OFFSET, TITLE_NS, CATEGORY_NS)
+        return torch.where(lex >= 0, lex * 16 + ns, torch.full_like(lex, -1))
+
+    def linear_keys(self, batch) -> torch.Tensor | None:
+        # the linear model reads only the lexical tokens: with all the online keys it scored 0.7785 against
+        # 0.7809 (models/online_linear.py); None where the item events carried none (older pipelines)
+        return self.lexical_keys(batch) if batch.lexical is not None else None
 
     def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         context = self.context_tokens(batch)  # (B, N_q+N_u, D), shared by both objectives

@@ -1,0 +1,109 @@
+"""The per-event linear model beside each ranker (trainer/models/online_linear.py): the point-in-time
+rule (a second is scored before any of it is learned, an event's scale never reads another event of
+its second), learning, which item keys each family gives it, and the average travelling with the
+checkpoint into evaluation."""
+import torch
+
+from tests.trainer_fixtures import joined_frame, small_config
+from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from trainer.features import IDX, N_DENSE
+from trainer.featurizer import Featurizer
+from trainer.learner import Learner, LearnerConfig
+from trainer.models import RankerConfig, build_model
+from trainer.models.online_linear import OnlineLinear
+from trainer.models.user_weights import key
+
+
+def rows(users, seconds, labels, seed=0):
+    n = len(users)
+    return (torch.tensor(users), torch.randn(n, N_DENSE, generator=torch.Generator().manual_seed(seed)),
+            torch.tensor(labels, dtype=torch.float32), torch.tensor(seconds))
+
+
+def test_a_second_is_scored_before_any_of_it_is_learned():
+    users, stats, labels, secs = rows([1, 1, 1, 2], [10, 10, 11, 11], [1, 1, 1, 0])
+    out = OnlineLinear(bits=10).score_then_learn(users, stats, None, labels, secs)
+    assert out[0] == 0 and out[1] == 0  # second 10: nothing learned yet, not even its first event
+    assert out[2] != 0 and out[3] != 0  # second 11 sees second 10 (user 2 through the global weights)
+
+
+def test_no_score_depends_on_its_own_label_or_anything_else_of_its_second():
+    users, stats, labels, secs = rows([1, 2, 1, 1, 2], [5, 6, 6, 7, 7], [1, 0, 1, 1, 0])
+    keys = key(torch.tensor([3, 4, 3, 4, 3]), 12).unsqueeze(1)
+    a = OnlineLinear(bits=10).score_then_learn(users, stats, keys, labels, secs)
+    flipped = labels.clone()
+    flipped[1:3] = 1 - flipped[1:3]  # the labels of second 6
+    b = OnlineLinear(bits=10).score_then_learn(users, stats, keys, flipped, secs)
+    assert torch.equal(a[:3], b[:3]) and not torch.equal(a[3:], b[3:])
+    # the per-slot scales: a huge feature value on one event of second 6 changes neither the other
+    # event of that second nor anything before it
+    big = stats.clone()
+    big[2, IDX["log1p_user_n_events"]] = 1e4
+    c = OnlineLinear(bits=10).score_then_learn(users, big, keys, labels, secs)
+    assert torch.equal(a[:2], c[:2])
+
+
+def test_it_learns_a_users_taste_per_key_and_the_rates():
+    """User 1 likes items with key 5 and dislikes key 6: the user x key cross learns it."""
+    n = 60
+    cats = torch.tensor([5, 6] * (n // 2))
+    keys = key(cats, 11).unsqueeze(1)
+    labels = (cats == 5).float()
+    users, stats, _, secs = rows([1] * n, list(range(n)), [0] * n)
+    ol = OnlineLinear(bits=12)
+    out = ol.score_then_learn(users, torch.zeros_like(stats), keys, labels, secs)
+    assert out[-2] > 0 > out[-1]
+    mine = ol.logits(torch.tensor([1, 1]), torch.zeros(2, N_DENSE), key(torch.tensor([5, 6]), 11).unsqueeze(1))
+    other = ol.logits(torch.tensor([2, 2]), torch.zeros(2, N_DENSE), key(torch.tensor([5, 6]), 11).unsqueeze(1))
+    assert mine[0] - mine[1] > other[0] - other[1] > 0  # the cross is this user's, the global weight everyone's
+    # a rate logit that tells the label: its global weight turns positive
+    r = torch.zeros(n, N_DENSE)
+    r[:, IDX["item_rate_logit"]] = torch.where(labels > 0, 2.0, -2.0)
+    ol = OnlineLinear(bits=12)
+    ol.score_then_learn(torch.arange(n), r, None, labels, secs)  # every event another user
+    probe = torch.zeros(2, N_DENSE)
+    probe[:, IDX["item_rate_logit"]] = torch.tensor([2.0, -2.0])
+    z = ol.logits(torch.tensor([999, 999]), probe, None)
+    assert z[0] > 0 > z[1]
+
+
+def test_token_models_give_it_lexical_tokens_and_only_the_id_baseline_the_id():
+    cfg = small_config()
+    batch, _ = Featurizer.for_config(cfg, None)(joined_frame(32).sort_values("event_time", kind="stable"))
+    trm = build_model("trm", cfg)
+    k = trm.linear_keys(batch.select(trm.inputs))
+    lex = batch.lexical
+    assert k.shape == lex.shape and torch.equal(k[lex < 0], lex[lex < 0])
+    assert bool(((k[lex >= 0] & 15) >= 11).all())  # namespaces 11 / 12: words, never an item id
+    idm = build_model("id", cfg)
+    assert torch.equal(idm.linear_keys(batch.select(idm.inputs))[:, 0] // 16, batch.item_id)
+    for name in ("gen_only", "two_gram", "prefix_ngram"):
+        m = build_model(name, cfg)
+        assert "item_id" not in m.inputs and m.linear_keys(batch.select(m.inputs)) is not None
+
+
+def test_old_configs_build_models_without_it():
+    old = {k: v for k, v in small_config().to_dict().items() if not k.startswith("linear_")}
+    m = build_model("trm", RankerConfig.from_dict(old))
+    assert m.online_linear is None and "online_linear.w" not in m.state_dict()
+
+
+def test_the_learner_averages_it_in_and_the_checkpoint_carries_it_into_evaluation(tmp_path):
+    cfg = small_config()
+    batch, _ = Featurizer.for_config(cfg, None)(joined_frame(64).sort_values("event_time", kind="stable"))
+    lr = Learner(["trm", "id"], cfg, LearnerConfig(seed=0, device="cpu"))
+    with_it = lr.predict_then_learn_users(batch)
+    off = Learner(["trm", "id"], small_config(linear_mix=0.0), LearnerConfig(seed=0, device="cpu"))
+    without = off.predict_then_learn_users(batch)
+    for n in lr.names:
+        assert lr.models[n].online_linear.w.abs().sum() > 0  # it learned
+        assert not (with_it[n] == without[n]).all()
+    path = save_checkpoint(tmp_path, lr.models, lr.optimizers, TrainState(step=1))
+    fresh = {n: build_model(n, cfg) for n in lr.names}
+    load_checkpoint(path, fresh, restore_rng=False)
+    for n in lr.names:
+        assert torch.equal(fresh[n].online_linear.n, lr.models[n].online_linear.n)
+        m = fresh[n].eval()
+        with torch.no_grad():
+            want = lr.models[n].eval().personal_logit(batch.select(m.inputs), batch.user_id)
+            assert torch.allclose(m.personal_logit(batch.select(m.inputs), batch.user_id), want)
