@@ -7,6 +7,9 @@ UserWeights' arguments (run through the shipped class itself) or with extra inpu
 (`experimental`):
 
     python bench/online_sweep.py out/val.npz "base" "stack_lr=0.1" "key_lr=0.1" "glob=all stack=1" ...
+
+Shipped designs are averaged with the per-event linear model as the trainer does (`linear_mix=0`:
+the table alone); the experimental ones are the table alone.
 """
 from __future__ import annotations
 
@@ -55,6 +58,29 @@ def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
                                torch.from_numpy(d["t"]), keys if keys.shape[1] else None).numpy()
 
 
+def with_linear(d: dict, z: np.ndarray, model: str = "trm", linear_mix: float | None = None) -> np.ndarray:
+    """(N,) `z` averaged with the shipped per-event linear model (models/online_linear.py) learned over the
+    same rows, as the trainer does; its item keys: TRM's lexical tokens, the ID baseline's item id."""
+    from tokenizer.lexical import TITLE_OFFSET
+    from trainer.models.config import RankerConfig
+    from trainer.models.online_linear import OnlineLinear
+    from trainer.models.user_weights import CATEGORY_NS, TITLE_NS
+
+    c = RankerConfig()
+    a = c.linear_mix if linear_mix is None else linear_mix
+    if a <= 0:
+        return z
+    if model == "id":
+        keys = torch.from_numpy(d["item"]).unsqueeze(1) * 16 + 9
+    else:
+        lex = torch.from_numpy(d["lexical"])
+        keys = torch.where(lex >= 0, lex * 16 + torch.where(lex >= TITLE_OFFSET, TITLE_NS, CATEGORY_NS), -1)
+    lin = OnlineLinear(c.linear_bits, c.linear_lr, c.linear_power).score_then_learn(
+        torch.from_numpy(d["user"]), torch.from_numpy(d["stats"]), keys, torch.from_numpy(d["label"]),
+        torch.from_numpy(d["t"])).numpy()
+    return (1 - a) * z + a * lin
+
+
 def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float]:
     """AUC / GAUC on the validation rows: the shipped table when `spec` only sets its arguments, else
     the experimental designs below (which re-derive its slots so they can add inputs it lacks)."""
@@ -62,8 +88,9 @@ def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float]:
 
     val = d["phase"] == 1
     y, u = d["label"][val], d["user"][val]
+    mix = spec.pop("linear_mix", None)  # the linear model's share (default: the shipped one; 0: the table alone)
     if set(spec) <= SHIPPED:
-        p = 1 / (1 + np.exp(-shipped(d, spec, model)[val]))
+        p = 1 / (1 + np.exp(-with_linear(d, shipped(d, spec, model), model, mix)[val]))
         return auc(y, p), gauc(y, p, u)
     p = torch.sigmoid(experimental(d, spec, model)).numpy()[val]
     return auc(y, p), gauc(y, p, u)
