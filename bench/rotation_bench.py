@@ -20,8 +20,10 @@ Protocol per seed, model `trm` (the product's ranker) with the per-user table, a
   scratch     (c) a new ranker following B's features from the refresh
   warm_start  (d) a new ranker warm-started on all history before the refresh re-tokenized by B,
               then following from the refresh
-Each arm's AUC is prequential over the events at or after the refresh, overall and on items created
-at or after it. The last line is one JSON object: {arm: {"auc", "auc_new_items", ...}} (means over
+Each arm's AUC is prequential over the events at or after the refresh, overall, on items created
+at or after it, and on the first EARLY (5,000) events after it (where a ranker that lost its past is
+weakest). Per seed, paired bootstrap intervals (90 %, users resampled, the same events for both
+arms) of the differences the goals ask about. The last line is one JSON object: {arm: {"auc", "auc_new_items", ...}} (means over
 --seeds) with each seed's figures and the timings.
 
 Before the arms, `trm tokenizer backfill`'s own code runs on a copy of the demo's repo at the refresh
@@ -97,17 +99,44 @@ class Retokenized:
         return rows
 
 
+EARLY = 5_000  # events right after the refresh: where a ranker that lost its past is weakest
+
+
+def _after(pred: pd.DataFrame, since: int) -> pd.DataFrame:
+    """The predictions at or after `since`, in one order for every arm (so arms pair event by event)."""
+    p = pred[pred["event_time"] >= since]
+    return p.sort_values(["event_time", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+
+
 def _aucs(pred: pd.DataFrame, since: int) -> dict:
     from trainer.metrics import auc
 
-    p = pred[pred["event_time"] >= since]
+    p = _after(pred, since)
     new = p["created_at"].to_numpy(dtype=float) >= since
+    y = p["label"].to_numpy()
     out = {"events": int(len(p)), "new_item_events": int(new.sum())}
     for col in [c for c in p.columns if c.startswith("score_")]:
         name = col[len("score_"):]
-        out[name] = {"auc": auc(p["label"].to_numpy(), p[col].to_numpy()),
-                     "auc_new_items": auc(p["label"].to_numpy()[new], p[col].to_numpy()[new])}
+        s = p[col].to_numpy()
+        out[name] = {"auc": auc(y, s), "auc_new_items": auc(y[new], s[new]),
+                     f"auc_first_{EARLY}": auc(y[:EARLY], s[:EARLY])}
     return out
+
+
+def paired_interval(y: np.ndarray, s1: np.ndarray, s2: np.ndarray, users: np.ndarray, n: int = 400,
+                    seed: int = 0) -> list[float]:
+    """90 % interval of AUC(s1) - AUC(s2) over bootstrap resamples of users (a user's events stay
+    together: they are correlated), the same events for both arms (paired). One seed's spread only."""
+    from trainer.metrics import auc
+
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(users, return_inverse=True)
+    rows = np.split(np.argsort(inv, kind="stable"), np.cumsum(np.bincount(inv))[:-1])  # events per user
+    d = []
+    for _ in range(n):
+        i = np.concatenate([rows[k] for k in rng.integers(0, len(uniq), len(uniq))])
+        d.append(auc(y[i], s1[i]) - auc(y[i], s2[i]))
+    return [round(float(np.percentile(d, 5)), 4), round(float(np.percentile(d, 95)), 4)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             pre.keep_predictions = True
             run_events(pre, follow, 2048, resume=False)
             res["no_refresh"] = _aucs(pre.prediction_frame(), T)
+            frames = {"no_refresh": _after(pre.prediction_frame(), T)}
             timings[f"no_refresh_s_{seed}"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()  # (b) resume the prefix checkpoint with B: migration
@@ -218,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             mig.joiner = Retokenized(mig.joiner, tokens_b, b.version, T, b.num_levels)
             run_events(mig, follow, 2048)
             res["migrated"] = _aucs(mig.prediction_frame(), T)
+            frames["migrated"] = _after(mig.prediction_frame(), T)
             res["migrated"]["migration"] = mig.state.extra.get("migrations", [])[-1:]
             timings[f"migrated_s_{seed}"] = time.perf_counter() - t0
 
@@ -226,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             scratch.joiner = Retokenized(scratch.joiner, tokens_b, b.version, -np.inf, b.num_levels)
             run_events(scratch, after, 2048, resume=False)
             res["scratch"] = _aucs(scratch.prediction_frame(), T)
+            frames["scratch"] = _after(scratch.prediction_frame(), T)
             timings[f"scratch_s_{seed}"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()  # (d) a new ranker warm-started on all history in B's tokens
@@ -234,14 +266,29 @@ def main(argv: list[str] | None = None) -> int:
             warm_start(ws, history_b, wcfg)
             run_events(ws, after, 2048, resume=False)
             res["warm_start"] = _aucs(ws.prediction_frame(), T)
+            frames["warm_start"] = _after(ws.prediction_frame(), T)
             timings[f"warm_start_s_{seed}"] = time.perf_counter() - t0
+        # paired 90 % intervals of the differences the goals ask about, on this seed's events
+        ref = frames["no_refresh"]
+        y, u, new_items = ref["label"].to_numpy(), ref["user_id"].to_numpy(), ref["created_at"].to_numpy(float) >= T
+        keys = ["event_time", "user_id", "item_id", "label"]
+        assert all(len(f) == len(ref) and (f[keys].to_numpy() == ref[keys].to_numpy()).all()
+                   for f in frames.values()), "the arms did not score the same events"
+        sc = {arm: f["score_trm"].to_numpy() for arm, f in frames.items()}
+        m, e = new_items, slice(0, EARLY)
+        res["intervals"] = {
+            "migrated_minus_no_refresh": paired_interval(y, sc["migrated"], sc["no_refresh"], u),
+            "migrated_minus_no_refresh_new_items": paired_interval(y[m], sc["migrated"][m], sc["no_refresh"][m], u[m]),
+            "migrated_minus_scratch": paired_interval(y, sc["migrated"], sc["scratch"], u),
+            f"migrated_minus_scratch_first_{EARLY}": paired_interval(y[e], sc["migrated"][e], sc["scratch"][e], u[e])}
         per_seed.append(res)
         console.print(f"seed {seed}: " + ", ".join(
             f"{arm} {res[arm]['trm']['auc']:.4f} / new {res[arm]['trm']['auc_new_items']:.4f}" for arm in ARMS)
             + f"; vw {res['no_refresh']['vw']['auc']:.4f}")
 
     mean = lambda arm, k, model="trm": float(np.mean([r[arm][model][k] for r in per_seed]))  # noqa: E731
-    summary = {arm: {"auc": mean(arm, "auc"), "auc_new_items": mean(arm, "auc_new_items")} for arm in ARMS}
+    summary = {arm: {"auc": mean(arm, "auc"), "auc_new_items": mean(arm, "auc_new_items"),
+                     f"auc_first_{EARLY}": mean(arm, f"auc_first_{EARLY}")} for arm in ARMS}
     summary["vw_no_refresh"] = {"auc": mean("no_refresh", "auc", "vw"),
                                 "auc_new_items": mean("no_refresh", "auc_new_items", "vw")}
     a_, b_, c_ = summary["no_refresh"], summary["migrated"], summary["scratch"]
@@ -251,11 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"AUC after a refresh at q{args.refresh} (trm, mean of {len(per_seed)} seeds; "
                         f"{per_seed[0]['no_refresh']['events']:,} events, "
                         f"{per_seed[0]['no_refresh']['new_item_events']:,} on new items)")
-    for col in ("arm", "AUC", "AUC new items"):
+    for col in ("arm", "AUC", "AUC new items", f"AUC first {EARLY:,}"):
         table.add_column(col, justify="left" if col == "arm" else "right")
     for arm in (*ARMS, "vw_no_refresh"):
-        table.add_row(arm, f"{summary[arm]['auc']:.4f}", f"{summary[arm]['auc_new_items']:.4f}")
+        first = summary[arm].get(f"auc_first_{EARLY}")
+        table.add_row(arm, f"{summary[arm]['auc']:.4f}", f"{summary[arm]['auc_new_items']:.4f}",
+                      "—" if first is None else f"{first:.4f}")
     Console().print(table)
+    for k in per_seed[0]["intervals"]:
+        Console().print(f"{k}: paired 90 % interval per seed " + ", ".join(str(r["intervals"][k]) for r in per_seed))
     for k, v in goals.items():
         Console().print(f"goal {k}: {'met' if v else 'NOT met'}")
     print(json.dumps({**summary, "goals": goals, "refresh_time": T, "tokenizer_a": a.version,

@@ -107,3 +107,36 @@ def test_the_learner_averages_it_in_and_the_checkpoint_carries_it_into_evaluatio
         with torch.no_grad():
             want = lr.models[n].eval().personal_logit(batch.select(m.inputs), batch.user_id)
             assert torch.allclose(m.personal_logit(batch.select(m.inputs), batch.user_id), want)
+
+
+def test_a_checkpoint_written_before_the_linear_model_resumes_with_it_empty(tmp_path):
+    """An upgraded trainer resumes an older checkpoint: the linear model starts empty, nothing else may be missing."""
+    import pytest
+
+    from trainer.checkpoint import CheckpointError
+
+    old = Learner(["trm"], small_config(linear_mix=0.0), LearnerConfig(seed=0, device="cpu"))
+    path = save_checkpoint(tmp_path, old.models, old.optimizers, TrainState(step=1))
+    new = Learner(["trm"], small_config(), LearnerConfig(seed=0, device="cpu"))
+    load_checkpoint(path, new.models, new.optimizers)
+    assert float(new.models["trm"].online_linear.w.abs().sum()) == 0
+    assert torch.equal(new.models["trm"].wide_dense.weight, old.models["trm"].wide_dense.weight)
+    narrow = Learner(["trm"], small_config(linear_mix=0.0, wide_dense=False), LearnerConfig(seed=0, device="cpu"))
+    other = save_checkpoint(tmp_path / "other", narrow.models, narrow.optimizers, TrainState(step=1))
+    with pytest.raises(CheckpointError, match="wide_dense"):  # a missing parameter still refuses
+        load_checkpoint(other, new.models, new.optimizers)
+
+
+def test_chunks_never_split_a_second():
+    """The trainer scores a chunk, then trains on it: a second cut in two would let its later rows be
+    scored by weights that learned its earlier rows' labels."""
+    from trainer.batch import chunk_bounds
+
+    t = torch.tensor([1, 1, 2, 2, 2, 3, 4, 4, 4, 4])
+    assert chunk_bounds(t, 2, 10) == [0, 2, 5, 10]
+    assert chunk_bounds(torch.tensor([5] * 6), 2, 6) == [0, 6]
+    assert chunk_bounds(None, 4, 10) == [0, 4, 8, 10]
+    for step in (1, 3, 7):
+        cuts = chunk_bounds(t, step, len(t))
+        assert cuts[0] == 0 and cuts[-1] == len(t)
+        assert all(t[c] != t[c - 1] for c in cuts[1:-1])

@@ -51,3 +51,20 @@ class Batch:
     def slice(self, sl: slice) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
                                 if getattr(self, f.name) is not None})
+
+
+def chunk_bounds(seconds: torch.Tensor | None, step: int, n: int) -> list[int]:
+    """[0, ..., n]: cuts about every `step` rows, each moved on to the next change of second, so no
+    second is split between two chunks (a chunk is scored, then trained on: a second split in two
+    would have its later rows scored after its earlier rows' labels were learned)."""
+    if seconds is None or n == 0:
+        return list(range(0, n, step)) + [n] if n else [0]
+    t = seconds.cpu().numpy()
+    cuts, s = [0], step
+    while s < n:
+        while s < n and t[s] == t[s - 1]:
+            s += 1
+        if s < n:
+            cuts.append(s)
+        s += step
+    return cuts + [n]

@@ -12,6 +12,7 @@ artifact); this module keeps the checkpoint's layout, its failpoints and its err
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from tokenizer.manifest import MANIFEST, fsync_dir, fsync_file
 from trainer.errors import TrainerError
 
 STATE, POINTER = "state.json", "LATEST"
+ONLINE_PARTS = ("online_linear.",)  # buffers learned per event that a checkpoint written before them lacks
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(TrainerError, RuntimeError):
@@ -101,17 +104,19 @@ def verify(path: str | Path) -> dict:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
-    """The generators a resumed run needs to continue bit-identically: the CPU's, and CUDA's where a GPU is used."""
+    """The generators a resumed run needs to continue as it would have: the CPU's, and every GPU's where
+    one is used (bit-identically on the CPU; CUDA's kernels for embedding backward are not deterministic)."""
     out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state()
+        out.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return out
 
 
 def set_rng_state(saved: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(saved["torch"])
-    if "cuda" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved["cuda"])
+    gpus = [saved[k] for k in sorted(saved) if k.startswith("cuda")]
+    if gpus and torch.cuda.is_available() and len(gpus) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(gpus)
 
 
 def save_checkpoint(root: str | Path, models: dict[str, torch.nn.Module],
@@ -160,6 +165,12 @@ def load_checkpoint(path: str | Path, models: dict[str, torch.nn.Module],
         if not f.exists():
             raise CheckpointError(f"{path} has no model {name!r}")
         missing, unexpected = load_model(model, str(f), strict=False)
+        # a component learned online that the checkpoint predates starts empty (it relearns from the
+        # stream, as in a new trainer); anything else missing means another model
+        fresh = [k for k in missing if k.startswith(ONLINE_PARTS)]
+        if fresh:
+            log.warning("%s predates %s: it starts empty", f.name, sorted({k.split(".")[0] for k in fresh}))
+            missing = [k for k in missing if not k.startswith(ONLINE_PARTS)]
         if missing or unexpected:
             raise CheckpointError(f"{f}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     for name, opt in (optimizers or {}).items():

@@ -3,7 +3,8 @@
 Every batch is first scored by every model in eval mode (those scores are the prequential
 metrics: the model has not trained on these rows yet), then each model takes its optimizer
 steps on it. Models share the global torch RNG in a fixed order, so a run restored from a
-checkpoint (which saves the RNG) continues bit-identically. The protocol around it (join,
+checkpoint (which saves the RNG) continues bit-identically on the CPU (on a GPU, CUDA's embedding
+backward is not deterministic: a resumed run continues the same way, not bit for bit). The protocol around it (join,
 featurize, score, train, checkpoint, the reported metrics) is trainer/prequential.py.
 
 Device: the rankers' parameters live on `LearnerConfig.device` ("auto": CUDA when torch sees a
@@ -61,6 +62,9 @@ def trainer_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainerError(f"trainer device {name!r}: torch sees no CUDA GPU here "
                            "(use --device cpu or auto, or TRM_TRAINER_DEVICE=cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TrainerError(f"trainer device {name!r}: torch sees {torch.cuda.device_count()} GPU(s) here "
+                           "(use --device cuda, cuda:0, or cpu)")
     return dev
 
 

@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .batch import chunk_bounds
 from .checkpoint import CheckpointError, ModelPublisher, TrainState, load_latest, remove_stale_temps, save_checkpoint
 from .errors import TrainerError
 from .featurizer import Featurizer, FeaturizeStats
@@ -256,8 +257,9 @@ class ContinuousTrainer:
         probs: dict[str, list] = {m: [] for m in self.learner.names}
         sums: dict[str, dict[str, float]] = {m: {} for m in self.learner.names}
         predict_s, chunks = 0.0, 0
-        for s in range(0, n, step):
-            chunk = batch.slice(slice(s, s + step))
+        cuts = chunk_bounds(batch.event_time, step, n)
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            chunk = batch.slice(slice(s, e))
             t = time.perf_counter()
             for m, p in self.learner.predict_then_learn_users(chunk).items():  # test (per-user part: per second) ...
                 probs[m].append(p)

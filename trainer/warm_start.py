@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .batch import Batch
+from .batch import Batch, chunk_bounds
 from .errors import TrainerError
 from .metrics import auc
 from .pit_join import join_in_slices
@@ -188,8 +188,10 @@ def warm_start(trainer, events: pd.DataFrame, cfg: WarmStartConfig | None = None
         if saved is not None:
             learner.models[n].load_state_dict(saved[0])
             learner.optimizers[n].load_state_dict(saved[1])
-    for s in range(0, len(train), cfg.step_rows):  # per-user weights: once, in time order, as a follower would
-        learner.predict_then_learn_users(train.slice(slice(s, s + cfg.step_rows)))
+    # the per-user weights and linear models: once, in time order, as a follower would (no second split)
+    cuts = chunk_bounds(train.event_time, cfg.step_rows, len(train))
+    for s, e in zip(cuts[:-1], cuts[1:]):
+        learner.predict_then_learn_users(train.slice(slice(s, e)))
     train_s = time.perf_counter() - t_train
 
     t_peers = time.perf_counter()
