@@ -60,25 +60,19 @@ def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
 
 def with_linear(d: dict, z: np.ndarray, model: str = "trm", linear_mix: float | None = None) -> np.ndarray:
     """(N,) `z` averaged with the shipped per-event linear model (models/online_linear.py) learned over the
-    same rows, as the trainer does; its item keys: TRM's lexical tokens, the ID baseline's item id."""
-    from tokenizer.lexical import TITLE_OFFSET
-    from trainer.models.config import RankerConfig
-    from trainer.models.online_linear import OnlineLinear
-    from trainer.models.user_weights import CATEGORY_NS, TITLE_NS
+    same rows, as the trainer does: the model family's own linear model, keys and mix."""
+    from trainer.batch import Batch
+    from trainer.models import RankerConfig, build_model
 
-    c = RankerConfig()
-    a = c.linear_mix if linear_mix is None else linear_mix
-    if a <= 0:
+    m = build_model(model, RankerConfig(**({} if linear_mix is None else {"linear_mix": linear_mix})))
+    if m.online_linear is None:
         return z
-    if model == "id":
-        keys = torch.from_numpy(d["item"]).unsqueeze(1) * 16 + 9
-    else:
-        lex = torch.from_numpy(d["lexical"])
-        keys = torch.where(lex >= 0, lex * 16 + torch.where(lex >= TITLE_OFFSET, TITLE_NS, CATEGORY_NS), -1)
-    lin = OnlineLinear(c.linear_bits, c.linear_lr, c.linear_power).score_then_learn(
-        torch.from_numpy(d["user"]), torch.from_numpy(d["stats"]), keys, torch.from_numpy(d["label"]),
-        torch.from_numpy(d["t"])).numpy()
-    return (1 - a) * z + a * lin
+    t = {k: torch.from_numpy(d[k]) for k in ("label", "known", "stats", "lexical", "item", "user", "t")}
+    batch = Batch(label=t["label"], known=t["known"], stats=t["stats"], lexical=t["lexical"], item_id=t["item"],
+                  user_id=t["user"], event_time=t["t"])
+    lin = m.online_linear.score_then_learn(batch.user_id, batch.stats, m.linear_keys(batch.select(m.inputs)),
+                                           batch.label, batch.event_time)
+    return m.mix(torch.from_numpy(z), lin).numpy()
 
 
 def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float]:

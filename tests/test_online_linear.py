@@ -4,7 +4,7 @@ its second), learning, which item keys each family gives it, and the average tra
 checkpoint into evaluation."""
 import torch
 
-from tests.trainer_fixtures import joined_frame, small_config
+from tests.trainer_fixtures import assert_checkpoint_carries, joined_frame, small_config
 from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from trainer.features import IDX, N_DENSE
 from trainer.featurizer import Featurizer
@@ -98,15 +98,7 @@ def test_the_learner_averages_it_in_and_the_checkpoint_carries_it_into_evaluatio
     for n in lr.names:
         assert lr.models[n].online_linear.w.abs().sum() > 0  # it learned
         assert not (with_it[n] == without[n]).all()
-    path = save_checkpoint(tmp_path, lr.models, lr.optimizers, TrainState(step=1))
-    fresh = {n: build_model(n, cfg) for n in lr.names}
-    load_checkpoint(path, fresh, restore_rng=False)
-    for n in lr.names:
-        assert torch.equal(fresh[n].online_linear.n, lr.models[n].online_linear.n)
-        m = fresh[n].eval()
-        with torch.no_grad():
-            want = lr.models[n].eval().personal_logit(batch.select(m.inputs), batch.user_id)
-            assert torch.allclose(m.personal_logit(batch.select(m.inputs), batch.user_id), want)
+    assert_checkpoint_carries(lr, cfg, batch, tmp_path, "online_linear.n")
 
 
 def test_a_checkpoint_written_before_the_linear_model_resumes_with_it_empty(tmp_path):

@@ -3,8 +3,7 @@ point-in-time rule, learning, and the table travelling with the checkpoint."""
 import pytest
 import torch
 
-from tests.trainer_fixtures import joined_frame, small_config
-from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tests.trainer_fixtures import assert_checkpoint_carries, joined_frame, small_config
 from trainer.features import N_DENSE
 from trainer.featurizer import Featurizer
 from trainer.learner import Learner, LearnerConfig
@@ -57,15 +56,7 @@ def test_learner_scores_with_the_table_and_the_checkpoint_carries_it(tmp_path):
     for n in lr.names:
         assert lr.models[n].user_weights.w.abs().sum() > 0  # it learned
         assert plain[n].shape == online[n].shape
-    path = save_checkpoint(tmp_path, lr.models, lr.optimizers, TrainState(step=1))
-    fresh = {n: build_model(n, cfg) for n in lr.names}
-    load_checkpoint(path, fresh, restore_rng=False)
-    for n in lr.names:
-        assert torch.equal(fresh[n].user_weights.w, lr.models[n].user_weights.w)
-        m = fresh[n].eval()
-        with torch.no_grad():
-            want = lr.models[n].eval().personal_logit(batch.select(m.inputs), batch.user_id)
-            assert torch.allclose(m.personal_logit(batch.select(m.inputs), batch.user_id), want)
+    assert_checkpoint_carries(lr, cfg, batch, tmp_path, "user_weights.w")
 
 
 def test_old_configs_build_models_without_the_table():

@@ -150,3 +150,22 @@ def publish(cfg, events):
 
     evs = [InteractionEvent(f"r{i}", e.user_id, e.item_id, e.label, e.event_time) for i, e in enumerate(events)]
     publish_kind(cfg, "interactions", evs, progress=False)
+
+
+def assert_checkpoint_carries(learner, cfg: RankerConfig, batch, tmp_path, buffer: str) -> None:
+    """Save `learner`'s models and load them into fresh ones: `buffer` (a state-dict key, e.g.
+    "user_weights.w") comes back equal, and `personal_logit` (serving, `trm eval`) scores the same."""
+    import torch
+
+    from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from trainer.models import build_model
+
+    path = save_checkpoint(tmp_path, learner.models, learner.optimizers, TrainState(step=1))
+    fresh = {n: build_model(n, cfg) for n in learner.names}
+    load_checkpoint(path, fresh, restore_rng=False)
+    for n in learner.names:
+        assert torch.equal(fresh[n].state_dict()[buffer], learner.models[n].state_dict()[buffer])
+        m = fresh[n].eval()
+        with torch.no_grad():
+            want = learner.models[n].eval().personal_logit(batch.select(m.inputs), batch.user_id)
+            assert torch.allclose(m.personal_logit(batch.select(m.inputs), batch.user_id), want)

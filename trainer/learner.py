@@ -9,8 +9,9 @@ featurize, score, train, checkpoint, the reported metrics) is trainer/prequentia
 
 Device: the rankers' parameters live on `LearnerConfig.device` ("auto": CUDA when torch sees a
 GPU), each batch is moved there for their forward and backward passes, and logits come back to
-the CPU. The per-user table (models/user_weights.py) stays on the CPU: it learns second by
-second, a few rows per update, where a GPU would spend its time launching kernels.
+the CPU. The per-user table (models/user_weights.py) and the linear model (models/online_linear.py)
+stay on the CPU: they learn second by second, a few rows per update, where a GPU would spend its
+time launching kernels.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class Learner:
         self.rows_trained = {n: 0 for n in self.names}
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The ranker on the trainer's device, its per-user table on the CPU (see the module docstring)."""
+        """The ranker on the trainer's device, its per-user table and linear model on the CPU (module docstring)."""
         model.to(self.device)
         for online in ("user_weights", "online_linear"):
             if getattr(model, online, None) is not None:
@@ -124,15 +125,15 @@ class Learner:
         out = {}
         for n, z in self.logits(batch).items():
             m = self.models[n]
-            uw = m.user_weights
+            uw, view = m.user_weights, batch.select(m.inputs)
             if uw is not None and batch.user_id is not None:
                 t = time.perf_counter()
-                keys = m.online_keys(batch.select(m.inputs))
+                keys = m.online_keys(view)
                 z = uw.score_then_learn(z, batch.user_id, batch.stats, batch.label, batch.event_time, keys)
                 self.busy_s[n] += time.perf_counter() - t
             if m.online_linear is not None and batch.user_id is not None:  # its own loss, then the average
                 t = time.perf_counter()
-                lin = m.online_linear.score_then_learn(batch.user_id, batch.stats, m.linear_keys(batch.select(m.inputs)),
+                lin = m.online_linear.score_then_learn(batch.user_id, batch.stats, m.linear_keys(view),
                                                        batch.label, batch.event_time)
                 z = m.mix(z, lin)
                 self.busy_s[n] += time.perf_counter() - t
