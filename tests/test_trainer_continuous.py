@@ -75,3 +75,38 @@ def test_learns_the_token_signal(joiner, stream, tmp_path):
     run_events(tr, stream, BATCH // 2)
     late = tr.prediction_frame().iloc[N_EVENTS // 2:]
     assert auc(late["label"], late["score_trm"]) > 0.65
+
+
+def test_batch_cut_never_splits_a_second():
+    """A micro-batch is scored, then trained on: a second split between two batches would have its
+    later rows scored by weights that learned its earlier rows' labels."""
+    from trainer.batch import batch_cut
+
+    t = [1, 1, 2, 2, 2, 3, 4, 4, 4, 4]
+    assert batch_cut(t, 4) == 2  # rows 2-4 are second 2: cut back before it
+    assert batch_cut(t, 5) == 5  # row 5 starts a new second: the full size
+    assert batch_cut(t, 7) == 6  # second 4 may go on past the rows seen ...
+    assert batch_cut(t[6:], 2) == 0  # ... one second throughout and no later row: wait
+    assert batch_cut(t[6:], 2, final=True) == 4  # the end of the stream ends it
+    assert batch_cut([5, 5, 5, 6], 2) == 3  # one second longer than a batch: to its end
+    assert batch_cut(t[:3], 4) == 0 and batch_cut(t[:3], 4, final=True) == 3  # short: wait, or all at the end
+    for size in (1, 3, 4, 7):
+        s, cuts = 0, []
+        while s < len(t):
+            s += batch_cut(t[s:], size, final=True)
+            cuts.append(s)
+        assert cuts[-1] == len(t) and all(t[c] != t[c - 1] for c in cuts[:-1])
+
+
+def test_in_memory_batches_end_where_the_second_changes(joiner, stream, tmp_path):
+    """`run_events` hands the trainer whole seconds: every batch but the last ends at a change of second."""
+    from tests.trainer_fixtures import Event
+
+    paired = [Event(e.user_id, e.item_id, e.label, stream[i - i % 3].event_time) for i, e in enumerate(stream)]
+    tr = trainer(joiner, tmp_path)
+    seen, process = [], tr.process
+    tr.process = lambda records, joined=None: (seen.append([r.event_time for r in records]), process(records, joined))[1]
+    assert run_events(tr, paired, BATCH) == N_EVENTS
+    assert sum(map(len, seen)) == N_EVENTS and all(len(b) <= BATCH for b in seen)
+    assert [len(b) for b in seen] == [99, 99, 99, 99, 4]  # seconds of 3 rows: each 100 is cut back to 99
+    assert all(a[-1] != b[0] for a, b in zip(seen, seen[1:]))

@@ -211,6 +211,31 @@ def test_max_events_flushes_at_once_and_a_restart_continues_the_merge(kafka_conf
     assert read_state(read_pointer(ck)).offsets == ends
 
 
+@pytest.mark.integration
+def test_batches_never_split_a_second(kafka_config, tmp_path):  # noqa: F811
+    """Rule 3: a batch is cut back to the last change of second among its `batch_size` records, and
+    the rest of that second waits for the next batch (seconds of 3 events: 64 -> 63)."""
+    from tests.trainer_fixtures import Event
+    from trainer.batch import batch_cut
+
+    n = 200
+    stream = [Event(e.user_id, e.item_id, e.label, e.event_time - 10 * (i % 3))
+              for i, e in enumerate(event_stream(n))]
+    joiner = FeastJoiner(str(make_repo(tmp_path, stream)))
+    publish_chunked(kafka_config, stream)
+    expected, ends = merge_order(kafka_config)
+    tr = make(joiner, tmp_path / "ckpt")
+    batches = record_batches(tr)
+    assert follow_sync(tr, kafka_config, group_id="trm-trainer-seconds", batch_size=BATCH, max_events=n,
+                       idle_timeout_s=3.0, partial_after_s=600) == n
+    assert [len(b) for b in batches] == [63, 63, 63, 11]
+    assert sum(batches, []) == expected
+    second = dict(zip(expected, sorted(e.event_time for e in stream)))  # merge order is event-time order
+    assert all(second[a[-1]] != second[b[0]] for a, b in zip(batches, batches[1:]))
+    assert read_state(read_pointer(tmp_path / "ckpt")).offsets == ends
+    assert batch_cut([second[k] for k in expected], BATCH) == 63  # the same rule as the in-memory source
+
+
 class FakeConsumer:
     """Just what EventTimeMerge reads: assignment, position, high watermark and its fetch's timestamp."""
 

@@ -68,3 +68,24 @@ def chunk_bounds(seconds: torch.Tensor | None, step: int, n: int) -> list[int]:
             cuts.append(s)
         s += step
     return cuts + [n]
+
+
+def batch_cut(seconds: Sequence[int], size: int, final: bool = False) -> int:
+    """How many of the head of `seconds` (event-time ordered) form the next micro-batch, so that no
+    second is split between two micro-batches (each is scored, then trained on, as its chunks are).
+
+    At most `size` rows, cut back to the last change of second among them: the rest of that second
+    waits for the next batch. A batch that would be one second throughout extends to that second's
+    end. Where a second ends is known only from a row of a later second: without one, 0 (wait for
+    more rows), or with `final` (no more rows will come: end of stream, `max_events`) all of them.
+    A function of the sequence alone, so batches stay a function of the topic's contents."""
+    n = len(seconds)
+    if n <= size:
+        return n if final else 0
+    for k in range(size, 0, -1):  # the last change of second within the first `size` rows
+        if seconds[k] != seconds[k - 1]:
+            return k
+    for k in range(size + 1, n):  # one second throughout: to its end
+        if seconds[k] != seconds[k - 1]:
+            return k
+    return n if final else 0

@@ -16,8 +16,12 @@ Batches are a function of the topic's contents, not of fetch timing. The orderin
    candidate record arrived (aiokafka's `highwater` / `last_poll_timestamp`; the fetch's high
    watermark, not ListOffsets, which Tansu answers with 1). Each partition is in offset order
    and the producer writes in event-time order, so this merge reproduces the publish order.
-3. A batch is the next `batch_size` released records.
-4. A shorter (partial) batch is trained only
+3. A batch is the next `batch_size` released records, cut back to the last change of second among
+   them: the rest of that second waits for the next batch, so no second is split between two
+   batches (a batch is scored, then trained on; trainer/batch.batch_cut). A batch that would be one
+   second throughout extends to that second's end, known once a record of a later second is
+   released.
+4. A shorter (partial) batch, all that is released, is trained only
    a. once `max_events` records are released (at once), or
    b. once the stream has been idle for `partial_after_s`: no record from any partition, every
       partition at its high watermark by a fetch answered at least `partial_after_s` after the
@@ -50,6 +54,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
+from .batch import batch_cut
 from .prequential import ContinuousTrainer, Record
 
 log = logging.getLogger(__name__)
@@ -338,11 +343,11 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
                 last_msg, last_data_ms = time.monotonic(), arrival
                 log.debug("fetched %s", {tp.partition: len(msgs) for tp, msgs in data.items()})
             await merge.release(None if max_events is None else max_events - taken() - len(merge.ready))
-            while len(merge.ready) >= batch_size:
-                await hand_over(merge.take(batch_size))
+            while k := batch_cut([r.event_time for r in merge.ready], batch_size):
+                await hand_over(merge.take(k))  # rule 3
             if merge.ready and ((max_events is not None and taken() + len(merge.ready) >= max_events)
                                 or await merge.idle_since(last_data_ms + int(1000 * flush_after_s))):
-                await hand_over(merge.take(batch_size))  # rule 4: a partial batch
+                await hand_over(merge.take(len(merge.ready)))  # rule 4: a partial batch
             if inflight is not None and not data:
                 await train_inflight()  # the stream paused: don't hold a joined batch back
             elif (idle_timeout_s is not None and not merge.ready and inflight is None

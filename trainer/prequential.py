@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .batch import chunk_bounds
+from .batch import batch_cut, chunk_bounds
 from .checkpoint import CheckpointError, ModelPublisher, TrainState, load_latest, remove_stale_temps, save_checkpoint
 from .errors import TrainerError
 from .featurizer import Featurizer, FeaturizeStats
@@ -325,9 +325,12 @@ class ContinuousTrainer:
 # --- in-memory source ------------------------------------------------------------------------
 def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
                max_events: int | None = None, resume: bool = True, prefetch: bool = True) -> int:
-    """Train over `events` (objects with user_id, item_id, label, event_time) as one partition.
+    """Train over `events` (objects with user_id, item_id, label, event_time, in event-time order)
+    as one partition.
 
-    Position = index in the list; a resumed trainer starts at its checkpoint's offset. With
+    Position = index in the list; a resumed trainer starts at its checkpoint's offset. Micro-batches
+    hold about `batch_size` events and end where the second changes (`batch.batch_cut`); a run cut
+    short by `max_events` ends where it was told to, even inside a second. With
     `prefetch`, the next micro-batch's join runs in a thread while this one trains (the join
     reads only the feature store, never the model, so results are identical). Returns the
     number of events processed by this call.
@@ -336,9 +339,14 @@ def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
         trainer.resume()
     start = trainer.state.offsets.get(MEMORY_PARTITION, 0)
     end = len(events) if max_events is None else min(len(events), start + max_events)
-    chunks = [[Record(int(e.user_id), int(e.item_id), int(e.label), int(e.event_time), MEMORY_PARTITION, i)
-               for i, e in enumerate(events[s:min(s + batch_size, end)], start=s)]
-              for s in range(start, end, batch_size)]
+    records = [Record(int(e.user_id), int(e.item_id), int(e.label), int(e.event_time), MEMORY_PARTITION, i)
+               for i, e in enumerate(events[start:end], start=start)]
+    seconds = np.fromiter((r.event_time for r in records), np.int64, len(records))
+    chunks, s = [], 0
+    while s < len(records):  # micro-batches never split a second (batch.batch_cut), as from Kafka
+        k = batch_cut(seconds[s:], batch_size, final=True)
+        chunks.append(records[s:s + k])
+        s += k
     done = 0
     with ThreadPoolExecutor(1, thread_name_prefix="trm-join") as pool:
         ahead = pool.submit(trainer.join, chunks[0]) if prefetch and chunks else None
