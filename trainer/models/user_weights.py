@@ -48,6 +48,7 @@ published versions and `trm eval` carry it with the weights it corrects.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -135,25 +136,33 @@ class UserWeights(nn.Module):
     def score_then_learn(self, base: torch.Tensor, users: torch.Tensor, stats: torch.Tensor,
                          labels: torch.Tensor, seconds: torch.Tensor, keys: torch.Tensor | None = None
                          ) -> torch.Tensor:
-        """(B,) combined logits of rows in event-time order, each second scored before it is learned."""
-        s_all, x_all = self.slots(users, keys), self.inputs(stats, keys)  # (B, C) each
-        lr_all = self.rates(keys, len(base))  # (B, C) or (C,)
-        out = torch.empty_like(base)
-        cut = torch.nonzero(seconds[1:] != seconds[:-1]).flatten() + 1
-        bounds = [0, *cut.tolist(), len(base)]
+        """(B,) combined logits of rows in event-time order, each second scored before it is learned.
+
+        The loop runs in numpy on views of the buffers (the same memory), as the linear model's does
+        (online_linear.py): a second holds a few rows, where torch's per-call overhead dominates."""
+        s_all, x_all = (t.numpy() for t in (self.slots(users, keys), self.inputs(stats, keys)))  # (B, C) each
+        lr_all = self.rates(keys, len(base)).numpy()  # (B, C) or (C,)
+        w, g = self.w.numpy(), self.g.numpy()
+        stack = self.stack.numpy() if self.stack_lr is not None else None
+        power = w.dtype.type(self.power)
+        base_np, y = base.numpy(), labels.numpy().astype(w.dtype)
+        out = np.empty(len(base_np), dtype=base_np.dtype)
+        sec = seconds.numpy()
+        bounds = [0, *(np.flatnonzero(sec[1:] != sec[:-1]) + 1).tolist(), len(y)]
         for a, b in zip(bounds[:-1], bounds[1:]):
-            s, x = s_all[a:b], x_all[a:b]  # (n, C)
-            z = base[a:b] + (self.w[s] * x).sum(1)  # (n,)
-            if self.stack_lr is not None:
-                z = z + self.stack[0] * base[a:b]
+            s, x, z0 = s_all[a:b], x_all[a:b], base_np[a:b]  # (n, C), (n, C), (n,)
+            z = z0 + (w[s] * x).sum(1)  # 1. scored as the table was before the second
+            if stack is not None:
+                z = z + stack[0] * z0
             out[a:b] = z
-            err = torch.sigmoid(z) - labels[a:b]  # (n,) d logloss / d z
-            if self.stack_lr is not None:
-                gs = err * base[a:b]  # (n,) d logloss / d stack weight
-                self.stack[1] += (gs * gs).sum()
-                self.stack[0] -= self.stack_lr * gs.sum() / self.stack[1].pow(self.power)
-            grad = err.unsqueeze(1) * x  # (n, C) d logloss / d w
-            lr = lr_all if lr_all.dim() == 1 else lr_all[a:b]
-            self.g.index_add_(0, s.flatten(), (grad * grad).flatten())
-            self.w.index_add_(0, s.flatten(), (-lr * grad / self.g[s].pow(self.power)).flatten())
-        return out
+            err = 1 / (1 + np.exp(-z)) - y[a:b]  # (n,) d logloss / d z
+            if stack is not None:  # 2. the weight on the ranker's logit learns
+                gs = err * z0
+                stack[1] += (gs * gs).sum()
+                stack[0] -= self.stack_lr * gs.sum() / stack[1] ** power
+            grad = err[:, None] * x  # (n, C) d logloss / d w
+            lr = lr_all if lr_all.ndim == 1 else lr_all[a:b]
+            flat = s.ravel()
+            np.add.at(g, flat, (grad * grad).ravel())  # 3. then the table
+            np.add.at(w, flat, (-lr * grad / g[s] ** power).ravel())
+        return torch.from_numpy(out)
