@@ -39,6 +39,18 @@ def parse(spec: str) -> dict:
 SHIPPED = {"bits", "lr", "key_lr", "key_global_lr", "power", "stack_lr", "features"}  # UserWeights' own arguments
 
 
+def model_keys(d: dict, model: str) -> np.ndarray:
+    """(N, M) the online keys `model`'s table read. Recordings before per-model keys kept only the
+    first model's, as `keys`: another model's replay would read them, so it is refused."""
+    if f"keys_{model}" in d:
+        return d[f"keys_{model}"]
+    first = next(k[2:] for k in d if k.startswith("z_"))
+    if model != first:
+        raise SystemExit(f"this recording holds only {first}'s online keys; record {model} again with "
+                         "bench/validation_dump.py to replay its table")
+    return d["keys"]
+
+
 def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
     """(N,) logits of the shipped UserWeights with `spec`'s arguments over every recorded row, in order."""
     from trainer.models.user_weights import CATEGORY_NS, TITLE_NS, UserWeights
@@ -52,7 +64,7 @@ def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
     uw = UserWeights(**{"bits": c.user_bits, "lr": c.user_lr, "key_lr": c.key_lr, "key_global_lr": c.key_global_lr,
                         "power": c.user_power, "stack_lr": c.stack_lr,
                         "ns_rates": {CATEGORY_NS: (0.0, c.category_lr), TITLE_NS: (c.title_lr, 0.0)}, **kw})
-    keys = torch.from_numpy(d["keys"])
+    keys = torch.from_numpy(model_keys(d, model))
     return uw.score_then_learn(torch.from_numpy(d[f"z_{model}"]), torch.from_numpy(d["user"]),
                                torch.from_numpy(d["stats"]), torch.from_numpy(d["label"]),
                                torch.from_numpy(d["t"]), keys if keys.shape[1] else None).numpy()
@@ -102,7 +114,7 @@ def experimental(d: dict, spec: dict, model: str) -> torch.Tensor:
     glob_lr = spec.get("glob_lr", 0.02)
     stats = torch.from_numpy(d["stats"]).double()
     users = torch.from_numpy(d["user"])
-    keys = torch.from_numpy(d["keys"])
+    keys = torch.from_numpy(model_keys(d, model))
     n_keys = int(spec.get("n_keys", keys.shape[1]))
     keys = keys[:, :n_keys]
     raw = torch.from_numpy(d[f"z_{model}"]).double()

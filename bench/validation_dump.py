@@ -75,14 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         def recording(batch):
             logits = learner.logits(batch)
             probs = own(batch)
-            m0 = learner.models[models[0]]
-            keys = m0.online_keys(batch.select(m0.inputs))
+            keys = {}  # each model's own online keys (its table's; None for a model without them)
+            for n in models:
+                m = learner.models[n]
+                k = m.online_keys(batch.select(m.inputs))
+                keys[f"keys_{n}"] = k.numpy() if k is not None else np.zeros((len(batch), 0), np.int64)
             rec.append({"stats": batch.stats.numpy(), "user": batch.user_id.numpy(), "label": batch.label.numpy(),
                         "t": batch.event_time.numpy(), "known": batch.known.numpy(), "gen": batch.gen.numpy(),
                         "item": batch.item_id.numpy(), "recent_gen": batch.recent_gen.numpy(),
                         "recent_labels": batch.recent_labels.numpy(), "coarse": batch.coarse.numpy(),
                         "lexical": batch.lexical.numpy(),
-                        "keys": keys.numpy() if keys is not None else np.zeros((len(batch), 0), np.int64),
+                        **keys,
                         **{f"z_{n}": z.numpy() for n, z in logits.items()},
                         **{f"p_{n}": p for n, p in probs.items()}})
             return probs
