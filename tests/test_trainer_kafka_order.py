@@ -1,6 +1,6 @@
 """`follow` forms its micro-batches from the topic's contents, not from fetch timing: the records of
 the interactions partitions are merged in (event_time, partition, offset) order, a batch is the
-next `batch_size` of them, and a partial batch waits for real idleness (`partial_after_s`) or
+next `batch_size` of them cut back to a change of second, and a partial batch waits for real idleness (`partial_after_s`) or
 `max_events`. Real embedded broker (Tansu), real trainer; `trainer.process` is wrapped only to
 record what it is given. The last test checks the merge's release rule alone, against a fake consumer."""
 import asyncio
