@@ -301,3 +301,21 @@ def test_manifest_module_imports_nothing_of_the_project():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'streams', 'trainer', 'trm'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_embedding_does_not_depend_on_its_batch(tok_subset):
+    """The worker embeds the item events of one poll in one batch, so batches follow arrival timing:
+    a text's embedding must be the same bits whatever else shares its batch, or two runs of the same
+    stream can put an item near a centroid boundary on different codes."""
+    from tests.tokenizer_fixtures import encoder
+
+    items, _, _ = tok_subset
+    texts = [it.text() for it in items[:40]]
+    enc = encoder()
+    together = enc.encode(texts)
+    assert together.dtype == np.float32 and together.shape == (40, 384)
+    in_threes = np.concatenate([enc.encode(texts[i:i + 3]) for i in range(0, 40, 3)])
+    alone = np.stack([enc.encode([t])[0] for t in texts[::8]])
+    assert np.array_equal(together, in_threes)
+    assert np.array_equal(together[::8], alone)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-6)

@@ -64,10 +64,19 @@ class ContentEncoder:
     tokenizer and matmul overhead, which dominates on a CPU. `device` "auto" (the default, or
     $TRM_ENCODER_DEVICE) takes CUDA when torch sees a GPU: the encoder is the stage bound by compute
     (bench/scale_bench.py); "cpu" pins it, e.g. to reproduce a fit bit for bit across machines.
+
+    On the CPU the model computes in float64 and returns float32: a text's embedding is then the
+    same bits whatever other texts share its batch. Why: the worker embeds the item events of one
+    poll in one batch, so batches follow arrival timing, and in float32 a text's floats depend on
+    its batch (torch's matmuls are not batch-invariant; 64 of 300 titles were bit-equal between one
+    batch and one-by-one encoding), enough to move an item near a centroid boundary to another code
+    between two runs of the same stream. float64's differences (~1e-16) vanish in the cast to
+    float32 (600 of 600 rows bit-equal across batchings), for about twice the encoder's CPU time.
+    `exact=False` keeps float32 (CUDA always does: its float64 is slow on most cards).
     """
 
     def __init__(self, model_dir: str | Path | None = None, batch_size: int = 64,
-                 threads: int | None = None, device: str | None = None) -> None:
+                 threads: int | None = None, device: str | None = None, exact: bool = True) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local path never needs the hub
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
@@ -76,6 +85,7 @@ class ContentEncoder:
                                "sentence-transformers model files")
         self.batch_size = batch_size
         self.threads = threads
+        self.exact = exact  # float64 on the CPU: embeddings independent of batch composition
         self.device = device or os.environ.get("TRM_ENCODER_DEVICE", "auto")  # resolved when the model loads
         self._model = None
 
@@ -102,6 +112,8 @@ class ContentEncoder:
             self.device = resolve_device(self.device)
             self._model = SentenceTransformer(str(self.model_dir), device=self.device,
                                               local_files_only=True)
+            if self.exact and self.device == "cpu":
+                self._model.double()
             self._model.eval()
         return self._model
 
