@@ -307,11 +307,12 @@ def test_an_embedding_does_not_depend_on_its_batch(tok_subset):
     """The worker embeds the item events of one poll in one batch, so batches follow arrival timing:
     a text's embedding must be the same bits whatever else shares its batch, or two runs of the same
     stream can put an item near a centroid boundary on different codes."""
-    from tests.tokenizer_fixtures import encoder
+    from tests.tokenizer_fixtures import THREADS
+    from tokenizer.encoder import ContentEncoder
 
     items, _, _ = tok_subset
     texts = [it.text() for it in items[:40]]
-    enc = encoder()
+    enc = ContentEncoder(threads=THREADS, device="cpu")  # exact on the CPU (CUDA keeps float32)
     together = enc.encode(texts)
     assert together.dtype == np.float32 and together.shape == (40, 384)
     in_threes = np.concatenate([enc.encode(texts[i:i + 3]) for i in range(0, 40, 3)])

@@ -112,7 +112,7 @@ class ContentEncoder:
             self.device = resolve_device(self.device)
             self._model = SentenceTransformer(str(self.model_dir), device=self.device,
                                               local_files_only=True)
-            if self.exact and self.device == "cpu":
+            if self.exact and str(self.device).startswith("cpu"):
                 self._model.double()
             self._model.eval()
         return self._model

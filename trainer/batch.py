@@ -78,7 +78,9 @@ def batch_cut(seconds: Sequence[int], size: int, final: bool = False) -> int:
     waits for the next batch. A batch that would be one second throughout extends to that second's
     end. Where a second ends is known only from a row of a later second: without one, 0 (wait for
     more rows), or with `final` (no more rows will come: end of stream, `max_events`) all of them.
-    A function of the sequence alone, so batches stay a function of the topic's contents."""
+    A function of the sequence alone, so batches stay a function of the topic's contents. `final`
+    can end a batch inside a second (a run stopped at `max_events`, an idle stream): the rest of
+    that second comes in the next batch."""
     n = len(seconds)
     if n <= size:
         return n if final else 0

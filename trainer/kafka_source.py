@@ -20,7 +20,10 @@ Batches are a function of the topic's contents, not of fetch timing. The orderin
    them: the rest of that second waits for the next batch, so no second is split between two
    batches (a batch is scored, then trained on; trainer/batch.batch_cut). A batch that would be one
    second throughout extends to that second's end, known once a record of a later second is
-   released.
+   released. Only a partial batch (rule 4) can end inside a second: a run stopped at `max_events`,
+   or a stream idle in the middle of a second; the rest of that second then comes in the next batch.
+   Event times are assumed not to go back (the producer writes in event-time order); a late event
+   starts a new group of its second.
 4. A shorter (partial) batch, all that is released, is trained only
    a. once `max_events` records are released (at once), or
    b. once the stream has been idle for `partial_after_s`: no record from any partition, every

@@ -112,7 +112,8 @@ class OnlineLinear(nn.Module):
             flat = s.ravel()
             np.maximum.at(n, flat, ax.ravel())  # 2. the scales take in its inputs
             xh = x / np.maximum(n[s], 1e-12)
-            grad = (1 / (1 + np.exp(-z)) - y[a:b])[:, None] * xh  # 3. this model's own logistic loss
+            with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z < -88: sigmoid 0, as meant
+                grad = (1 / (1 + np.exp(-z)) - y[a:b])[:, None] * xh  # 3. this model's own logistic loss
             np.add.at(g, flat, (grad * grad).ravel())
             np.add.at(w, flat, (-lr * grad / g[s] ** power).ravel())
         return torch.from_numpy(out)

@@ -155,7 +155,8 @@ class UserWeights(nn.Module):
             if stack is not None:
                 z = z + stack[0] * z0
             out[a:b] = z
-            err = 1 / (1 + np.exp(-z)) - y[a:b]  # (n,) d logloss / d z
+            with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z < -88: sigmoid 0, as meant
+                err = 1 / (1 + np.exp(-z)) - y[a:b]  # (n,) d logloss / d z
             if stack is not None:  # 2. the weight on the ranker's logit learns
                 gs = err * z0
                 stack[1] += (gs * gs).sum()
