@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from ..features import IDX
 from .embedding import hash_ids
+from .user_weights import per_second, sigmoid
 
 C_FEATURES = ("log1p_user_n_events", "log1p_user_n_positives", "log1p_item_n_interactions",
               "log1p_item_n_positives", "log1p_item_age_h", "log1p_since_last_event")
@@ -102,18 +103,15 @@ class OnlineLinear(nn.Module):
         y = labels.numpy().astype(w.dtype)
         lr, power = w.dtype.type(self.lr), w.dtype.type(self.power)
         out = np.empty(len(y), dtype=w.dtype)
-        sec = seconds.numpy()
-        bounds = [0, *(np.flatnonzero(sec[1:] != sec[:-1]) + 1).tolist(), len(y)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            s, x = s_all[a:b], x_all[a:b]  # (n, C)
+        for sec in per_second(seconds.numpy()):
+            s, x = s_all[sec], x_all[sec]  # (n, C)
             ax = np.abs(x)
             z = (w[s] * x / np.maximum(np.maximum(n[s], ax), 1e-12)).sum(1)  # 1. scored as before the second
-            out[a:b] = z
+            out[sec] = z
             flat = s.ravel()
             np.maximum.at(n, flat, ax.ravel())  # 2. the scales take in its inputs
             xh = x / np.maximum(n[s], 1e-12)
-            with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z < -88: sigmoid 0, as meant
-                grad = (1 / (1 + np.exp(-z)) - y[a:b])[:, None] * xh  # 3. this model's own logistic loss
+            grad = (sigmoid(z) - y[sec])[:, None] * xh  # 3. this model's own logistic loss
             np.add.at(g, flat, (grad * grad).ravel())
             np.add.at(w, flat, (-lr * grad / g[s] ** power).ravel())
         return torch.from_numpy(out)

@@ -48,6 +48,8 @@ published versions and `trm eval` carry it with the weights it corrects.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -61,6 +63,18 @@ _KEY_SALT, _CROSS_SALT = 0x2545F491, 0x6A09E667
 
 
 CATEGORY_NS, TITLE_NS = 11, 12  # namespaces of lexical tokens (tokenizer/lexical.py) among the online keys
+
+
+def per_second(seconds: np.ndarray) -> Iterator[slice]:
+    """Slices of consecutive rows of one second, in order: the groups the online parts (this table and
+    online_linear.py) score as they were before the second, then learn (the ordering rule above)."""
+    bounds = [0, *(np.flatnonzero(seconds[1:] != seconds[:-1]) + 1).tolist(), len(seconds)]
+    return (slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z < -88: sigmoid 0, as meant
+        return 1 / (1 + np.exp(-z))
 
 
 def key(value: torch.Tensor, namespace: int) -> torch.Tensor:
@@ -147,22 +161,19 @@ class UserWeights(nn.Module):
         power = w.dtype.type(self.power)
         base_np, y = base.numpy(), labels.numpy().astype(w.dtype)
         out = np.empty(len(base_np), dtype=base_np.dtype)
-        sec = seconds.numpy()
-        bounds = [0, *(np.flatnonzero(sec[1:] != sec[:-1]) + 1).tolist(), len(y)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            s, x, z0 = s_all[a:b], x_all[a:b], base_np[a:b]  # (n, C), (n, C), (n,)
+        for sec in per_second(seconds.numpy()):
+            s, x, z0 = s_all[sec], x_all[sec], base_np[sec]  # (n, C), (n, C), (n,)
             z = z0 + (w[s] * x).sum(1)  # 1. scored as the table was before the second
             if stack is not None:
                 z = z + stack[0] * z0
-            out[a:b] = z
-            with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z < -88: sigmoid 0, as meant
-                err = 1 / (1 + np.exp(-z)) - y[a:b]  # (n,) d logloss / d z
+            out[sec] = z
+            err = sigmoid(z) - y[sec]  # (n,) d logloss / d z
             if stack is not None:  # 2. the weight on the ranker's logit learns
                 gs = err * z0
                 stack[1] += (gs * gs).sum()
                 stack[0] -= self.stack_lr * gs.sum() / stack[1] ** power
             grad = err[:, None] * x  # (n, C) d logloss / d w
-            lr = lr_all if lr_all.ndim == 1 else lr_all[a:b]
+            lr = lr_all if lr_all.ndim == 1 else lr_all[sec]
             flat = s.ravel()
             np.add.at(g, flat, (grad * grad).ravel())  # 3. then the table
             np.add.at(w, flat, (-lr * grad / g[s] ** power).ravel())
