@@ -80,8 +80,9 @@ def with_linear(d: dict, z: np.ndarray, model: str = "trm", linear_mix: float | 
     if m.online_linear is None:
         return z
     t = {k: torch.from_numpy(d[k]) for k in ("label", "known", "stats", "lexical", "item", "user", "t")}
-    batch = Batch(label=t["label"], known=t["known"], stats=t["stats"], lexical=t["lexical"], item_id=t["item"],
-                  user_id=t["user"], event_time=t["t"])
+    era = torch.from_numpy(d["era"]) if "era" in d else None  # recordings before the era keys: none
+    batch = Batch(label=t["label"], known=t["known"], stats=t["stats"], lexical=t["lexical"], era=era,
+                  item_id=t["item"], user_id=t["user"], event_time=t["t"])
     lin = m.online_linear.score_then_learn(batch.user_id, batch.stats, m.linear_keys(batch.select(m.inputs)),
                                            batch.label, batch.event_time)
     return m.mix(torch.from_numpy(z), lin).numpy()

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                         "t": batch.event_time.numpy(), "known": batch.known.numpy(), "gen": batch.gen.numpy(),
                         "item": batch.item_id.numpy(), "recent_gen": batch.recent_gen.numpy(),
                         "recent_labels": batch.recent_labels.numpy(), "coarse": batch.coarse.numpy(),
-                        "lexical": batch.lexical.numpy(),
+                        "lexical": batch.lexical.numpy(), "era": batch.era.numpy(),
                         **keys,
                         **{f"z_{n}": z.numpy() for n, z in logits.items()},
                         **{f"p_{n}": p for n, p in probs.items()}})

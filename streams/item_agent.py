@@ -5,7 +5,8 @@ What one batch computes (when it is written, produced and committed: `BatchLoop.
   2. compute  – one `encode_texts` call for the batch's texts (the encoder is the cost, so it
                 runs batched); a retire keeps the item's tokens and sets `retired=True` — marked,
                 not forgotten (a retire without text reuses the tokens in the online store);
-                lexical tokens are the words of the event's categories and title hashed (tokenizer/lexical.py)
+                lexical tokens are the words of the event's categories and title hashed, and the release
+                year its title states (tokenizer/lexical.py)
   3. write    – Feast online + offline, stamped with each item event's event time; the outputs are
                 ItemTokensEvents for `item_tokens` (dead letters go to `items.dlq`)
 No state of its own (`BaseProcessor`'s defaults): tokens are a pure function of (text, tokenizer

@@ -11,8 +11,9 @@ import pytest
 from streams.contract.codec import AvroCodec
 from streams.contract.events import ItemEvent, ItemTokensEvent
 from streams.dlq import SourceRecord
-from tokenizer.lexical import (MAX_CATEGORY_TOKENS, MAX_LEXICAL_TOKENS, MAX_TITLE_TOKENS, category_token,
-                              category_tokens, is_title, lexical_tokens, title_token, title_tokens)
+from tokenizer.lexical import (MAX_CATEGORY_TOKENS, MAX_LEXICAL_TOKENS, MAX_TITLE_TOKENS, YEAR_OFFSET, category_token,
+                              category_tokens, is_title, lexical_tokens, release_year, title_token, title_tokens,
+                              token_year, year_token)
 
 CODEC = AvroCodec()
 
@@ -39,7 +40,21 @@ def test_title_tokens_are_lower_cased_words_deduplicated_and_bounded():
 def test_lexical_tokens_are_categories_then_title_words_in_disjoint_ranges():
     got = lexical_tokens(["Comedy"], "Comedy")  # the same word as a category and in a title: two tokens
     assert got == [category_token("comedy"), title_token("comedy")] and got[0] != got[1]
-    assert len(lexical_tokens([f"g{k}" for k in range(20)], " ".join(f"w{k}" for k in range(30)))) == MAX_LEXICAL_TOKENS
+    many = lexical_tokens([f"g{k}" for k in range(20)], " ".join(f"w{k}" for k in range(30)) + " (1999)")
+    assert len(many) == MAX_LEXICAL_TOKENS == 19 and many[-1] == year_token(1999)
+
+
+def test_the_release_year_is_a_third_kind_after_the_title_words():
+    got = lexical_tokens(["Comedy"], "Heat (1995)")
+    assert got == [category_token("comedy"), title_token("heat"), title_token("1995"), YEAR_OFFSET + 1995]
+    assert not is_title(got[-1]) and token_year(got[-1]) == 1995 and token_year(got[1]) is None
+    assert all(token_year(t) is None for t in got[:-1]) and 2**27 <= got[-1] < 2**28
+    # MovieLens spellings: a trailing "(1995)", a series' "(2006-2007)" or "(2006–)"; nothing else is a year
+    assert release_year("Toy Story (1995)") == 1995 and release_year("Toy Story (1995) ") == 1995
+    assert release_year("Cosmos (2014-2015)") == 2014 and release_year("The Office (2005–)") == 2005
+    for no_year in ("Babylon 5", "1984", "Movie (1995) part 2", "Blade Runner 2049", "(12345)", "(0999)", "", None):
+        assert release_year(no_year) is None, no_year
+    assert lexical_tokens([], "Babylon 5") == title_tokens("Babylon 5")  # no year: no year token
 
 
 def test_tokens_are_a_stable_hash_not_the_process_salted_one():
@@ -103,7 +118,7 @@ def test_item_agent_writes_lexical_tokens_and_a_retire_keeps_them(retire_categor
 
 
 def test_featurizer_carries_lexical_tokens_padded_and_even_for_stale_tokens():
-    """(B, 18), -1 pads; categories and title words are the item's content, not the artifact's: an item
+    """(B, 19), -1 pads; categories and title words are the item's content, not the artifact's: an item
     whose tokens are another version's (scored as unknown) keeps its lexical keys; a bad list is dropped."""
     import torch
 
@@ -112,11 +127,11 @@ def test_featurizer_carries_lexical_tokens_padded_and_even_for_stale_tokens():
 
     df = joined_frame(12, null_every=0)
     df.loc[df.index[3], "tokenizer_version"] = "another-version"
-    df.at[df.index[5], "lexical_tokens"] = [1, 2**27]  # out of range: dropped
+    df.at[df.index[5], "lexical_tokens"] = [1, 2**28]  # out of range: dropped
     df.at[df.index[6], "lexical_tokens"] = None  # no row: none
     batch, st = featurizer(small_config())(df)
-    assert batch.lexical.shape == (12, 18) and batch.lexical.dtype == torch.int64
+    assert batch.lexical.shape == (12, 19) and batch.lexical.dtype == torch.int64
     assert st.stale_version == 1 and not bool(batch.known[3])
     for j, it in enumerate(df["item_id"]):
         want = [] if j in (5, 6) else fixture_categories(int(it))
-        assert batch.lexical[j].tolist() == want + [-1] * (18 - len(want)), j
+        assert batch.lexical[j].tolist() == want + [-1] * (19 - len(want)), j

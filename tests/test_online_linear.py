@@ -12,6 +12,7 @@ from trainer.learner import Learner, LearnerConfig
 from trainer.models import RankerConfig, build_model
 from trainer.models.online_linear import OnlineLinear
 from trainer.models.user_weights import key
+from tokenizer.lexical import YEAR_OFFSET
 
 
 def rows(users, seconds, labels, seed=0):
@@ -72,9 +73,11 @@ def test_token_models_give_it_lexical_tokens_and_only_the_id_baseline_the_id():
     batch, _ = Featurizer.for_config(cfg, None)(joined_frame(32).sort_values("event_time", kind="stable"))
     trm = build_model("trm", cfg)
     k = trm.linear_keys(batch.select(trm.inputs))
-    lex = batch.lexical
-    assert k.shape == lex.shape and torch.equal(k[lex < 0], lex[lex < 0])
-    assert bool(((k[lex >= 0] & 15) >= 11).all())  # namespaces 11 / 12: words, never an item id
+    lex, words = batch.lexical, batch.lexical < YEAR_OFFSET
+    assert k.shape == (32, 19 + 2) and bool((k[:, :19][~words | (lex < 0)] == -1).all())
+    assert bool(((k[:, :19][words & (lex >= 0)] & 15) >= 11).all())  # namespaces 11 / 12: words, never an item id
+    assert torch.equal(k[:, 19:], torch.where(batch.era >= 0, batch.era * 16 + torch.tensor([13, 14]), -1))  # era keys
+    assert bool((batch.era >= 0).any()) and bool((batch.era < 0).any())
     idm = build_model("id", cfg)
     assert torch.equal(idm.linear_keys(batch.select(idm.inputs))[:, 0] // 16, batch.item_id)
     for name in ("gen_only", "two_gram", "prefix_ngram"):

@@ -84,3 +84,21 @@ def test_a_users_side_is_parsed_once_per_second_and_equals_the_row_by_row_result
         for name in ("stats", "gen", "hist_gen", "recent_gen", "recent_ids", "recent_labels", "hist_ids"):
             assert np.array_equal(getattr(together, name)[j].numpy(), getattr(alone, name)[0].numpy()), (j, name)
     assert user_groups(df.iloc[[0]]) == (None, None) and user_groups(df.drop(columns="user_id")) == (None, None)
+
+
+def test_era_keys_are_the_decade_and_the_release_age_bucket():
+    """features.era_keys: from the release-year token (tokenizer/lexical.py) and the event's time;
+    -1 without a year, and the bucket -1 without an event time."""
+    from tokenizer.lexical import lexical_tokens
+    from trainer.features import era_keys
+
+    year_s = 365.2425 * 86400
+    at = lambda y: int((y - 1970) * year_s)  # noqa: E731  epoch s of a fractional year
+    rows = [lexical_tokens(["Drama"], "Heat (1995)"), lexical_tokens([], "Babylon 5"), lexical_tokens([], "Old (1921)"),
+            lexical_tokens(["Drama"], "Heat (1995)"), lexical_tokens(["Drama"], "Heat (1995)")]
+    lex = np.full((len(rows), 19), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        lex[i, :len(r)] = r
+    t = np.array([at(1995.5), at(2000), at(2000), at(1994.9), at(1997.2)])
+    assert era_keys(lex, t).tolist() == [[199, 0], [-1, -1], [192, 6], [199, 0], [199, 2]]
+    assert era_keys(lex, None).tolist() == [[199, -1], [-1, -1], [192, -1], [199, -1], [199, -1]]

@@ -54,7 +54,7 @@ def store(tmp_path_factory, stream):
 
 
 FUTURE_CATEGORIES = [2**26 - 1, 2**26 - 2]  # no genre hashes to these (tests/trainer_fixtures.GENRES)
-SAME_SECOND, SAME_SECOND_CATEGORIES = 145, [2**26 - 3]
+SAME_SECOND, SAME_SECOND_CATEGORIES = 145, [2**26 - 3, 2**27 + 1901]  # a category and a release year (1901)
 
 
 def test_entity_timestamp_is_event_time_minus_one_microsecond():
@@ -104,6 +104,38 @@ def test_planted_lexical_tokens_are_never_seen_early_nor_in_their_own_second(sto
                                                     for dt in (0, 1)]))
     assert list(seen["lexical_tokens"].iloc[0]) == lexical_tokens(same.item_id)  # its own second: before
     assert list(seen["lexical_tokens"].iloc[1]) == SAME_SECOND_CATEGORIES
+
+
+def fixture_year(item_id: int) -> int | None:
+    """The release year in the fixture's title (tests/trainer_fixtures.lexical_tokens), computed apart."""
+    return 1950 + 7 * item_id % 70 if item_id % 4 else None
+
+
+def test_era_keys_read_the_title_published_before_the_events_second_and_never_a_label(store, stream):
+    """The era keys (decade, release age at the event) of an event come from the item's title as
+    published strictly before its second: a year re-published in the event's own second is seen from
+    the next second on. They read no label: every label flipped gives the same keys."""
+    from tests.trainer_fixtures import featurizer, small_config
+
+    same = stream[SAME_SECOND]
+    events = stream[:200]
+    df = historical_features(store, events_frame(events))
+    era = featurizer(small_config())(df)[0].era.tolist()
+    flipped = historical_features(store, events_frame([Event(e.user_id, e.item_id, 1 - e.label, e.event_time)
+                                                       for e in events]))
+    assert featurizer(small_config())(flipped)[0].era.tolist() == era
+    year_s = 365.2425 * 86400
+    n_later = 0
+    for e, got in zip(events, era):
+        year = fixture_year(e.item_id)
+        if e.item_id == same.item_id and e.event_time > same.event_time:
+            year, n_later = 1901, n_later + 1  # the re-published title's year
+        if year is None:
+            assert got == [-1, -1], e
+            continue
+        age = 1970 + e.event_time / year_s - year
+        assert got == [year // 10, sum(age >= edge for edge in (1, 2, 4, 8, 16, 32))], e
+    assert n_later >= 1 and any(g[0] >= 0 for g in era) and any(g[0] < 0 for g in era)
 
 
 def test_own_label_never_leaks(store, stream):

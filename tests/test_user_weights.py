@@ -97,8 +97,8 @@ def test_token_models_key_on_tokens_and_only_the_id_baseline_on_the_id():
     trm, idm = build_model("trm", cfg), build_model("id", cfg)
     k = trm.online_keys(batch.select(trm.inputs))  # item_id is None in TRM's view
     L, M, C, G = cfg.num_levels, batch.mem.shape[1], cfg.coarse_keys, batch.lexical.shape[1]
-    assert G == 18 and cfg.lexical_keys
-    assert k.shape == (len(batch), L + M + C + G)
+    assert G == 19 and cfg.lexical_keys and cfg.era_keys
+    assert k.shape == (len(batch), L + M + C + G + 2)
     same = (batch.gen[:, 0].unsqueeze(1) == batch.gen[:, 0].unsqueeze(0))
     assert torch.equal(k[:, 0].unsqueeze(1) == k[:, 0].unsqueeze(0), same)  # level-1 prefix key = the first code
     # an item's next-nearest level-1 codes are the same keys as those codes' own first prefix
@@ -109,11 +109,18 @@ def test_token_models_key_on_tokens_and_only_the_id_baseline_on_the_id():
     assert torch.equal(k[known, 0], batch.gen[known, 0] * 16)
     # the item's lexical tokens: categories in namespace 11, title words in 12, -1 pads stay padding;
     # read for every item
-    lex, lk = batch.lexical, k[:, L + M + C:]
-    cat, title = (lex >= 0) & (lex < 2**26), lex >= 2**26
+    lex, lk = batch.lexical, k[:, L + M + C:L + M + C + G]
+    cat, title, year = (lex >= 0) & (lex < 2**26), (lex >= 2**26) & (lex < 2**27), lex >= 2**27
     assert bool(cat.any()) and torch.equal(lk[cat], lex[cat] * 16 + 11)
     assert bool(title.any()) and torch.equal(lk[title], lex[title] * 16 + 12)
+    assert bool(year.any()) and bool((lk[year] == -1).all())  # the year is read as the era keys instead
     assert bool((lk[lex < 0] == -1).all())
+    era = k[:, L + M + C + G:]  # the decade (namespace 13) and the release age at the event (14)
+    assert torch.equal(era, torch.where(batch.era >= 0, batch.era * 16 + torch.tensor([13, 14]), -1))
+    assert torch.equal(batch.era[:, 0] >= 0, year.any(1))
+    no_era = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 != "era_keys"})
+    assert not no_era.era_keys and torch.equal(build_model("trm", no_era).online_keys(batch.select(trm.inputs)),
+                                               k[:, :L + M + C + G])
     legacy = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 not in ("coarse_keys",
                                                                                             "lexical_keys")})
     assert not legacy.lexical_keys

@@ -42,10 +42,12 @@ GENRES = ("Action", "Comedy", "Drama", "Romance", "Sci-Fi", "Thriller", "Animati
 
 
 def lexical_tokens(item_id: int) -> list[int]:
-    """The item's published categories (one to three genres) and title ("Film <id>") as the item agent writes them."""
+    """The item's published categories (one to three genres) and title ("Film <id> (<year>)", every
+    fourth without a year) as the item agent writes them."""
     from tokenizer.lexical import lexical_tokens as tokens
 
-    return tokens([GENRES[(item_id * k) % len(GENRES)] for k in range(1, 2 + item_id % 3)], f"Film {item_id}")
+    year = f" ({1950 + 7 * item_id % 70})" if item_id % 4 else ""
+    return tokens([GENRES[(item_id * k) % len(GENRES)] for k in range(1, 2 + item_id % 3)], f"Film {item_id}{year}")
 
 
 @dataclass(frozen=True)

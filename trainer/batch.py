@@ -21,7 +21,8 @@ class Batch:
     gen: torch.Tensor | None = None  # (B, L) level-offset gen ids; unknown -> L*K + level
     mem: torch.Tensor | None = None  # (B, M) mem-token ids
     coarse: torch.Tensor | None = None  # (B, C) the item's nearest level-1 codes, nearest first; [:, 0] = gen[:, 0]
-    lexical: torch.Tensor | None = None  # (B, 18) the item's category, then title-word tokens (tokenizer/lexical.py), -1 pads
+    lexical: torch.Tensor | None = None  # (B, 19) the item's category, title-word, release-year tokens (tokenizer/lexical.py), -1 pads
+    era: torch.Tensor | None = None  # (B, 2) the item's decade and release-age bucket at the event (features.era_keys), -1 unknown
     hist_gen: torch.Tensor | None = None  # (B, H, L) history items' gen ids, oldest first
     two_gram: torch.Tensor | None = None  # (B, M) 2-gram ids of gen (comparison tokenization)
     prefix_ngram: torch.Tensor | None = None  # (B, M) prefix n-gram ids (SEMID)

@@ -35,6 +35,32 @@ N_DENSE = len(DENSE_FEATURES)
 IDX = {name: j for j, name in enumerate(DENSE_FEATURES)}
 
 
+SECONDS_PER_YEAR = 365.2425 * 86400
+RELEASE_AGE_YEARS = (1, 2, 4, 8, 16, 32)  # bucket edges of an item's age since its release year began
+
+
+def era_keys(lexical: np.ndarray, event_time: np.ndarray | None) -> np.ndarray:
+    """(B, 2) int64: the item's decade and its release-age bucket at the event; -1 where its lexical
+    tokens hold no release year (tokenizer/lexical.py), or (the bucket) where the event time is unknown.
+
+    lexical: (B, T) the item's lexical tokens, -1 pads; event_time: (B,) epoch s. The bucket is
+    [0, 1), [1, 2), [2, 4), ... [32, inf) years since the start of the release year (a rating dated
+    before it counts as 0). A function of the item's published title and the event's own time only:
+    no label and no other event, so it cannot leak (tests/test_era_keys.py)."""
+    from tokenizer.lexical import YEAR_OFFSET
+
+    lex = np.asarray(lexical, dtype=np.int64).reshape(len(lexical), -1)
+    is_year = (lex >= YEAR_OFFSET) & (lex < YEAR_OFFSET + 10_000)
+    year = np.where(is_year.any(1), np.where(is_year, lex - YEAR_OFFSET, 0).max(1), -1)  # (B,)
+    out = np.full((len(lex), 2), -1, dtype=np.int64)
+    has = year > 0
+    out[has, 0] = year[has] // 10
+    if event_time is not None:
+        age = 1970 + np.asarray(event_time, dtype=np.float64) / SECONDS_PER_YEAR - year
+        out[has, 1] = np.digitize(age[has], RELEASE_AGE_YEARS)
+    return out
+
+
 def _num(df: pd.DataFrame, col: str) -> np.ndarray:
     """A numeric column as float64; missing column or null -> NaN."""
     if col not in df.columns:

@@ -22,13 +22,13 @@ import torch
 from tokenizer.lexical import LEXICAL_BITS, MAX_LEXICAL_TOKENS
 
 from .batch import Batch
-from .features import COUNT_COLUMNS, dense_features
+from .features import COUNT_COLUMNS, dense_features, era_keys
 from .models.config import RankerConfig
 
 ITEM_COLUMNS = ("gen_tokens", "mem_tokens", "coarse_tokens", "lexical_tokens", "tokenizer_version", "retired",
                 "created_at")
 MAX_COARSE = 8  # most coarse tokens (nearest level-1 codes) read per item
-MAX_LEXICAL = MAX_LEXICAL_TOKENS  # most lexical tokens read per item (18: all the item agent writes)
+MAX_LEXICAL = MAX_LEXICAL_TOKENS  # most lexical tokens read per item (19: all the item agent writes)
 HISTORY_COLUMNS = ("hist_gen_tokens", "hist_item_ids")
 RECENT_COLUMNS = ("recent_item_ids", "recent_gen_tokens", "recent_labels", "last_event_time")
 STAT_COLUMNS = COUNT_COLUMNS
@@ -161,6 +161,7 @@ class Featurizer:
         st.no_history = int((hist_gen[:, 0, 0] < 0).sum())
 
         gen = torch.tensor(gens, dtype=torch.int64).view(n, L)
+        lexical = _pad(lex, MAX_LEXICAL)
         stats = dense_features(df, gen.numpy(), np.asarray(known, dtype=bool), recent_gen.numpy(),
                                recent_labels.numpy(), hist_gen)
 
@@ -171,7 +172,9 @@ class Featurizer:
             gen=gen,
             mem=_pad(mems, self.max_wide),
             coarse=_pad(coarse, MAX_COARSE),
-            lexical=_pad(lex, MAX_LEXICAL),
+            lexical=lexical,
+            era=torch.from_numpy(era_keys(lexical.numpy(), df["event_time"].to_numpy(np.int64)
+                                          if "event_time" in df.columns else None)),
             hist_gen=torch.from_numpy(hist_gen),
             item_id=torch.tensor(df["item_id"].to_numpy(np.int64)),
             hist_ids=hist_ids,

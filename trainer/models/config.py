@@ -10,7 +10,8 @@ from ..features import N_DENSE
 LEGACY_VALUES = {"history": "positives", "wide_dense": False, "ntp_tied_grad": True, "ntp_mean_levels": False,
                  "ntp_item_grad": True, "user_weights": False,
                  "online_keys": False, "user_power": 0.5, "stack_lr": None, "coarse_keys": 0,
-                 "stats_scale": False, "key_global_lr": None, "lexical_keys": False, "linear_mix": 0.0}
+                 "stats_scale": False, "key_global_lr": None, "lexical_keys": False, "linear_mix": 0.0,
+                 "era_keys": False}
 
 
 @dataclass
@@ -69,6 +70,15 @@ class RankerConfig:
     # reads them (the ID and gen_only baselines are ablations of the item side and stay as they were)
     lexical_keys: bool = True
     category_lr: float = 0.05  # the rate of user x category crosses (categories get no global weight)
+    # TRM's era keys (trainer/features.era_keys: the item's decade and its age since release at the event,
+    # from the release year its title states) crossed with the user at category_lr in the table, globally and
+    # crossed in the linear model, as the categories. Replayed on the real trainer's recordings (seeds 0 / 1,
+    # unseen items / all; windows: tokenizer at q0.2 on [q0.2, q0.5), at q0.4 on [q0.4, q0.5), the demo's
+    # tokenizer on [q0.4, q0.5)): off 0.7603 / 0.7882, 0.7253 / 0.7809, 0.7278 / 0.7811; decade alone
+    # 0.7625 / 0.7891, 0.7267 / 0.7805; release age alone 0.7633 / 0.7896, 0.7270 / 0.7809; both 0.7644 /
+    # 0.7897, 0.7285 / 0.7808, 0.7312 / 0.7813; both with a global weight in the table too 0.7642 / 0.7895;
+    # finer age buckets (0.5 .. 55 years) 0.7636 / 0.7893; 5-year eras 0.7621; decades and 20-year eras 0.7632
+    era_keys: bool = True
     title_lr: float = 0.02  # the rate of title words' global weights (they get no user x word cross)
     # a per-event linear model beside the ranker, averaged with its logit (models/online_linear.py): its
     # share `linear_mix` (0: none), its 2**bits hashed slots, AdaGrad rate and power. Replayed on the real

@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.lexical import TITLE_OFFSET
+from tokenizer.lexical import TITLE_OFFSET, YEAR_OFFSET
 
 from .config import RankerConfig
 from .embedding import GenTokenEmbedding, HashedBagEmbedding
 from .generative import GenerativeHead
 from .ranker import Ranker
-from .user_weights import CATEGORY_NS, TITLE_NS, key
+from .user_weights import CATEGORY_NS, DECADE_NS, RELEASE_AGE_NS, TITLE_NS, key
 
 
 class DeepGenTokens(nn.Module):
@@ -73,7 +73,7 @@ class TRM(Ranker):
 
     def __init__(self, cfg: RankerConfig, generative: bool = True):
         super().__init__(cfg)
-        self.inputs = ("gen", "mem", "coarse", "lexical",
+        self.inputs = ("gen", "mem", "coarse", "lexical", "era",
                        *self.history_inputs(cfg, ("recent_gen",), ("hist_gen",)), "stats", "label", "known")
         self.gen_emb = GenTokenEmbedding(cfg.num_levels, cfg.codebook_size, cfg.d_model)
         self.deep = DeepGenTokens(cfg, self.gen_emb, cfg.token_dropout)
@@ -90,8 +90,9 @@ class TRM(Ranker):
     def item_keys(self, batch) -> torch.Tensor:
         # gen prefixes (B, L) + mem-tokens (B, M) [+ next-nearest level-1 codes (B, C), keyed as the
         # first prefix is: a code's key is the same whether it is the item's own or its neighbour]
-        # [+ lexical tokens (B, 18): the words of the item's categories (namespace 11) and title (12),
+        # [+ lexical tokens (B, 19): the words of the item's categories (namespace 11) and title (12),
         #  config.lexical_keys; the table learns each kind at its own rates (config.category_lr, title_lr)]
+        # [+ era keys (B, 2): the decade (13) and the release age at the event (14), config.era_keys]
         keys = [self.gen_prefix_keys(self.cfg, batch.gen), key(batch.mem, 8)]
         n = self.cfg.coarse_keys
         if n and batch.coarse is not None:
@@ -100,12 +101,16 @@ class TRM(Ranker):
             keys.append(self.lexical_keys(batch))
         return torch.cat(keys, 1)
 
-    @staticmethod
-    def lexical_keys(batch) -> torch.Tensor:
-        # (B, 18) the words of the item's categories (namespace 11) and title (12); -1 pads stay padding
+    def lexical_keys(self, batch) -> torch.Tensor:
+        # (B, 19 [+ 2]) the words of the item's categories (namespace 11) and title (12); -1 pads stay
+        # padding, as does the release-year token: it is read as the era keys (B, 2), decade (13) and
+        # release age at the event (14), where config.era_keys (older models: not at all)
         lex = batch.lexical
         ns = torch.where(lex >= TITLE_OFFSET, TITLE_NS, CATEGORY_NS)
-        return torch.where(lex >= 0, lex * 16 + ns, torch.full_like(lex, -1))
+        keys = torch.where((lex >= 0) & (lex < YEAR_OFFSET), lex * 16 + ns, torch.full_like(lex, -1))
+        if self.cfg.era_keys and batch.era is not None:
+            keys = torch.cat([keys, key(batch.era[:, :1], DECADE_NS), key(batch.era[:, 1:], RELEASE_AGE_NS)], 1)
+        return keys
 
     def linear_keys(self, batch) -> torch.Tensor | None:
         # the linear model reads only the lexical tokens: with all the online keys it scored 0.7785 against

@@ -63,6 +63,7 @@ _KEY_SALT, _CROSS_SALT = 0x2545F491, 0x6A09E667
 
 
 CATEGORY_NS, TITLE_NS = 11, 12  # namespaces of lexical tokens (tokenizer/lexical.py) among the online keys
+DECADE_NS, RELEASE_AGE_NS = 13, 14  # TRM's era keys (trainer/features.era_keys)
 
 
 def per_second(seconds: np.ndarray) -> Iterator[slice]:
