@@ -98,6 +98,22 @@ def test_batch_cut_never_splits_a_second():
         assert cuts[-1] == len(t) and all(t[c] != t[c - 1] for c in cuts[:-1])
 
 
+def test_batch_cut_splits_only_a_second_longer_than_its_bound():
+    """Coarse timestamps (one second for a whole backfill) must not hold every record in memory: a
+    second longer than `longest` rows (default 8 × size) is split there, and the split is reported."""
+    from trainer.batch import batch_cut, splits_second
+
+    assert batch_cut([5] * 20 + [6], 4) == 20  # within 8 × 4 rows: to the second's end, unsplit
+    assert not splits_second([5] * 20 + [6], 20)
+    long = [5] * 40 + [6]
+    assert batch_cut(long, 4) == 32 and splits_second(long, 32)  # past 32: split after 32 ...
+    assert batch_cut(long[32:], 4) == 8 and not splits_second(long[32:], 8)  # ... the rest ends at its change
+    assert batch_cut([5] * 40, 4) == 32  # no later row seen yet: the bound alone cuts
+    assert batch_cut([5] * 32, 4) == 0 and batch_cut([5] * 32, 4, final=True) == 32  # at the bound: wait
+    assert batch_cut(long, 4, longest=10) == 10 and batch_cut(long, 4, longest=2) == 4  # never below the size
+    assert batch_cut([1, 1, 2] + [3] * 50, 4) == 3  # a change within the size still cuts back there
+
+
 def test_in_memory_batches_end_where_the_second_changes(joiner, stream, tmp_path):
     """`run_events` hands the trainer whole seconds: every batch but the last ends at a change of second."""
     from tests.trainer_fixtures import Event

@@ -71,7 +71,10 @@ def chunk_bounds(seconds: torch.Tensor | None, step: int, n: int) -> list[int]:
     return cuts + [n]
 
 
-def batch_cut(seconds: Sequence[int], size: int, final: bool = False) -> int:
+LONGEST_BATCH = 8  # × the batch size: the most rows one second may hold a batch open for
+
+
+def batch_cut(seconds: Sequence[int], size: int, final: bool = False, longest: int | None = None) -> int:
     """How many of the head of `seconds` (event-time ordered) form the next micro-batch, so that no
     second is split between two micro-batches (each is scored, then trained on, as its chunks are).
 
@@ -81,14 +84,26 @@ def batch_cut(seconds: Sequence[int], size: int, final: bool = False) -> int:
     more rows), or with `final` (no more rows will come: end of stream, `max_events`) all of them.
     A function of the sequence alone, so batches stay a function of the topic's contents. `final`
     can end a batch inside a second (a run stopped at `max_events`, an idle stream): the rest of
-    that second comes in the next batch."""
+    that second comes in the next batch.
+
+    A second longer than `longest` rows (default LONGEST_BATCH × size) is split after `longest`:
+    without a bound, a stream with coarse timestamps (a backfill stamping thousands of events with
+    one second) would hold them all in memory before training. The caller warns (`splits_second`)."""
+    longest = LONGEST_BATCH * size if longest is None else max(longest, size)
     n = len(seconds)
     if n <= size:
         return n if final else 0
     for k in range(size, 0, -1):  # the last change of second within the first `size` rows
         if seconds[k] != seconds[k - 1]:
             return k
-    for k in range(size + 1, n):  # one second throughout: to its end
+    for k in range(size + 1, min(n, longest + 1)):  # one second throughout: to its end, at most `longest`
         if seconds[k] != seconds[k - 1]:
             return k
+    if n > longest:
+        return longest  # the second goes on past `longest` rows: split it
     return n if final else 0
+
+
+def splits_second(seconds: Sequence[int], k: int) -> bool:
+    """Whether a batch of the first `k` of `seconds` ends inside a second (rows k-1 and k share it)."""
+    return 0 < k < len(seconds) and seconds[k] == seconds[k - 1]

@@ -20,8 +20,10 @@ Batches are a function of the topic's contents, not of fetch timing. The orderin
    them: the rest of that second waits for the next batch, so no second is split between two
    batches (a batch is scored, then trained on; trainer/batch.batch_cut). A batch that would be one
    second throughout extends to that second's end, known once a record of a later second is
-   released. Only a partial batch (rule 4) can end inside a second: a run stopped at `max_events`,
-   or a stream idle in the middle of a second; the rest of that second then comes in the next batch.
+   released, but at most 8 × `batch_size` rows: a longer second (coarse timestamps, a backfill) is
+   split there, with a warning, so the released records waiting for a batch stay bounded. Otherwise
+   only a partial batch (rule 4) can end inside a second: a run stopped at `max_events`, or a stream
+   idle in the middle of a second; the rest of that second then comes in the next batch.
    Event times are assumed not to go back (the producer writes in event-time order); a late event
    starts a new group of its second.
 4. A shorter (partial) batch, all that is released, is trained only
@@ -57,7 +59,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
-from .batch import batch_cut
+from .batch import batch_cut, splits_second
 from .prequential import ContinuousTrainer, Record
 
 log = logging.getLogger(__name__)
@@ -346,7 +348,10 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
                 last_msg, last_data_ms = time.monotonic(), arrival
                 log.debug("fetched %s", {tp.partition: len(msgs) for tp, msgs in data.items()})
             await merge.release(None if max_events is None else max_events - taken() - len(merge.ready))
-            while k := batch_cut([r.event_time for r in merge.ready], batch_size):
+            while k := batch_cut(seconds := [r.event_time for r in merge.ready], batch_size):
+                if splits_second(seconds, k):
+                    log.warning("second %d holds more than %d events: split between micro-batches (rule 3)",
+                                seconds[k], k)
                 await hand_over(merge.take(k))  # rule 3
             if merge.ready and ((max_events is not None and taken() + len(merge.ready) >= max_events)
                                 or await merge.idle_since(last_data_ms + int(1000 * flush_after_s))):

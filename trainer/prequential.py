@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .batch import batch_cut, chunk_bounds
+from .batch import batch_cut, chunk_bounds, splits_second
 from .checkpoint import CheckpointError, ModelPublisher, TrainState, load_latest, remove_stale_temps, save_checkpoint
 from .errors import TrainerError
 from .featurizer import Featurizer, FeaturizeStats
@@ -330,7 +330,8 @@ def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
 
     Position = index in the list; a resumed trainer starts at its checkpoint's offset. Micro-batches
     hold about `batch_size` events and end where the second changes (`batch.batch_cut`); a run cut
-    short by `max_events` ends where it was told to, even inside a second. With
+    short by `max_events` ends where it was told to, even inside a second, and a second of more than
+    8 × `batch_size` events is split (with a warning), as from Kafka. With
     `prefetch`, the next micro-batch's join runs in a thread while this one trains (the join
     reads only the feature store, never the model, so results are identical). Returns the
     number of events processed by this call.
@@ -345,6 +346,9 @@ def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
     chunks, s = [], 0
     while s < len(records):  # micro-batches never split a second (batch.batch_cut), as from Kafka
         k = batch_cut(seconds[s:], batch_size, final=True)
+        if splits_second(seconds[s:], k) and s + k < len(records):
+            log.warning("second %d holds more than %d events: split between micro-batches (batch.batch_cut)",
+                        int(seconds[s + k]), k)
         chunks.append(records[s:s + k])
         s += k
     done = 0
