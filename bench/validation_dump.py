@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vw-args", default=None, help="the peer's Vowpal Wabbit arguments instead of trainer.peers.DEFAULT_ARGS")
     ap.add_argument("--vw-extra", default="", help="extra Vowpal Wabbit arguments for the peer (e.g. '--ignore i': "
                                                    "no item-id namespace), a diagnostic")
+    ap.add_argument("--vw-era", action="store_true", help="the peer also reads the era namespace (add -q ue)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         tr = build_trainer(demo / "feature_repo", info, Path(tmp) / "ckpt", models, parse(args.config),
                            {"threads": 1, "seed": args.seed, **parse(args.learner)}, keep_predictions=True,
                            peers={"vw": VWPeer(item_meta_of(ds.items), seed=args.seed,
-                                                  args=f"{args.vw_args or DEFAULT_ARGS} {args.vw_extra}".strip())})
+                                                  args=f"{args.vw_args or DEFAULT_ARGS} {args.vw_extra}".strip(),
+                                                  era=args.vw_era)})
         rec: list[dict] = []
         learner = tr.learner
         own = learner.predict_then_learn_users

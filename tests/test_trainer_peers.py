@@ -146,3 +146,19 @@ def test_item_meta_from_a_catalogue():
         genres, title = ("Comedy",), "Toy Story (1995)"
 
     assert item_meta_of({1: Item()}) == {1: (("Comedy",), "Toy Story (1995)")}
+
+
+def test_the_era_namespace_is_off_by_default_and_reads_the_titles_year(tmp_path):
+    """`era=True` adds TRM's era keys as namespace e (decade, release-age bucket at the event); the
+    reported peer stays as the issue fixes it; a saved peer keeps the option."""
+    year_s = 365.2425 * 86400
+    meta = {1: (("Drama",), "Heat (1995)"), 2: (("Drama",), "Babylon 5")}
+    df = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [1, 2, 1], "label": [1, 0, 1],
+                       "event_time": [int((1995.5 - 1970) * year_s), 0, int((2000 - 1970) * year_s)]})
+    assert not any("|e" in ex for ex in VWPeer(meta, args=SMALL).examples(df))
+    peer = VWPeer(meta, args=SMALL + " -q ue", era=True)
+    ex = peer.examples(df)
+    assert ex[0].endswith(" |e d199 a0") and "|e" not in ex[1] and ex[2].endswith(" |e d199 a3")
+    peer.score_then_learn(df)
+    again = VWPeer.load(peer.save(tmp_path / "vw.model"), meta)
+    assert again.era and again.examples(df) == ex

@@ -16,6 +16,11 @@ ml-latest-small). Namespaces, one letter each:
      and of the last 5, plus the last label itself as +1/-1
 
 with the interactions user x genre, user x title word and user x rates (`-q ug -q ut -q ur`).
+With `era=True` (off in the reports: the issue fixes the peer's inputs) it also reads
+
+  e  the item's decade and its release-age bucket at the event, from the year its title states:
+     TRM's era keys (trainer/features.era_keys); cross them with `-q ue`
+
 A feature the row has no value for (NaN / None: the entity has no feature row yet) counts as 0
 events; a column the frame lacks is left out. Only PIT columns are read: the row's own `label`
 is used solely as the target VW learns after it has predicted the row.
@@ -95,10 +100,10 @@ class VWPeer:
     name = "vw"
 
     def __init__(self, item_meta: Mapping[int, tuple[Sequence[str], str]] | None = None,
-                 args: str = DEFAULT_ARGS, seed: int = 0, *, _model: str | Path | None = None):
+                 args: str = DEFAULT_ARGS, seed: int = 0, *, era: bool = False, _model: str | Path | None = None):
         from vowpalwabbit import Workspace  # heavy C extension: imported when a peer is built
 
-        self.args, self.seed = args, int(seed)
+        self.args, self.seed, self.era = args, int(seed), era
         self.item_meta = dict(item_meta or {})
         argv = args.split() + ["--quiet", "--random_seed", str(self.seed)]
         if _model is not None:
@@ -147,7 +152,16 @@ class VWPeer:
         c_ns = [" ".join(t) for t in zip(*cols)]
         r_ns = [" ".join(t) for t in zip(*rates)]
         item = self._item
-        return [f" |u u{u} {item(i)} |c {c} |r {r}" for u, i, c, r in zip(users, items, c_ns, r_ns)]
+        out = [f" |u u{u} {item(i)} |c {c} |r {r}" for u, i, c, r in zip(users, items, c_ns, r_ns)]
+        if self.era:
+            from tokenizer.lexical import release_year, year_token
+
+            from .features import era_keys
+
+            years = [release_year(self.item_meta.get(i, ((), ""))[1]) for i in items]
+            era = era_keys(np.array([[year_token(y) if y else -1] for y in years], dtype=np.int64).reshape(-1, 1), et)
+            out = [ex + (f" |e d{d} a{a}" if d >= 0 else "") for ex, (d, a) in zip(out, era.tolist())]
+        return out
 
     @staticmethod
     def _recent(joined: pd.DataFrame) -> list[list[str]]:
@@ -199,7 +213,8 @@ class VWPeer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.ws.save(str(path))
-        _sidecar(path).write_text(json.dumps({"args": self.args, "seed": self.seed, "n_learned": self.n_learned}))
+        _sidecar(path).write_text(json.dumps({"args": self.args, "seed": self.seed, "era": self.era,
+                                                   "n_learned": self.n_learned}))
         return path
 
     @classmethod
@@ -213,7 +228,8 @@ class VWPeer:
             raise PeerError(f"no VW model file at {path}")
         saved = json.loads(_sidecar(path).read_text()) if _sidecar(path).is_file() else {}
         peer = cls(item_meta, args=args if args is not None else saved.get("args", DEFAULT_ARGS),
-                   seed=seed if seed is not None else int(saved.get("seed", 0)), _model=path)
+                   seed=seed if seed is not None else int(saved.get("seed", 0)), era=bool(saved.get("era", False)),
+                   _model=path)
         peer.n_learned = int(saved.get("n_learned", 0))
         return peer
 
