@@ -25,8 +25,8 @@ the year as a word, but as a hash of it: nothing a reader can compute with. As a
 TRM's era keys (trainer/features.era_keys): the decade, and the item's age since release at the
 event. Why: replayed on the real trainer's recordings (three validation windows before the demo's
 cutoff, means of seeds 0 / 1), those two keys crossed with the user took TRM on items unseen by
-the tokenizer from 0.7603 / 0.7253 / 0.7278 to 0.7644 / 0.7285 / 0.7312 (all items: 0.7882 /
-0.7809 / 0.7811 -> 0.7897 / 0.7808 / 0.7813): whether a user watches this year's films or old ones
+the tokenizer from 0.7603 / 0.7253 / 0.7278 to 0.7640 / 0.7282 / 0.7309 (all items: 0.7882 /
+0.7809 / 0.7811 -> 0.7895 / 0.7808 / 0.7812): whether a user watches this year's films or old ones
 is taste the genres and the words do not carry. A record written before the year kind existed
 simply has none (no era keys).
 """

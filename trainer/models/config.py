@@ -74,9 +74,10 @@ class RankerConfig:
     # from the release year its title states) crossed with the user at category_lr in the table, globally and
     # crossed in the linear model, as the categories. Replayed on the real trainer's recordings (seeds 0 / 1,
     # unseen items / all; windows: tokenizer at q0.2 on [q0.2, q0.5), at q0.4 on [q0.4, q0.5), the demo's
-    # tokenizer on [q0.4, q0.5)): off 0.7603 / 0.7882, 0.7253 / 0.7809, 0.7278 / 0.7811; decade alone
-    # 0.7625 / 0.7891, 0.7267 / 0.7805; release age alone 0.7633 / 0.7896, 0.7270 / 0.7809; both 0.7644 /
-    # 0.7897, 0.7285 / 0.7808, 0.7312 / 0.7813; both with a global weight in the table too 0.7642 / 0.7895;
+    # tokenizer on [q0.4, q0.5)): off 0.7603 / 0.7882, 0.7253 / 0.7809, 0.7278 / 0.7811; on 0.7640 / 0.7895,
+    # 0.7282 / 0.7808, 0.7309 / 0.7812. A prototype of the same keys (other hash slots; both: 0.7644 / 0.7897,
+    # 0.7285 / 0.7808) on the first two windows: decade alone 0.7625 / 0.7891, 0.7267 / 0.7805; release age
+    # alone 0.7633 / 0.7896, 0.7270 / 0.7809; both with a global weight in the table too 0.7642 / 0.7895;
     # finer age buckets (0.5 .. 55 years) 0.7636 / 0.7893; 5-year eras 0.7621; decades and 20-year eras 0.7632
     era_keys: bool = True
     title_lr: float = 0.02  # the rate of title words' global weights (they get no user x word cross)
