@@ -53,7 +53,7 @@ def model_keys(d: dict, model: str) -> np.ndarray:
 
 def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
     """(N,) logits of the shipped UserWeights with `spec`'s arguments over every recorded row, in order."""
-    from trainer.models.user_weights import CATEGORY_NS, TITLE_NS, UserWeights
+    from trainer.models.user_weights import UserWeights, ns_rates
 
     kw = {k: v for k, v in spec.items() if k in SHIPPED}
     if "features" in kw:
@@ -63,7 +63,7 @@ def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
     c = RankerConfig()  # the shipped defaults, then the spec's overrides
     uw = UserWeights(**{"bits": c.user_bits, "lr": c.user_lr, "key_lr": c.key_lr, "key_global_lr": c.key_global_lr,
                         "power": c.user_power, "stack_lr": c.stack_lr,
-                        "ns_rates": {CATEGORY_NS: (0.0, c.category_lr), TITLE_NS: (c.title_lr, 0.0)}, **kw})
+                        "ns_rates": ns_rates(c), **kw})
     keys = torch.from_numpy(model_keys(d, model))
     return uw.score_then_learn(torch.from_numpy(d[f"z_{model}"]), torch.from_numpy(d["user"]),
                                torch.from_numpy(d["stats"]), torch.from_numpy(d["label"]),

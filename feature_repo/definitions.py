@@ -47,7 +47,7 @@ item_tokens = FeatureView(
         Field(name="gen_tokens", dtype=Array(Int64)),
         Field(name="mem_tokens", dtype=Array(Int64)),
         Field(name="coarse_tokens", dtype=Array(Int64)),  # nearest level-1 codes, nearest first
-        Field(name="lexical_tokens", dtype=Array(Int64)),  # the item event's categories and title words hashed (tokenizer/lexical.py)
+        Field(name="lexical_tokens", dtype=Array(Int64)),  # the item event's categories and title words hashed, its release year (tokenizer/lexical.py)
         Field(name="tokenizer_version", dtype=String),
         Field(name="created_at", dtype=Int64),
         Field(name="retired", dtype=Bool),

@@ -126,3 +126,19 @@ def test_in_memory_batches_end_where_the_second_changes(joiner, stream, tmp_path
     assert sum(map(len, seen)) == N_EVENTS and all(len(b) <= BATCH for b in seen)
     assert [len(b) for b in seen] == [99, 99, 99, 99, 4]  # seconds of 3 rows: each 100 is cut back to 99
     assert all(a[-1] != b[0] for a, b in zip(seen, seen[1:]))
+
+
+def test_a_second_longer_than_the_bound_is_split_with_a_warning(joiner, stream, tmp_path, caplog):
+    """Coarse timestamps: 400 events stamped with one second, batches of 40 (bound 8 × 40 = 320)."""
+    import logging
+
+    from tests.trainer_fixtures import Event
+
+    one = [Event(e.user_id, e.item_id, e.label, stream[0].event_time) for e in stream]
+    tr = trainer(joiner, tmp_path)
+    seen, process = [], tr.process
+    tr.process = lambda records, joined=None: (seen.append(len(records)), process(records, joined))[1]
+    with caplog.at_level(logging.WARNING, logger="trainer.prequential"):
+        assert run_events(tr, one, 40) == N_EVENTS
+    assert seen == [320, 80]
+    assert any("holds more than 320 events" in r.getMessage() for r in caplog.records)

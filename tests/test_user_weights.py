@@ -121,12 +121,13 @@ def test_token_models_key_on_tokens_and_only_the_id_baseline_on_the_id():
     no_era = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 != "era_keys"})
     assert not no_era.era_keys and torch.equal(build_model("trm", no_era).online_keys(batch.select(trm.inputs)),
                                                k[:, :L + M + C + G])
-    legacy = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items() if k2 not in ("coarse_keys",
-                                                                                            "lexical_keys")})
-    assert not legacy.lexical_keys
+    legacy = RankerConfig.from_dict({k2: v for k2, v in cfg.to_dict().items()
+                                     if k2 not in ("coarse_keys", "lexical_keys", "era_keys")})
+    assert not legacy.lexical_keys and not legacy.era_keys
     assert build_model("trm", legacy).online_keys(batch.select(trm.inputs)).shape == (len(batch), L + M)
     no_cat = RankerConfig.from_dict({**cfg.to_dict(), "lexical_keys": False})
-    assert torch.equal(build_model("trm", no_cat).online_keys(batch.select(trm.inputs)), k[:, :L + M + C])
+    assert torch.equal(build_model("trm", no_cat).online_keys(batch.select(trm.inputs)),
+                       torch.cat([k[:, :L + M + C], era], 1))  # the era keys do not depend on the lexical keys
     assert "lexical" in build_model("trm_no_ntp", cfg).inputs
     # the baselines are ablations of the item side: they neither read nor key on categories
     for name in ("id", "gen_only", "two_gram", "prefix_ngram"):

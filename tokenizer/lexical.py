@@ -43,6 +43,8 @@ KIND_BITS = 26  # each kind's tokens span 2**26 values
 LEXICAL_BITS = KIND_BITS + 2  # every token is in [0, 2**28)
 TITLE_OFFSET = 1 << KIND_BITS  # title words: [2**26, 2**27)
 YEAR_OFFSET = 2 << KIND_BITS  # the release year: YEAR_OFFSET + year, in [2**27, 2**27 + 10000)
+YEAR_SPAN = 10_000  # year tokens are [YEAR_OFFSET, YEAR_OFFSET + YEAR_SPAN)
+LEXICAL_END = YEAR_OFFSET + YEAR_SPAN  # every valid lexical token is in [0, LEXICAL_END)
 _MASK = (1 << KIND_BITS) - 1
 _WORD = re.compile(r"[^\w]+")  # words: runs of letters, digits and _ ("Toy Story (1995)" -> toy, story, 1995)
 # a title's release year: "(1995)" at its end (MovieLens), or the first year of "(2006-2007)" / "(2006–)"
@@ -76,7 +78,7 @@ def year_token(year: int) -> int:
 
 def token_year(token: int) -> int | None:
     """The year of a year token, else None."""
-    return token - YEAR_OFFSET if YEAR_OFFSET <= token < YEAR_OFFSET + 10_000 else None
+    return token - YEAR_OFFSET if YEAR_OFFSET <= token < LEXICAL_END else None
 
 
 def _unique(tokens: Iterable[int], limit: int) -> list[int]:

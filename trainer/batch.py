@@ -57,7 +57,8 @@ class Batch:
 def chunk_bounds(seconds: torch.Tensor | None, step: int, n: int) -> list[int]:
     """[0, ..., n]: cuts about every `step` rows, each moved on to the next change of second, so no
     second is split between two chunks (a chunk is scored, then trained on: a second split in two
-    would have its later rows scored after its earlier rows' labels were learned)."""
+    would have its later rows scored after its earlier rows' labels were learned). Within one
+    micro-batch; a second that batch_cut split across micro-batches stays split."""
     if seconds is None or n == 0:
         return list(range(0, n, step)) + [n] if n else [0]
     t = seconds.cpu().numpy()
@@ -76,7 +77,9 @@ LONGEST_BATCH = 8  # × the batch size: the most rows one second may hold a batc
 
 def batch_cut(seconds: Sequence[int], size: int, final: bool = False, longest: int | None = None) -> int:
     """How many of the head of `seconds` (event-time ordered) form the next micro-batch, so that no
-    second is split between two micro-batches (each is scored, then trained on, as its chunks are).
+    second is split between two micro-batches (each is scored, then trained on, as its chunks are),
+    but for the exceptions below: there, later rows of the second are scored by weights that learned
+    its earlier rows.
 
     At most `size` rows, cut back to the last change of second among them: the rest of that second
     waits for the next batch. A batch that would be one second throughout extends to that second's

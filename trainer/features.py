@@ -44,13 +44,16 @@ def era_keys(lexical: np.ndarray, event_time: np.ndarray | None) -> np.ndarray:
     tokens hold no release year (tokenizer/lexical.py), or (the bucket) where the event time is unknown.
 
     lexical: (B, T) the item's lexical tokens, -1 pads; event_time: (B,) epoch s. The bucket is
-    [0, 1), [1, 2), [2, 4), ... [32, inf) years since the start of the release year (a rating dated
-    before it counts as 0). A function of the item's published title and the event's own time only:
-    no label and no other event, so it cannot leak (tests/test_era_keys.py)."""
-    from tokenizer.lexical import YEAR_OFFSET
+    [0, 1), [1, 2), [2, 4), ... [32, inf) years since about the start of the release year (years of
+    365.2425 days from 1970; a rating dated before it counts as 0). A function of the item's title as
+    published before the event's second (the PIT-joined row) and of the event's own time only: it
+    has no label nor any other event among its inputs (tests/test_trainer_pit.py,
+    tests/test_trainer_features.py)."""
+    from tokenizer.lexical import LEXICAL_END, YEAR_OFFSET
 
-    lex = np.asarray(lexical, dtype=np.int64).reshape(len(lexical), -1)
-    is_year = (lex >= YEAR_OFFSET) & (lex < YEAR_OFFSET + 10_000)
+    lex = np.asarray(lexical, dtype=np.int64)
+    lex = lex.reshape(len(lex), -1) if lex.ndim != 2 else lex  # (B, T), also for B = 0
+    is_year = (lex >= YEAR_OFFSET) & (lex < LEXICAL_END)
     year = np.where(is_year.any(1), np.where(is_year, lex - YEAR_OFFSET, 0).max(1), -1)  # (B,)
     out = np.full((len(lex), 2), -1, dtype=np.int64)
     has = year > 0

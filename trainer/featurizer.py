@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tokenizer.lexical import LEXICAL_BITS, MAX_LEXICAL_TOKENS
+from tokenizer.lexical import LEXICAL_END, MAX_LEXICAL_TOKENS
 
 from .batch import Batch
 from .features import COUNT_COLUMNS, dense_features, era_keys
@@ -135,7 +135,7 @@ class Featurizer:
             # the item event's categories and title words: content of the item, not of the artifact, so read even when
             # its tokens are unusable (another version); a bad list is dropped
             a = _ints(a) or []
-            lex.append(a if all(0 <= x < 1 << LEXICAL_BITS for x in a) else [])
+            lex.append(a if all(0 <= x < LEXICAL_END for x in a) else [])
         st.unknown_item = n - sum(known)
         st.retired = sum(1 for r in col("retired") if r is True or r == 1)
 

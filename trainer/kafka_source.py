@@ -18,7 +18,8 @@ Batches are a function of the topic's contents, not of fetch timing. The orderin
    and the producer writes in event-time order, so this merge reproduces the publish order.
 3. A batch is the next `batch_size` released records, cut back to the last change of second among
    them: the rest of that second waits for the next batch, so no second is split between two
-   batches (a batch is scored, then trained on; trainer/batch.batch_cut). A batch that would be one
+   batches (a batch is scored, then trained on; trainer/batch.batch_cut), but for the exceptions
+   below, where a second's later rows are scored after its earlier rows were learned. A batch that would be one
    second throughout extends to that second's end, known once a record of a later second is
    released, but at most 8 × `batch_size` rows: a longer second (coarse timestamps, a backfill) is
    split there, with a warning, so the released records waiting for a batch stay bounded. Otherwise

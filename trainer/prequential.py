@@ -344,7 +344,7 @@ def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
                for i, e in enumerate(events[start:end], start=start)]
     seconds = np.fromiter((r.event_time for r in records), np.int64, len(records))
     chunks, s = [], 0
-    while s < len(records):  # micro-batches never split a second (batch.batch_cut), as from Kafka
+    while s < len(records):  # micro-batches split a second only past the bound (batch.batch_cut), as from Kafka
         k = batch_cut(seconds[s:], batch_size, final=True)
         if splits_second(seconds[s:], k) and s + k < len(records):
             log.warning("second %d holds more than %d events: split between micro-batches (batch.batch_cut)",

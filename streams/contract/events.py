@@ -93,7 +93,8 @@ class ItemTokensEvent:
     event_time: int
     retired: bool = False
     coarse_tokens: list[int] = field(default_factory=list)  # v2: nearest level-1 codes ([] from a v1 record)
-    # v3: the words of the item event's categories and title as tokens (tokenizer/lexical.py; [] from a v1/v2 record)
+    # v3: the words of the item event's categories and title as tokens, then its release year (tokenizer/lexical.py;
+    # [] from a v1/v2 record)
     lexical_tokens: list[int] = field(default_factory=list)
 
     @classmethod

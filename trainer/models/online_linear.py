@@ -7,9 +7,9 @@
     inputs j: a bias, a per-user bias;
               global weights on the raw log counts (C_FEATURES) and on the rate logits (R_FEATURES),
               a user × rate weight per rate logit;
-              the item's linear keys (`Ranker.linear_keys`: TRM's lexical tokens, the ID baseline's
-              item id, the other token models' online keys), each as a global weight and a user × key
-              cross (VW's -q ug -q ut)
+              the item's linear keys (`Ranker.linear_keys`: TRM's lexical tokens and era keys, the ID
+              baseline's item id, the other token models' online keys), each as a global weight and a
+              user × key cross (VW's -q ug -q ut)
 
 Why: the per-user table (user_weights.py) corrects the ranker's logit, so it learns only the
 ranker's residual; Vowpal Wabbit, learning one linear model per event on similar inputs, led on

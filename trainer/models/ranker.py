@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .backbone import Backbone
 from .config import RankerConfig
 from .online_linear import OnlineLinear
-from .user_weights import CATEGORY_NS, DECADE_NS, RELEASE_AGE_NS, TITLE_NS, UserWeights, key
+from .user_weights import UserWeights, key, ns_rates
 
 
 class HistoryPool(nn.Module):
@@ -110,8 +110,7 @@ class Ranker(nn.Module):
         self.user_weights = UserWeights(cfg.user_bits, cfg.user_lr, key_lr=cfg.key_lr,
                                         power=cfg.user_power, features=tuple(cfg.user_features.split(",")),
                                         stack_lr=cfg.stack_lr, key_global_lr=cfg.key_global_lr,
-                                        ns_rates={CATEGORY_NS: (0.0, cfg.category_lr), TITLE_NS: (cfg.title_lr, 0.0),
-                                                  DECADE_NS: (0.0, cfg.category_lr), RELEASE_AGE_NS: (0.0, cfg.category_lr)}
+                                        ns_rates=ns_rates(cfg)
                                         ) if cfg.user_weights else None
         self.online_linear = OnlineLinear(cfg.linear_bits, cfg.linear_lr, cfg.linear_power) if cfg.linear_mix > 0 else None
 

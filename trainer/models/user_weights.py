@@ -12,8 +12,8 @@ peer's pace:
 
     x = a few request-time features (FEATURES)
     k = the item's online keys (`Ranker.online_keys`: TRM's gen-token prefixes, mem-tokens,
-        next-nearest level-1 codes and lexical tokens (the words of the item's categories and
-        title), the ID baseline's item id): a global weight per key and a user × key cross, each
+        next-nearest level-1 codes, lexical tokens (the words of the item's categories and
+        title) and era keys (its decade and release age at the event), the ID baseline's item id): a global weight per key and a user × key cross, each
         namespace at its own rates (`ns_rates`), VW's `-q ug -q ut` on this system's own categories
 
 s is one global weight on the ranker's own logit (`stack_lr`, stacking): on the validation
@@ -64,6 +64,14 @@ _KEY_SALT, _CROSS_SALT = 0x2545F491, 0x6A09E667
 
 CATEGORY_NS, TITLE_NS = 11, 12  # namespaces of lexical tokens (tokenizer/lexical.py) among the online keys
 DECADE_NS, RELEASE_AGE_NS = 13, 14  # TRM's era keys (trainer/features.era_keys)
+
+
+def ns_rates(cfg) -> dict[int, tuple[float, float]]:
+    """The (global, cross) rates of the key namespaces that do not use the config's default pair: the
+    categories and the era keys are crossed with the user only, title words get a global weight only
+    (config.category_lr, title_lr). One place, so the trainer and bench replays build the same table."""
+    return {CATEGORY_NS: (0.0, cfg.category_lr), TITLE_NS: (cfg.title_lr, 0.0),
+            DECADE_NS: (0.0, cfg.category_lr), RELEASE_AGE_NS: (0.0, cfg.category_lr)}
 
 
 def per_second(seconds: np.ndarray) -> Iterator[slice]:
