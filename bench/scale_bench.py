@@ -139,6 +139,22 @@ def item_texts(topic: np.ndarray, seed: int = 1) -> list[str]:
     return out
 
 
+def item_lexical(topic: np.ndarray, seed: int = 1) -> list[list[int]]:
+    """The lexical tokens the item agent would write for item_texts' items (tokenizer/lexical.py): two
+    categories (the topic and a neighbour), four title words (one of them the year) and the release
+    year: 7 per item (ml-latest-small's items average 7.5)."""
+    from tokenizer.lexical import lexical_tokens
+
+    voc = vocabularies()
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, tp in enumerate(topic.tolist()):
+        w = rng.choice(voc[tp], size=3, replace=False)
+        out.append(lexical_tokens([f"topic {tp}", f"topic {(tp + 1) % N_TOPICS}"],
+                                  f"{w[0]} {w[1]} {w[2]} ({1950 + i % 70})"))
+    return out
+
+
 def embeddings(topic: np.ndarray, seed: int = 2) -> np.ndarray:
     """Precomputed stand-ins for encoder output: a unit topic centroid + noise, unit rows."""
     rng = np.random.default_rng(seed)
@@ -197,14 +213,15 @@ def stage_fit(work: Path, size: str, fit_sample: int = 100_000, threads: int = 2
     fit_rss = peak_rss_mb()
     del items, inter
     t = time.perf_counter()
-    gen, mem = [], []
+    gen, mem, coarse = [], [], []
     for lo in range(0, n_items, 100_000):  # every item, in blocks
         toks = tok.encode_embeddings(emb[lo:lo + 100_000])
         gen.append(np.array([x.gen_tokens for x in toks], np.int64))
         mem += [json.dumps([int(m) for m in x.mem_tokens]) for x in toks]
+        coarse += [json.dumps([int(c) for c in x.coarse_tokens]) for x in toks]
     gen = np.concatenate(gen)
     encode_s = time.perf_counter() - t
-    np.savez(work / "tokens.npz", gen=gen, mem=np.array(mem), version=np.array(tok.version))
+    np.savez(work / "tokens.npz", gen=gen, mem=np.array(mem), coarse=np.array(coarse), version=np.array(tok.version))
     return {"tokenizer_fit_s": fit_s, "tokenizer_fit_peak_rss_mb": fit_rss, "rss_before_fit_mb": rss0,
             "tokenizer_fit_items": int(len(rows)), "tokenizer_fit_interactions": int(keep.sum()),
             "tokenizer_fit_threads": threads, "tokenizer_encode_all_s": encode_s,
@@ -264,6 +281,9 @@ def stage_store(work: Path, size: str, reuse: str | None = None, feast_max_event
     d = dict(np.load(work / "data.npz"))
     tk = np.load(work / "tokens.npz")
     gen, mem, version = tk["gen"], [json.loads(m) for m in tk["mem"]], str(tk["version"])
+    # every column the item agent writes (older tokens.npz: no coarse tokens)
+    coarse = [json.loads(c) for c in tk["coarse"]] if "coarse" in tk.files else [[] for _ in mem]
+    lexical = item_lexical(d["topic"])
     if reuse:
         repo = _reuse_store(Path(reuse), work)
     else:
@@ -279,6 +299,7 @@ def stage_store(work: Path, size: str, reuse: str | None = None, feast_max_event
     for s in range(0, 0 if reuse else len(order), 20_000):
         idx = order[s:s + 20_000]
         sink.write("item_tokens", [{"item_id": int(i) + 1, "gen_tokens": gen[i].tolist(), "mem_tokens": mem[i],
+                                    "coarse_tokens": coarse[i], "lexical_tokens": lexical[i],
                                     "tokenizer_version": version, "created_at": int(d["created"][i]),
                                     "retired": False, "event_timestamp": int(d["created"][i])} for i in idx])
     gen_of = {i + 1: g for i, g in enumerate(gen.tolist())}
@@ -448,6 +469,7 @@ def stage_store(work: Path, size: str, reuse: str | None = None, feast_max_event
         u = int(rng.choice(d["user"]))
         t = time.perf_counter()
         sink.store.get_online_features(features=["item_tokens:gen_tokens", "item_tokens:mem_tokens",
+                                                 "item_tokens:coarse_tokens", "item_tokens:lexical_tokens",
                                                  "item_stats:item_n_interactions"],
                                        entity_rows=[{"item_id": i} for i in ids]).to_dict()
         sink.store.get_online_features(features=["user_history:recent_item_ids", "user_history:user_n_events"],
