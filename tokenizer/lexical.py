@@ -4,7 +4,7 @@ release year its title states, as stable ints, beside the semantic tokens.
 Why: TRM's per-user online table (trainer/models/user_weights.py) learns a global weight and a
 user × key cross for each of the item's keys, second by second. Its keys were the item's semantic
 tokens only; the per-event peer (Vowpal Wabbit) also reads the item's genres and title words, and
-that content was the whole of the gap left between the two (README, "What else was tried").
+that content was the whole of the gap left between the two (docs/quality.md, "What else was tried").
 Replayed on the real trainer's recorded validation rows (window [q0.4, q0.5) of ml-latest-small,
 AUC, two seeds): categories as user × category crosses +0.0016-0.0018 (0.7725 -> 0.7742,
 0.7727 -> 0.7743); title words as global weights another +0.0008-0.0015 (-> 0.7757 / 0.7758),
