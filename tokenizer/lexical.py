@@ -40,7 +40,6 @@ MAX_CATEGORY_TOKENS = 8  # most categories per item (a MovieLens film has at mos
 MAX_TITLE_TOKENS = 10  # most title words per item (99 % of MovieLens titles have at most 10)
 MAX_LEXICAL_TOKENS = MAX_CATEGORY_TOKENS + MAX_TITLE_TOKENS + 1  # + the release year
 KIND_BITS = 26  # each kind's tokens span 2**26 values
-LEXICAL_BITS = KIND_BITS + 2  # every token is in [0, 2**28)
 TITLE_OFFSET = 1 << KIND_BITS  # title words: [2**26, 2**27)
 YEAR_OFFSET = 2 << KIND_BITS  # the release year: YEAR_OFFSET + year, in [2**27, 2**27 + 10000)
 YEAR_SPAN = 10_000  # year tokens are [YEAR_OFFSET, YEAR_OFFSET + YEAR_SPAN)

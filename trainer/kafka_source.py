@@ -19,12 +19,13 @@ Batches are a function of the topic's contents, not of fetch timing. The orderin
 3. A batch is the next `batch_size` released records, cut back to the last change of second among
    them: the rest of that second waits for the next batch, so no second is split between two
    batches (a batch is scored, then trained on; trainer/batch.batch_cut), but for the exceptions
-   below, where a second's later rows are scored after its earlier rows were learned. A batch that would be one
-   second throughout extends to that second's end, known once a record of a later second is
-   released, but at most 8 × `batch_size` rows: a longer second (coarse timestamps, a backfill) is
-   split there, with a warning, so the released records waiting for a batch stay bounded. Otherwise
-   only a partial batch (rule 4) can end inside a second: a run stopped at `max_events`, or a stream
-   idle in the middle of a second; the rest of that second then comes in the next batch.
+   below, where a second's later rows are scored after its earlier rows were learned. A batch that
+   would be one second throughout extends to that second's end, known once a record of a later
+   second is released, but at most 8 × `batch_size` rows: a longer second (coarse timestamps, a
+   backfill) is split there, with a warning, so the released records waiting for a batch stay
+   bounded. Otherwise only a partial batch (rule 4) can end inside a second: a run stopped at
+   `max_events`, or a stream idle in the middle of a second; the rest of that second then comes in
+   the next batch.
    Event times are assumed not to go back (the producer writes in event-time order); a late event
    starts a new group of its second.
 4. A shorter (partial) batch, all that is released, is trained only
