@@ -75,9 +75,14 @@ def year_token(year: int) -> int:
     return YEAR_OFFSET + year
 
 
+def is_year(token):
+    """Whether `token` (an int, or elementwise an int array) is a release-year token."""
+    return (token >= YEAR_OFFSET) & (token < LEXICAL_END)
+
+
 def token_year(token: int) -> int | None:
     """The year of a year token, else None."""
-    return token - YEAR_OFFSET if YEAR_OFFSET <= token < LEXICAL_END else None
+    return token - YEAR_OFFSET if is_year(token) else None
 
 
 def _unique(tokens: Iterable[int], limit: int) -> list[int]:

@@ -49,12 +49,11 @@ def era_keys(lexical: np.ndarray, event_time: np.ndarray | None) -> np.ndarray:
     published before the event's second (the PIT-joined row) and of the event's own time only: it
     has no label nor any other event among its inputs (tests/test_trainer_pit.py,
     tests/test_trainer_features.py)."""
-    from tokenizer.lexical import LEXICAL_END, YEAR_OFFSET
+    from tokenizer.lexical import YEAR_OFFSET, is_year
 
-    lex = np.asarray(lexical, dtype=np.int64)
-    lex = lex.reshape(len(lex), -1) if lex.ndim != 2 else lex  # (B, T), also for B = 0
-    is_year = (lex >= YEAR_OFFSET) & (lex < LEXICAL_END)
-    year = np.where(is_year.any(1), np.where(is_year, lex - YEAR_OFFSET, 0).max(1), -1)  # (B,)
+    lex = np.asarray(lexical, dtype=np.int64)  # (B, T)
+    years = is_year(lex)
+    year = np.where(years.any(1), np.where(years, lex - YEAR_OFFSET, 0).max(1), -1)  # (B,)
     out = np.full((len(lex), 2), -1, dtype=np.int64)
     has = year > 0
     out[has, 0] = year[has] // 10

@@ -346,7 +346,7 @@ def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
     chunks, s = [], 0
     while s < len(records):  # micro-batches split a second only past the bound (batch.batch_cut), as from Kafka
         k = batch_cut(seconds[s:], batch_size, final=True)
-        if splits_second(seconds[s:], k) and s + k < len(records):
+        if splits_second(seconds[s:], k):
             log.warning("second %d holds more than %d events: split between micro-batches (batch.batch_cut)",
                         int(seconds[s + k]), k)
         chunks.append(records[s:s + k])
