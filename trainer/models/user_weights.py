@@ -13,8 +13,9 @@ peer's pace:
     x = a few request-time features (FEATURES)
     k = the item's online keys (`Ranker.online_keys`: TRM's gen-token prefixes, mem-tokens,
         next-nearest level-1 codes, lexical tokens (the words of the item's categories and
-        title) and era keys (its decade and release age at the event), the ID baseline's item id): a global weight per key and a user × key cross, each
-        namespace at its own rates (`ns_rates`), VW's `-q ug -q ut` on this system's own categories
+        title) and era keys (its decade and release age at the event), the ID baseline's item
+        id): a global weight per key and a user × key cross, each namespace at its own rates
+        (`ns_rates`), VW's `-q ug -q ut` on this system's own categories
 
 s is one global weight on the ranker's own logit (`stack_lr`, stacking): on the validation
 window the ranker's logit is over-confident for users it has not seen (it fits the warm-start rows
