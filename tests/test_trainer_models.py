@@ -151,3 +151,23 @@ def test_warm_start_linear_fit_matches_a_logistic_regression_and_the_deep_part_s
     mean = m.stats_scale.mean.clone()
     lr.train_model("trm", b.slice(slice(0, 64)))
     assert torch.equal(m.stats_scale.mean, mean)
+
+
+def test_each_kind_of_online_key_has_its_own_namespace(cfg, batch):
+    # a namespace carries its rates (user_weights.ns_rates): the n-gram baselines' wide ids must not land
+    # in the categories' namespace, nor any kind in another's
+    from trainer.models.user_weights import CATEGORY_NS, ID_NS, MEM_NS, PREFIX_NGRAM_NS, TWO_GRAM_NS
+
+    def namespaces(name):
+        m = build_model(name, cfg)
+        k = m.item_keys(batch.select(m.inputs))
+        return set((k[k >= 0] & 15).tolist())
+
+    prefixes = set(range(L))
+    assert namespaces("id") == {ID_NS}
+    assert namespaces("gen_only") == prefixes
+    assert namespaces("two_gram") == prefixes | {TWO_GRAM_NS}
+    assert namespaces("prefix_ngram") == prefixes | {PREFIX_NGRAM_NS}
+    assert MEM_NS in namespaces("trm") and CATEGORY_NS not in namespaces("prefix_ngram")
+    with pytest.raises(ValueError, match="at most 8 levels"):
+        build_model("trm", small_config(num_levels=9))

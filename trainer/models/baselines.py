@@ -14,7 +14,7 @@ from .config import RankerConfig
 from .embedding import GenTokenEmbedding, HashedBagEmbedding
 from .ranker import Ranker
 from .trm import DeepGenTokens, GenHistory, WideTokens
-from .user_weights import key
+from .user_weights import ID_NS, PREFIX_NGRAM_NS, TWO_GRAM_NS, key
 
 
 class IDRanker(Ranker):
@@ -36,7 +36,7 @@ class IDRanker(Ranker):
         return self.id_emb.lookup(ids), ids >= 0  # (B, H|R, D), (B, H|R)
 
     def item_keys(self, batch) -> torch.Tensor:
-        return key(batch.item_id, 9).unsqueeze(1)  # (B, 1)
+        return key(batch.item_id, ID_NS).unsqueeze(1)  # (B, 1)
 
 
 class GenOnlyRanker(Ranker):
@@ -73,5 +73,6 @@ class NGramRanker(GenOnlyRanker):
         return self.deep(batch.gen) + self.wide(getattr(batch, self.field))
 
     def item_keys(self, batch) -> torch.Tensor:
-        ns = 10 if self.field == "two_gram" else 11
+        # (prefix_ngram's n-grams shared the categories' namespace 11, and so their rates, until 2026-12-07)
+        ns = TWO_GRAM_NS if self.field == "two_gram" else PREFIX_NGRAM_NS
         return torch.cat([self.gen_prefix_keys(self.cfg, batch.gen), key(getattr(batch, self.field), ns)], 1)

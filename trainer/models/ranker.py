@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .backbone import Backbone
 from .config import RankerConfig
 from .online_linear import OnlineLinear
-from .user_weights import UserWeights, key, ns_rates
+from .user_weights import MEM_NS, UserWeights, key, ns_rates
 
 
 class HistoryPool(nn.Module):
@@ -90,6 +90,8 @@ class Ranker(nn.Module):
 
     def __init__(self, cfg: RankerConfig):
         super().__init__()
+        if cfg.num_levels > MEM_NS:  # the gen prefixes' online keys use namespaces 0 .. L-1 (user_weights.py)
+            raise ValueError(f"num_levels={cfg.num_levels}: the rankers' online keys allow at most {MEM_NS} levels")
         self.cfg = cfg
         D = cfg.d_model
         self.query_tokens = nn.Parameter(torch.randn(cfg.n_query_tokens, D) * 0.02)  # learned "no query"

@@ -20,7 +20,7 @@ from .config import RankerConfig
 from .embedding import GenTokenEmbedding, HashedBagEmbedding
 from .generative import GenerativeHead
 from .ranker import Ranker
-from .user_weights import CATEGORY_NS, DECADE_NS, RELEASE_AGE_NS, TITLE_NS, key
+from .user_weights import CATEGORY_NS, DECADE_NS, MEM_NS, RELEASE_AGE_NS, TITLE_NS, key
 
 
 class DeepGenTokens(nn.Module):
@@ -93,7 +93,7 @@ class TRM(Ranker):
         # [+ lexical tokens (B, 19): the words of the item's categories (namespace 11) and title (12),
         #  config.lexical_keys; the table learns each kind at its own rates (config.category_lr, title_lr)]
         # [+ era keys (B, 2): the decade (13) and the release age at the event (14), config.era_keys]
-        keys = [self.gen_prefix_keys(self.cfg, batch.gen), key(batch.mem, 8)]
+        keys = [self.gen_prefix_keys(self.cfg, batch.gen), key(batch.mem, MEM_NS)]
         n = self.cfg.coarse_keys
         if n and batch.coarse is not None:
             keys.append(key(batch.coarse[:, 1:1 + n], 0))  # (B, n); -1 pads stay padding

@@ -63,7 +63,13 @@ _MIX_U, _MIX_J = 0x9E3779B1, 0x85EBCA77  # odd multipliers of a multiplicative h
 _KEY_SALT, _CROSS_SALT = 0x2545F491, 0x6A09E667
 
 
-CATEGORY_NS, TITLE_NS = 11, 12  # namespaces of lexical tokens (tokenizer/lexical.py) among the online keys
+# The online keys' namespaces (a key's low 4 bits), in one place so that no two kinds of key share one
+# (a shared namespace shares its rates, `ns_rates`): 0 .. L-1 the gen-token prefixes (L <= 8; TRM's
+# next-nearest level-1 codes are keyed as the first prefix), then:
+MEM_NS = 8  # TRM's mem-tokens
+ID_NS = 9  # the `id` baseline's item id
+TWO_GRAM_NS, PREFIX_NGRAM_NS = 10, 15  # the n-gram baselines' wide ids
+CATEGORY_NS, TITLE_NS = 11, 12  # lexical tokens (tokenizer/lexical.py): category and title words
 DECADE_NS, RELEASE_AGE_NS = 13, 14  # TRM's era keys (trainer/features.era_keys)
 
 
