@@ -65,6 +65,19 @@ def test_crash_between_train_and_checkpoint_replays_one_batch_and_ends_identical
     assert straight.timings.join_s > 0 and straight.fstats.rows == N_EVENTS
 
 
+def test_a_stopping_trainer_publishes_what_it_trained(joiner, stream, tmp_path):
+    """A run of fewer steps than the publisher's period still leaves a published model, of its last step
+    (a demo on a small dataset had none, and `trm serve` never became ready)."""
+    from trainer.checkpoint import ModelPublisher
+
+    tr = trainer(joiner, tmp_path, publisher=ModelPublisher(tmp_path / "models", every=20))
+    assert run_events(tr, stream, BATCH) == N_EVENTS
+    assert read_pointer(tmp_path / "models").name == f"v{N_EVENTS // BATCH}"
+    again = trainer(joiner, tmp_path, publisher=ModelPublisher(tmp_path / "models", every=20))
+    assert run_events(again, stream, BATCH) == 0  # nothing new trained: no new checkpoint nor version
+    assert sorted(p.name for p in (tmp_path / "models").glob("v*")) == [f"v{N_EVENTS // BATCH}"]
+
+
 def test_learns_the_token_signal(joiner, stream, tmp_path):
     """Items are liked by their first gen-token: a token model beats chance prequentially."""
     from trainer.metrics import auc

@@ -273,8 +273,16 @@ class ContinuousTrainer:
         joined = {m: np.concatenate(p) if p else np.zeros(0, np.float32) for m, p in probs.items()}
         return joined, {m: {k: v / max(chunks, 1) for k, v in d.items()} for m, d in sums.items()}, predict_s
 
-    def checkpoint(self) -> float:
-        """Write a checkpoint now (offsets included) and maybe publish a model version; seconds taken."""
+    @property
+    def unpublished(self) -> bool:
+        """Whether steps were trained since the last published model version (False without a publisher)."""
+        return self.publisher is not None and self.state.step > self.publisher.last_published
+
+    def checkpoint(self, final: bool = False) -> float:
+        """Write a checkpoint now (offsets included) and maybe publish a model version; seconds taken.
+
+        `final` (the trainer stops): publish whatever `publisher.every` says, so serving gets every step
+        trained; without it a run shorter than `every` steps never published a model at all."""
         t = time.perf_counter()
         self._hook("checkpoint")
         path = save_checkpoint(self.checkpoint_dir, self.learner.models, self.learner.optimizers, self.state)
@@ -284,7 +292,9 @@ class ContinuousTrainer:
         self._journal({"kind": "checkpoint", "step": self.state.step, "events_seen": self.state.events_seen,
                        "path": path.name, "offsets": dict(self.state.offsets)})
         if self.publisher is not None:
-            version = self.publisher.maybe_publish(path, self.state.step)
+            step = self.state.step
+            version = self.publisher.publish(path, step) if final and self.unpublished else \
+                self.publisher.maybe_publish(path, step)
             if version is not None:
                 self._journal({"kind": "published", "step": self.state.step, "version": version.name})
         self._hook("checkpointed")
@@ -363,8 +373,8 @@ def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
         finally:
             if ahead is not None:
                 ahead.cancel()
-    if trainer._pending:
-        trainer.checkpoint()
+    if trainer._pending or trainer.unpublished:  # done: checkpoint and publish what was trained
+        trainer.checkpoint(final=True)
     return done
 
 
