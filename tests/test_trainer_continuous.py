@@ -67,15 +67,27 @@ def test_crash_between_train_and_checkpoint_replays_one_batch_and_ends_identical
 
 def test_a_stopping_trainer_publishes_what_it_trained(joiner, stream, tmp_path):
     """A run of fewer steps than the publisher's period still leaves a published model, of its last step
-    (a demo on a small dataset had none, and `trm serve` never became ready)."""
+    (a demo on a small dataset had none, and `trm serve` never became ready), without writing the
+    checkpoint of that step a second time (LATEST names it: a kill while it is rewritten would leave
+    no loadable checkpoint)."""
     from trainer.checkpoint import ModelPublisher
 
-    tr = trainer(joiner, tmp_path, publisher=ModelPublisher(tmp_path / "models", every=20))
-    assert run_events(tr, stream, BATCH) == N_EVENTS
-    assert read_pointer(tmp_path / "models").name == f"v{N_EVENTS // BATCH}"
-    again = trainer(joiner, tmp_path, publisher=ModelPublisher(tmp_path / "models", every=20))
-    assert run_events(again, stream, BATCH) == 0  # nothing new trained: no new checkpoint nor version
-    assert sorted(p.name for p in (tmp_path / "models").glob("v*")) == [f"v{N_EVENTS // BATCH}"]
+    def run(**kw):
+        tr = trainer(joiner, tmp_path, publisher=ModelPublisher(tmp_path / "models", every=20),
+                     journal_path=tmp_path / "journal.jsonl", **kw)
+        return run_events(tr, stream, BATCH)
+
+    def journal(kind):
+        lines = [json.loads(x) for x in (tmp_path / "journal.jsonl").read_text().splitlines()]
+        return [x["step"] for x in lines if x["kind"] == kind]
+
+    steps = N_EVENTS // BATCH
+    assert run() == N_EVENTS
+    assert read_pointer(tmp_path / "models").name == f"v{steps}"
+    assert journal("checkpoint") == list(range(1, steps + 1)) and journal("published") == [steps]
+    assert run() == 0  # nothing new trained: no new checkpoint nor version
+    assert journal("checkpoint") == list(range(1, steps + 1)) and journal("published") == [steps]
+    assert sorted(p.name for p in (tmp_path / "models").glob("v*")) == [f"v{steps}"]
 
 
 def test_learns_the_token_signal(joiner, stream, tmp_path):

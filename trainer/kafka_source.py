@@ -368,9 +368,8 @@ async def follow(trainer: ContinuousTrainer, kafka, group_id: str = "trm-trainer
                 break
         if inflight is not None:
             await train_inflight()
-        if trainer._pending or trainer.unpublished:  # stopping: checkpoint and publish what was trained
-            await asyncio.to_thread(trainer.checkpoint, True)
-            await commit_checkpointed()
+        await asyncio.to_thread(trainer.finish)  # stopping: checkpoint and publish what was trained
+        await commit_checkpointed()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         trainer.consumer = None

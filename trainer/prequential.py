@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from .batch import batch_cut, chunk_bounds, splits_second
-from .checkpoint import CheckpointError, ModelPublisher, TrainState, load_latest, remove_stale_temps, save_checkpoint
+from .checkpoint import (CheckpointError, ModelPublisher, TrainState, load_latest, read_pointer, remove_stale_temps,
+                         save_checkpoint)
 from .errors import TrainerError
 from .featurizer import Featurizer, FeaturizeStats
 from .learner import Learner
@@ -275,14 +276,25 @@ class ContinuousTrainer:
 
     @property
     def unpublished(self) -> bool:
-        """Whether steps were trained since the last published model version (False without a publisher)."""
-        return self.publisher is not None and self.state.step > self.publisher.last_published
+        """Whether steps were trained since the last published model version (False without a publisher,
+        or with one that never publishes)."""
+        pub = self.publisher
+        return pub is not None and pub.every > 0 and self.state.step > pub.last_published
+
+    def finish(self) -> None:
+        """The trainer stops (the end of the events it was given, an idle timeout): checkpoint what is
+        pending and publish the last step whatever `publisher.every` says, so serving gets every step
+        trained (a run shorter than `every` steps had published no model at all). A checkpoint already
+        written for this step is published as it is, never written again: rewriting the directory
+        LATEST names would open a window in which a kill leaves no loadable checkpoint."""
+        if self._pending:
+            self.checkpoint(final=True)
+        elif self.unpublished and (latest := read_pointer(self.checkpoint_dir)) is not None:
+            self._publish(latest, final=True)
 
     def checkpoint(self, final: bool = False) -> float:
-        """Write a checkpoint now (offsets included) and maybe publish a model version; seconds taken.
-
-        `final` (the trainer stops): publish whatever `publisher.every` says, so serving gets every step
-        trained; without it a run shorter than `every` steps never published a model at all."""
+        """Write a checkpoint now (offsets included) and maybe publish a model version (`final`: publish
+        it regardless of `publisher.every`, see `finish`); seconds taken."""
         t = time.perf_counter()
         self._hook("checkpoint")
         path = save_checkpoint(self.checkpoint_dir, self.learner.models, self.learner.optimizers, self.state)
@@ -291,14 +303,18 @@ class ContinuousTrainer:
         self._pending = 0
         self._journal({"kind": "checkpoint", "step": self.state.step, "events_seen": self.state.events_seen,
                        "path": path.name, "offsets": dict(self.state.offsets)})
-        if self.publisher is not None:
-            step = self.state.step
-            version = self.publisher.publish(path, step) if final and self.unpublished else \
-                self.publisher.maybe_publish(path, step)
-            if version is not None:
-                self._journal({"kind": "published", "step": self.state.step, "version": version.name})
+        self._publish(path, final)
         self._hook("checkpointed")
         return time.perf_counter() - t
+
+    def _publish(self, path: Path, final: bool) -> None:
+        if self.publisher is None:
+            return
+        step = self.state.step
+        version = self.publisher.publish(path, step) if final and self.unpublished else \
+            self.publisher.maybe_publish(path, step)
+        if version is not None:
+            self._journal({"kind": "published", "step": step, "version": version.name})
 
     def _hook(self, phase: str) -> None:
         if self.fail_at is not None:
@@ -373,8 +389,7 @@ def run_events(trainer: ContinuousTrainer, events: Sequence, batch_size: int,
         finally:
             if ahead is not None:
                 ahead.cancel()
-    if trainer._pending or trainer.unpublished:  # done: checkpoint and publish what was trained
-        trainer.checkpoint(final=True)
+    trainer.finish()  # checkpoint and publish what was trained
     return done
 
 
