@@ -156,7 +156,8 @@ def test_warm_start_linear_fit_matches_a_logistic_regression_and_the_deep_part_s
 def test_each_kind_of_online_key_has_its_own_namespace(cfg, batch):
     # a namespace carries its rates (user_weights.ns_rates): the n-gram baselines' wide ids must not land
     # in the categories' namespace, nor any kind in another's
-    from trainer.models.user_weights import CATEGORY_NS, ID_NS, MEM_NS, PREFIX_NGRAM_NS, TWO_GRAM_NS
+    from trainer.models.user_weights import (CATEGORY_NS, DECADE_NS, ID_NS, MEM_NS, PREFIX_NGRAM_NS, RELEASE_AGE_NS,
+                                             TITLE_NS, TWO_GRAM_NS)
 
     def namespaces(name):
         m = build_model(name, cfg)
@@ -168,6 +169,34 @@ def test_each_kind_of_online_key_has_its_own_namespace(cfg, batch):
     assert namespaces("gen_only") == prefixes
     assert namespaces("two_gram") == prefixes | {TWO_GRAM_NS}
     assert namespaces("prefix_ngram") == prefixes | {PREFIX_NGRAM_NS}
-    assert MEM_NS in namespaces("trm") and CATEGORY_NS not in namespaces("prefix_ngram")
+    assert MEM_NS in namespaces("trm")
+    assert namespaces("trm") <= prefixes | {MEM_NS, CATEGORY_NS, TITLE_NS, DECADE_NS, RELEASE_AGE_NS}
+    named = [MEM_NS, ID_NS, TWO_GRAM_NS, PREFIX_NGRAM_NS, CATEGORY_NS, TITLE_NS, DECADE_NS, RELEASE_AGE_NS]
+    assert len(set(named)) == len(named) and min(named) == 8  # distinct, and above every gen level's
     with pytest.raises(ValueError, match="at most 8 levels"):
         build_model("trm", small_config(num_levels=9))
+
+
+def test_online_keys_never_overflow_into_padding(cfg, batch):
+    """Keys are non-negative (negative reads as padding): the n-gram baselines' 63-bit hashed ids and the
+    prefixes of 8 levels of 256 codes overflowed int64 before; the tokens' own small ids keep their keys."""
+    from trainer.models.ranker import Ranker
+    from trainer.models.user_weights import key
+
+    for name in ("two_gram", "prefix_ngram"):
+        m = build_model(name, cfg)
+        ids = getattr(batch, name)
+        assert (ids >= 2 ** 59).any()  # hashes that overflowed when multiplied by 16
+        k = m.item_keys(batch.select(m.inputs))[:, L:]
+        assert torch.equal(k >= 0, ids >= 0) and (k[k >= 0] * 64 >= 0).all()  # and the linear model's tag fits too
+    assert torch.equal(key(torch.tensor([5, -1]), 3), torch.tensor([83, -1]))
+    deep = small_config(num_levels=8, codebook_size=256)
+    gen = torch.randint(0, 256, (500, 8)) + torch.arange(8) * 256  # level-offset codes
+    k = Ranker.gen_prefix_keys(deep, gen)
+    assert (k >= 0).all() and (k * 64 >= 0).all()
+    for level in range(8):  # distinct prefixes keep distinct keys
+        assert len(set(k[:, level].tolist())) == len({tuple(g) for g in gen[:, :level + 1].tolist()})
+    V = 3 * 256 + 3
+    g3 = gen[:, :3] % 256 + torch.arange(3) * 256
+    assert torch.equal(Ranker.gen_prefix_keys(small_config(num_levels=3, codebook_size=256), g3)[:, 2],
+                       ((g3[:, 0] * V + g3[:, 1]) * V + g3[:, 2]) * 16 + 2)  # 3 levels: the keys as they were

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .backbone import Backbone
 from .config import RankerConfig
 from .online_linear import OnlineLinear
-from .user_weights import MEM_NS, UserWeights, key, ns_rates
+from .user_weights import KEY_VALUES, MEM_NS, UserWeights, key, ns_rates
 
 
 class HistoryPool(nn.Module):
@@ -143,9 +143,10 @@ class Ranker(nn.Module):
         """(B, L) level-offset gen ids -> (B, L) keys of the prefixes c1, c1c2, ... (namespaces 0..L-1):
         the tokenizer's hierarchy of categories, coarse to fine."""
         V = cfg.gen_vocab_size + cfg.num_levels  # ids incl. the per-level unknown ids
+        M = min(KEY_VALUES, (2 ** 63 - 1) // V)  # p * V + g stays within int64 (a no-op while V ** L < M: L <= 5 at K = 256)
         out, p = [], torch.zeros_like(gen[:, 0])
         for level in range(gen.shape[1]):
-            p = p * V + gen[:, level]
+            p = torch.remainder(p * V + gen[:, level], M)
             out.append(key(p, level))
         return torch.stack(out, 1)
 

@@ -64,8 +64,9 @@ _KEY_SALT, _CROSS_SALT = 0x2545F491, 0x6A09E667
 
 
 # The online keys' namespaces (a key's low 4 bits), in one place so that no two kinds of key share one
-# (a shared namespace shares its rates, `ns_rates`): 0 .. L-1 the gen-token prefixes (L <= 8; TRM's
-# next-nearest level-1 codes are keyed as the first prefix), then:
+# (a shared namespace shares its rates, `ns_rates`); all 16 are taken, so a new kind of key needs a wider
+# scheme. 0 .. L-1 the gen-token prefixes (L <= 8; TRM's next-nearest level-1 codes are keyed as the
+# first prefix), then:
 MEM_NS = 8  # TRM's mem-tokens
 ID_NS = 9  # the `id` baseline's item id
 TWO_GRAM_NS, PREFIX_NGRAM_NS = 10, 15  # the n-gram baselines' wide ids
@@ -93,9 +94,15 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
         return 1 / (1 + np.exp(-z))
 
 
+KEY_VALUES = 1 << 53  # a key's value is taken modulo this, so that value * 16 + namespace (and the linear
+# model's tag, x 64, on top) stays within int64: the n-gram baselines' ids are 63-bit hashes, and until
+# 2026-12-07 the half of them that overflowed to negative keys was read as padding
+
+
 def key(value: torch.Tensor, namespace: int) -> torch.Tensor:
-    """An online key of `namespace` (0-15) for non-negative int64 values; -1 (padding) stays -1."""
-    return torch.where(value >= 0, value * 16 + namespace, torch.full_like(value, -1))
+    """An online key of `namespace` (0-15) for non-negative int64 values (modulo KEY_VALUES, a no-op for
+    the tokens' own ids); -1 (padding) stays -1."""
+    return torch.where(value >= 0, torch.remainder(value, KEY_VALUES) * 16 + namespace, torch.full_like(value, -1))
 
 
 class UserWeights(nn.Module):
