@@ -1,9 +1,11 @@
 """Split a MovieLens-layout dataset by user into disjoint parts, each a dataset of the same layout.
 
 Why: the quality report must hold on data it was not tuned on ("tune for ranking, not for one
-file"). The parts share the catalogue but not one user, so `trm demo --data PART` on each gives
-the same report on a second (and third) stream: different users, a different cutoff, different
-unseen items.
+file"). The parts share movies.csv but not one user, so `trm demo --data PART` on each gives the
+same report on a second (and third) stream: different users, a different cutoff, different unseen
+items. Tags go with the user who wrote them, so an item's tags, and its creation time (60 s before
+its first rating in that part), differ between parts as well; a tag whose user rated nothing is in
+no part.
 
     python bench/split_users.py --data data/ml-latest-small --out /tmp/halves --parts 2 --seed 7
     trm demo --data /tmp/halves/part0 --out /tmp/demo_part0
@@ -22,8 +24,8 @@ PER_USER = ("ratings.csv", "tags.csv")  # files whose rows belong to a user; the
 
 def split(data: Path, out: Path, parts: int, seed: int) -> list[Path]:
     """Writes out/part0 .. part{parts-1}; users are dealt to parts at random (seeded), evenly."""
-    ratings = pd.read_csv(data / "ratings.csv")
-    users = np.sort(ratings["userId"].unique())
+    frames = {name: pd.read_csv(data / name) for name in PER_USER if (data / name).exists()}
+    users = np.sort(frames["ratings.csv"]["userId"].unique())
     part_of = dict(zip(np.random.default_rng(seed).permutation(users).tolist(), np.arange(len(users)) % parts))
     dirs = []
     for k in range(parts):
@@ -32,10 +34,8 @@ def split(data: Path, out: Path, parts: int, seed: int) -> list[Path]:
         for f in data.iterdir():
             if f.is_file() and f.name not in PER_USER:
                 shutil.copy2(f, d / f.name)
-        for name in PER_USER:
-            if (data / name).exists():
-                df = pd.read_csv(data / name)
-                df[df["userId"].map(part_of) == k].to_csv(d / name, index=False)
+        for name, df in frames.items():
+            df[df["userId"].map(part_of) == k].to_csv(d / name, index=False)
         dirs.append(d)
     return dirs
 

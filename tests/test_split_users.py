@@ -22,6 +22,8 @@ def test_parts_partition_the_users_and_load(tmp_path):
     assert sum(len(r) for r in rat) == len(full)
     tags = [pd.read_csv(p / "tags.csv") for p in parts]
     assert all(set(t["userId"]) <= u for t, u in zip(tags, users))
+    full_tags = pd.read_csv(DATA / "tags.csv")
+    assert sum(len(t) for t in tags) == full_tags["userId"].isin(set(full["userId"])).sum()
     assert (parts[0] / "movies.csv").read_bytes() == (DATA / "movies.csv").read_bytes()
     ds = load_movielens(parts[1])
     assert len(ds.interactions) == len(rat[1])
