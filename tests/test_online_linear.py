@@ -44,6 +44,20 @@ def test_no_score_depends_on_its_own_label_or_anything_else_of_its_second():
     assert torch.equal(a[:2], c[:2])
 
 
+def test_large_user_ids_keep_their_own_weights():
+    """User ids are opaque int64 (hashes in production): one past 2**57 overflowed when tagged and was read
+    as padding, every such user sharing one slot with input 0; one of 2**58 + 5 aliased user 5."""
+    lin = OnlineLinear(bits=16)
+    users = torch.tensor([2 ** 57 + 1, 2 ** 58 - 1, 5])  # x 64 wraps to negative for the first two
+    slots, x = lin.inputs(users, torch.ones(3, N_DENSE), None)
+    assert (x[:, 1] == 1).all()  # the user's bias is read for every user
+    assert len(set(slots[:, 1].tolist())) == 3  # and each user has their own slot
+    alias = lin.inputs(torch.tensor([2 ** 58 + 5]), torch.ones(1, N_DENSE), None)[0]
+    assert alias[0, 1] != slots[2, 1]
+    small = lin.inputs(torch.tensor([5]), torch.ones(1, N_DENSE), None)[0]
+    assert torch.equal(small[0], slots[2])  # small ids keep the slots they had
+
+
 def test_it_learns_a_users_taste_per_key_and_the_rates():
     """User 1 likes items with key 5 and dislikes key 6: the user x key cross learns it."""
     n = 60

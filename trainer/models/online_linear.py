@@ -55,6 +55,16 @@ def _tagged(value: torch.Tensor, tag: int, real: torch.Tensor | None = None) -> 
     return torch.where(real, value * 64 + tag, torch.full_like(value, -1))
 
 
+_SMALL_USER = 1 << 52  # user ids below it are used as they are: id * 32 (user x rate), tagged (x 64), fits int64
+
+
+def _user_ids(users: torch.Tensor) -> torch.Tensor:
+    """(B,) user ids (opaque int64: hashes in production) -> (B,) ids below 2**53: small ones as they are,
+    others hashed above them (those past 2**57 overflowed when tagged, and were read as padding)."""
+    small = (users >= 0) & (users < _SMALL_USER)
+    return torch.where(small, users, _SMALL_USER + hash_ids(users, (1 << 31) - 1))
+
+
 class OnlineLinear(nn.Module):
     def __init__(self, bits: int = 20, lr: float = 0.06, power: float = 0.3, g0: float = 1e-6):
         super().__init__()
@@ -69,7 +79,7 @@ class OnlineLinear(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         # users (B,), stats (B, N_DENSE) raw, keys (B, M) non-negative or -1 -> slots (B, C), inputs (B, C)
         B = len(users)
-        u = users.unsqueeze(1)  # (B, 1)
+        u = _user_ids(users).unsqueeze(1)  # (B, 1)
         c, r = self.c_cols, self.r_cols
         ids = [torch.full((B, 1), _BIAS, dtype=torch.long, device=users.device), _tagged(u, _USER),
                _tagged(c, _C).expand(B, -1), _tagged(r, _R).expand(B, -1),
