@@ -90,9 +90,9 @@ class TRM(Ranker):
     def item_keys(self, batch) -> torch.Tensor:
         # gen prefixes (B, L) + mem-tokens (B, M) [+ next-nearest level-1 codes (B, C), keyed as the
         # first prefix is: a code's key is the same whether it is the item's own or its neighbour]
-        # [+ lexical tokens (B, 19): the words of the item's categories (namespace 11) and title (12),
+        # [+ lexical tokens (B, 19): the words of the item's categories (CATEGORY_NS) and title (TITLE_NS),
         #  config.lexical_keys; the table learns each kind at its own rates (config.category_lr, title_lr)]
-        # [+ era keys (B, 2): the decade (13) and the release age at the event (14), config.era_keys]
+        # [+ era keys (B, 2): the decade (DECADE_NS) and the release age at the event (RELEASE_AGE_NS), config.era_keys]
         keys = [self.gen_prefix_keys(self.cfg, batch.gen), key(batch.mem, MEM_NS)]
         n = self.cfg.coarse_keys
         if n and batch.coarse is not None:
@@ -105,7 +105,7 @@ class TRM(Ranker):
 
     @staticmethod
     def lexical_keys(batch) -> torch.Tensor:
-        # (B, 19) the words of the item's categories (namespace 11) and title (12); -1 pads stay padding,
+        # (B, 19) the words of the item's categories (CATEGORY_NS) and title (TITLE_NS); -1 pads stay padding,
         # as does the release-year token (read as the era keys)
         lex = batch.lexical
         ns = torch.where(lex >= TITLE_OFFSET, TITLE_NS, CATEGORY_NS)
@@ -113,7 +113,7 @@ class TRM(Ranker):
 
     @staticmethod
     def era_keys(batch) -> torch.Tensor:
-        # (B, 2) the decade (namespace 13) and the release age at the event (14); -1 where the title has no year
+        # (B, 2) the decade (DECADE_NS) and the release age (RELEASE_AGE_NS); -1 where the title has no year
         return torch.cat([key(batch.era[:, :1], DECADE_NS), key(batch.era[:, 1:], RELEASE_AGE_NS)], 1)
 
     def linear_keys(self, batch) -> torch.Tensor | None:
