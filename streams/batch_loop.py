@@ -38,7 +38,7 @@ from streams.failpoints import failpoint
 from streams.kafka_config import KafkaConfig
 
 from .dlq import SourceRecord
-from .processor import Processor
+from .processor import Processor, record_mark
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,13 @@ class BatchLoop:
                     await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
 
             async def on_partitions_assigned(self, assigned):
-                loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
-                await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
-                await loop_self._positions(assigned)
+                # under the lock: a batch fetched meanwhile (from the reset policy's position) waits until
+                # the positions are checked; processed before, it skipped a replaced log's first records
+                # as already applied (seen once a fingerprint check made `_positions` take longer)
+                async with loop_self._lock:
+                    loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
+                    await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
+                    await loop_self._positions(assigned)
                 if assigned:
                     loop_self.ready.set()
 
@@ -186,26 +190,36 @@ class BatchLoop:
           1. Normally: the group's committed offset, else (nothing committed, no saved state) the
              beginning of the log (auto_offset_reset=earliest).
           2. Sanity check: an intact log ends at or past both the committed offset and the saved
-             high-water mark + 1 (a log never shrinks). If it ends before either, the log is new —
-             a broker with memory storage restarted (it may even have accepted a stale commit
-             from us after the restart), or the topic was recreated. Then the high-water mark is
-             void (`processor.log_reset`), the new log is read from its beginning, `log_resets`
-             counts it and `on_log_reset` lets the token cache rewind too.
+             high-water mark + 1 (a log never shrinks), and holds at the high-water mark the record
+             saved with it (its fingerprint, `processor.record_mark`; state files of older code have
+             none). If it ends before either, or holds another record there, the log is new — a
+             broker with memory storage restarted (it may even have accepted a stale commit from us
+             after the restart, or grown past our positions before we looked), or the topic was
+             recreated. Then the high-water mark is void (`processor.log_reset`), the new log is read
+             from its beginning, `log_resets` counts it and `on_log_reset` lets the token cache
+             rewind too.
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
              resume at hwm + 1 (records already fetched from below it are skipped by the processor).
-        Undetectable: a new log that already grew past the old positions before we looked."""
+        Undetectable: a new log that holds, at the old high-water mark, a record of the same key and
+        value (a replay of the same records in the same order, whose effects are then the same)."""
         tps = list(assigned)
         committed = {tp: await self.consumer.committed(tp) for tp in tps}
         hwm = {tp: self.processor.hwm(tp.partition) for tp in tps}
+        marks = {tp: self.processor.hwm_mark(tp.partition) for tp in tps}
         need = {tp: max(committed[tp] or 0, hwm[tp] + 1) for tp in tps}
         check = [tp for tp in tps if need[tp] > 0]
-        ends = await self._log_ends(check) if check else {}
+        probe = {tp: hwm[tp] for tp in check if hwm[tp] >= 0 and marks[tp] is not None}
+        ends, found = await self._log_ends(check, probe) if check else ({}, {})
         for tp in check:
-            if ends[tp] < need[tp]:
-                log.error("%s: the log ends at %d, before what this worker already read (committed %s, saved "
-                          "high-water mark %d): the broker lost its log (memory storage restarted, or the topic "
-                          "was recreated). Reading the new log from its beginning; events the old broker held "
-                          "that were not processed yet are lost.", tp, ends[tp], committed[tp], hwm[tp])
+            other = tp in found and found[tp] != marks[tp]  # another record at the high-water mark
+            if ends[tp] < need[tp] or other:
+                why = (f"holds another record at the saved high-water mark {hwm[tp]} than the one this worker "
+                       "read there" if other else
+                       f"ends at {ends[tp]}, before what this worker already read (committed {committed[tp]}, "
+                       f"saved high-water mark {hwm[tp]})")
+                log.error("%s: the log %s: the broker lost its log (memory storage restarted, or the topic was "
+                          "recreated). Reading the new log from its beginning; events the old broker held that "
+                          "were not processed yet are lost.", tp, why)
                 if hwm[tp] >= 0:
                     await self._in_thread(self.processor.log_reset, tp.partition)
                 self.committed.pop(tp.partition, None)
@@ -217,9 +231,11 @@ class BatchLoop:
                 log.warning("%s: no committed offset; resuming after the saved high-water mark %d", tp, hwm[tp])
                 self.consumer.seek(tp, hwm[tp] + 1)
 
-    async def _log_ends(self, tps) -> dict:
-        """The partitions' end offsets, exactly: the high watermarks of a fetch response. (Tansu's
-        ListOffsets answers with the base offset of the last record batch + 1, an undercount.)"""
+    async def _log_ends(self, tps, probe: dict | None = None) -> tuple[dict, dict]:
+        """The partitions' end offsets, exactly: the high watermarks of a fetch response (Tansu's
+        ListOffsets answers with the base offset of the last record batch + 1, an undercount); and,
+        for the partitions in `probe` (tp -> offset) whose log reaches that offset, the `record_mark`
+        of the record there. A partition whose record was not read within 3 s has no mark."""
         from aiokafka import AIOKafkaConsumer
 
         reader = AIOKafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=64 * 1024,
@@ -232,7 +248,19 @@ class BatchLoop:
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline and any(reader.highwater(tp) is None for tp in tps):
                 await reader.getmany(*tps, timeout_ms=300, max_records=1)
-            return {tp: reader.highwater(tp) or 0 for tp in tps}  # None after 3 s: an empty log
+            ends = {tp: reader.highwater(tp) or 0 for tp in tps}  # None after 3 s: an empty log
+            want = {tp: off for tp, off in (probe or {}).items() if off < ends[tp]}
+            found: dict = {}
+            for tp, off in want.items():
+                reader.seek(tp, off)
+            deadline = time.monotonic() + 3.0
+            while want.keys() - found.keys() and time.monotonic() < deadline:
+                batch = await reader.getmany(*(want.keys() - found.keys()), timeout_ms=300, max_records=64)
+                for tp, msgs in batch.items():
+                    for m in msgs:
+                        if m.offset == want[tp] and tp not in found:
+                            found[tp] = record_mark(m.key, m.value)
+            return ends, found
         finally:
             await reader.stop()
 
@@ -337,7 +365,7 @@ class BatchLoop:
                     produced[md.partition] = md.offset + 1
         # 4. save state + high-water marks
         if records is not None or wrote:
-            await self._in_thread(p.save, res.hwm)
+            await self._in_thread(p.save, res.hwm, res.marks)
         # 5. count
         c = self.counters
         c.processed += res.applied

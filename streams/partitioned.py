@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .processor import BaseProcessor
+from .processor import BaseProcessor, record_mark
 
 
 class PartitionedProcessor(BaseProcessor):
@@ -37,6 +37,9 @@ class PartitionedProcessor(BaseProcessor):
     def hwm(self, partition: int) -> int:
         return self.states[partition].hwm
 
+    def hwm_mark(self, partition: int) -> int | None:
+        return self.states[partition].hwm_mark
+
     def log_reset(self, partition: int) -> None:
         self.states[partition].reset_log()
 
@@ -47,18 +50,20 @@ class PartitionedProcessor(BaseProcessor):
         if st is None:
             self.assign([r.partition])
             st = self.states[r.partition]
-        res.hwm[r.partition] = max(res.hwm.get(r.partition, -1), r.offset)
+        if r.offset > res.hwm.get(r.partition, -1):
+            res.hwm[r.partition] = r.offset
+            res.marks[r.partition] = record_mark(r.key, r.value)
         if r.offset <= st.hwm:
             res.skipped += 1
             return False
         return True
 
-    def save(self, hwm: dict[int, int]) -> None:
+    def save(self, hwm: dict[int, int], marks: dict[int, int] | None = None) -> None:
         """Compact what is older than the horizon, then make the state, watermarks and high-water
-        marks durable (when: `BatchLoop._process_and_commit`)."""
+        marks (with the fingerprints of their records) durable (when: `BatchLoop._process_and_commit`)."""
         for p, st in self.states.items():
             st.compact()
-            st.save(hwm.get(p))
+            st.save(hwm.get(p), (marks or {}).get(p))
 
     def reset(self) -> None:
         """Reopen every owned partition's state from its file: unsaved changes are gone."""

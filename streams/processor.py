@@ -7,6 +7,7 @@ which order the batch's effects become durable: `BatchLoop._process_and_commit`.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -23,6 +24,14 @@ class BatchResult:
     duplicates: int = 0  # an interaction already applied (same user, item, event time, label): a no-op
     folded: int = 0  # item-stats: events older than the compaction cutoff, counted in the base
     hwm: dict[int, int] = field(default_factory=dict)  # partition -> last offset seen in this batch
+    marks: dict[int, int] = field(default_factory=dict)  # partition -> record_mark of the record at hwm
+
+
+def record_mark(key: bytes | None, value: bytes | None) -> int:
+    """A record's fingerprint, CRC-32 of its key and value. Saved with the high-water mark, it tells the
+    log a worker read from a new log that already grew past that offset (BatchLoop._positions): the
+    record at the mark's offset differs."""
+    return zlib.crc32(value or b"", zlib.crc32(key or b""))
 
 
 class Processor(Protocol):
@@ -45,9 +54,11 @@ class Processor(Protocol):
 
     def hwm(self, partition: int) -> int: ...
 
+    def hwm_mark(self, partition: int) -> int | None: ...
+
     def log_reset(self, partition: int) -> None: ...
 
-    def save(self, hwm: dict[int, int]) -> None: ...
+    def save(self, hwm: dict[int, int], marks: dict[int, int] | None = None) -> None: ...
 
     def commit_positions(self, ends: dict[int, int]) -> dict[int, int]: ...
 
@@ -84,10 +95,14 @@ class BaseProcessor:
         """The last offset whose effects are saved; -1: none (read from the committed offset)."""
         return -1
 
+    def hwm_mark(self, partition: int) -> int | None:
+        """`record_mark` of the record at the saved high-water mark; None: not known."""
+        return None
+
     def log_reset(self, partition: int) -> None:
         """The partition's log was replaced by a new one: its saved high-water mark is void."""
 
-    def save(self, hwm: dict[int, int]) -> None:
+    def save(self, hwm: dict[int, int], marks: dict[int, int] | None = None) -> None:
         pass
 
     def commit_positions(self, ends: dict[int, int]) -> dict[int, int]:

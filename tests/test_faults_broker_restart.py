@@ -48,10 +48,10 @@ def test_broker_kill_9_and_restart(storage, feast_repo, tiny_tokenizer, ml_slice
                             env=s3.tansu_env() if s3 else None, log_path=str(tmp_path / "tansu.log"))
     seen: dict = {}
     # memory storage: after the restart the publisher sends its next chunk only once the worker has
-    # declared the reset of every interactions partition. A new log that outgrows the old positions
-    # before the worker looks is undetectable (docs/faults.md, streams/batch_loop._positions), so
-    # without this gate the counts below would depend on which side of that race a loaded machine
-    # lands (a CI run beside another job once saw 70 records of the new log skipped).
+    # declared the reset of every interactions partition, so that the loss counted below is exactly
+    # what the old broker held. A new log that outgrows the old positions before the worker looks is
+    # detected by the fingerprint of the record at the high-water mark (the next test); before that
+    # a CI run beside another job once saw 70 records of the new log skipped here.
     detected = threading.Event()
     if storage == "s3":
         detected.set()
@@ -141,6 +141,60 @@ def test_broker_kill_9_and_restart(storage, feast_repo, tiny_tokenizer, ml_slice
         broker.stop()
         if s3 is not None:
             s3.stop()
+
+
+def test_a_new_log_that_outgrew_the_old_positions_is_detected(feast_repo, tiny_tokenizer, ml_slice, tmp_path):  # noqa: F811
+    """The race the test above gates: a memory broker restarts while the worker is down, and the new
+    log grows past the worker's saved high-water marks before the worker looks. The log no longer
+    ends below them; the record at each mark is another one (its fingerprint, saved with the mark,
+    differs), so the worker still declares the reset and applies the whole new log. Before the
+    fingerprint it resumed after the old marks and skipped the new log's first records."""
+    from streams.app import StreamWorker, WorkerSettings
+    from streams.broker import EmbeddedBroker
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import INTERACTIONS, create_topics, topic_plan
+    from streams.feast_sink import FeastSink
+    from streams.kafka_config import KafkaConfig
+    from streams.publisher import publish_kind
+
+    items, its = ml_slice
+    inter = [InteractionEvent.from_interaction(i) for i in its]
+    first, second = inter[:len(inter) // 3], inter[len(inter) // 3:]  # the new log: twice the old one
+    item_events = [ItemEvent.from_item(i) for i in items.values()]
+    broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
+    try:
+        broker.start()
+        cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
+        create_topics(cfg)
+        settings = WorkerSettings(repo_path=feast_repo, tokenizer_dir=tiny_tokenizer, kafka=cfg,
+                                  history_len=HISTORY_LEN, retry_initial_s=0.2, retry_max_s=2.0, retry_budget_s=60)
+
+        async def run(events, want):
+            async with StreamWorker(settings) as w:
+                await w.wait_ready(60)
+                if events is not None:
+                    await asyncio.to_thread(publish_kind, cfg, "items", item_events, progress=False)
+                    await asyncio.to_thread(publish_kind, cfg, "interactions", events, progress=False)
+                deadline = time.monotonic() + 120
+                while await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS) < want:
+                    w.raise_if_failed()
+                    assert time.monotonic() < deadline, w.status()
+                    await asyncio.sleep(0.5)
+                await asyncio.sleep(1)
+                return w.status()[INTERACTIONS]
+
+        asyncio.run(run(first, len(first)))
+        broker.kill()  # the worker is down: nothing of it runs while the new log grows
+        broker.restart(True, cfg)
+        publish_kind(cfg, "items", item_events, progress=False)
+        publish_kind(cfg, "interactions", second, progress=False)
+        st = asyncio.run(run(None, _log_size(cfg, INTERACTIONS)))
+        assert st["log_resets"] == topic_plan()[INTERACTIONS], st
+        users = sorted({i.user_id for i in its})
+        applied = sum(r["user_n_events"] or 0 for r in FeastSink(feast_repo).read_online("user_history", users).values())
+        assert applied == len(first) + len(second), "every record of the new log applied, none skipped"
+    finally:
+        broker.stop()
 
 
 def _log_size(cfg, topic: str) -> int:

@@ -436,3 +436,28 @@ def test_forwarded_copies_from_a_replay_are_dropped_by_the_item_stats_agent(tmp_
     assert p.replay_outputs().duplicates == 1  # the restarted item-stats state remembers the keys
     assert sink.latest("item_stats", 10) == {"item_id": 10, "event_timestamp": 5_020, "item_n_interactions": 2,
                                              "item_n_positives": 1}
+
+
+def test_the_high_water_mark_keeps_the_fingerprint_of_its_record(tmp_path):
+    """The fingerprint of the record at the high-water mark is saved with the mark, read back by a
+    restarted worker, and void with the mark on a log reset (streams/batch_loop._positions compares it
+    with the record the log holds there)."""
+    from streams.processor import record_mark
+
+    p = make_fake(tmp_path / "state", {10: [1, 9, 17]}, allowed_lateness_s=10**6, parts=(0,))
+    recs = [rec(0, k, 1, 10, 1, 1000 + k) for k in range(3)]
+    r = p.inter.process(recs)
+    assert r.hwm == {0: 2} and r.marks == {0: record_mark(recs[2].key, recs[2].value)}
+    p.inter.save(r.hwm, r.marks)
+    p.inter.close()
+    p.stats.close()
+    again = make_fake(tmp_path / "state", {10: [1, 9, 17]}, allowed_lateness_s=10**6, parts=(0,))
+    assert again.inter.hwm(0) == 2 and again.inter.hwm_mark(0) == r.marks[0]
+    assert again.inter.hwm_mark(0) != record_mark(recs[1].key, recs[1].value)
+    again.inter.log_reset(0)
+    assert again.inter.hwm(0) == -1 and again.inter.hwm_mark(0) is None
+    again.inter.save({0: 0})  # a caller that knows no fingerprint (older code's files) saves none
+    again.inter.close()
+    again.stats.close()
+    last = make_fake(tmp_path / "state", {10: [1, 9, 17]}, allowed_lateness_s=10**6, parts=(0,))
+    assert last.inter.hwm(0) == 0 and last.inter.hwm_mark(0) is None

@@ -37,6 +37,7 @@ class PartitionStore:
         self.db.commit()
         meta = dict(self.db.execute("SELECT k, v FROM meta"))
         self.hwm: int = meta.get("hwm", -1)
+        self.hwm_mark: int | None = meta.get("hwm_mark")  # processor.record_mark of the record at hwm
         self._load(meta)
 
     # -- hooks --
@@ -60,15 +61,20 @@ class PartitionStore:
         """What else changes, in the same transaction, when the input log is replaced."""
 
     # -- shared --
-    def save(self, hwm: int | None = None) -> None:
-        """One transaction: the changes, the meta values, the high-water mark (it never goes down)."""
+    def save(self, hwm: int | None = None, mark: int | None = None) -> None:
+        """One transaction: the changes, the meta values, the high-water mark (it never goes down) and
+        the fingerprint of its record (`mark`; None: not known, as in files older code wrote)."""
         db = self.db
         with db:
             self._write(db)
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", self._meta_values())
             if hwm is not None and hwm > self.hwm:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
-                self.hwm = hwm
+                if mark is None:
+                    db.execute("DELETE FROM meta WHERE k = 'hwm_mark'")
+                else:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm_mark', ?)", (mark,))
+                self.hwm, self.hwm_mark = hwm, mark
         self._saved()
 
     def reset_log(self) -> None:
@@ -76,8 +82,9 @@ class PartitionStore:
         BatchLoop._positions): its offsets restart at 0, so the high-water mark is void."""
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', -1)")
+            self.db.execute("DELETE FROM meta WHERE k = 'hwm_mark'")
             self._on_log_reset(self.db)
-        self.hwm = -1
+        self.hwm, self.hwm_mark = -1, None
 
     def close(self) -> None:
         self.db.close()
