@@ -77,6 +77,21 @@ class RetryBudgetExceeded(StreamsError, RuntimeError):
     """A batch kept failing for longer than the retry budget; its offsets were not committed."""
 
 
+async def _acquire_within(lock: asyncio.Lock, timeout_s: float) -> bool:
+    """Acquire `lock` if it comes free within `timeout_s`; True if this call now holds it (also when it
+    was acquired just as the wait ran out: asyncio.wait_for could drop that and leak the lock)."""
+    task = asyncio.ensure_future(lock.acquire())
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if task in done:
+        return True
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return False
+    return True
+
+
 class BatchLoop:
     """Runs a `Processor` (streams/processor.py) over batches of one topic, in one dedicated thread.
     A processor that parks has its parked records retried when `wake` is set and on idle polls."""
@@ -94,6 +109,10 @@ class BatchLoop:
         self.consumer = None
         self.producer = None
         self._lock = asyncio.Lock()
+        # bumped by every rebalance callback: a batch fetched under an older epoch is fetched again
+        # (`_refetch`), since positions may have moved (`_moved`: where `_positions` put a partition)
+        self._epoch = 0
+        self._moved: dict = {}
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once partitions are assigned
         self.committed: dict[int, int] = {}  # partition -> offset committed by this loop
@@ -123,18 +142,28 @@ class BatchLoop:
         class Listener(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked):
                 async with loop_self._lock:  # never in the middle of a batch
+                    loop_self._epoch += 1
                     for tp in revoked:
                         loop_self.committed.pop(tp.partition, None)
                     await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
 
             async def on_partitions_assigned(self, assigned):
-                # under the lock: a batch fetched meanwhile (from the reset policy's position) waits until
-                # the positions are checked; processed before, it skipped a replaced log's first records
-                # as already applied (seen once a fingerprint check made `_positions` take longer)
-                async with loop_self._lock:
+                # Not in the middle of a batch, and no batch fetched meanwhile is processed before the
+                # positions are checked (one processed with the stale high-water mark skipped a replaced
+                # log's first records as already applied); such a batch is fetched again (`_refetch`).
+                # The wait for a batch in progress is bounded: heartbeats stop during this callback, and
+                # a batch retrying past the session timeout would get this worker evicted.
+                locked = await _acquire_within(loop_self._lock, loop_self.config.session_timeout_ms / 2000)
+                if not locked:
+                    log.warning("partitions assigned while a batch is still retrying: checking positions beside it")
+                try:
+                    loop_self._epoch += 1
                     loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
                     await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
                     await loop_self._positions(assigned)
+                finally:
+                    if locked:
+                        loop_self._lock.release()
                 if assigned:
                     loop_self.ready.set()
 
@@ -151,11 +180,17 @@ class BatchLoop:
         await self.consumer.start()
         try:
             while not self._stopping.is_set():
+                epoch = self._epoch
                 batches = await self.consumer.getmany(timeout_ms=self.s.poll_timeout_ms,
                                                       max_records=self.s.max_records)
                 if not batches and self.idle_stop is not None:
                     break  # asked to stop when idle: nothing new in any owned partition
                 async with self._lock:
+                    if self._epoch != epoch:  # a rebalance since the fetch: positions may have moved
+                        self._refetch(batches)
+                        continue
+                    for tp in batches:
+                        self._moved.pop(tp, None)
                     records = [SourceRecord(topic, tp.partition, m.offset, m.key, m.value)
                                for tp, msgs in batches.items() for m in msgs]
                     if records:
@@ -184,6 +219,15 @@ class BatchLoop:
                 self.idle_stop.set_result(None)
             await self._close()
 
+    def _refetch(self, batches) -> None:
+        """Drop a batch fetched before a rebalance and fetch its partitions again, from its first offset
+        or from where `_positions` moved the partition, whichever is earlier (records at or below the
+        high-water mark are skipped by the processor, so reading back too far costs only a re-read)."""
+        owned = self.consumer.assignment()
+        for tp, msgs in batches.items():
+            if msgs and tp in owned:
+                self.consumer.seek(tp, min(msgs[0].offset, self._moved.get(tp, msgs[0].offset)))
+
     async def _positions(self, assigned) -> None:
         """Where newly assigned partitions start, and whether their log is still the one we read.
 
@@ -201,7 +245,9 @@ class BatchLoop:
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
              resume at hwm + 1 (records already fetched from below it are skipped by the processor).
         Undetectable: a new log that holds, at the old high-water mark, a record of the same key and
-        value (a replay of the same records in the same order, whose effects are then the same)."""
+        value; a state file written before the fingerprint (none saved: the end-offset check alone); a
+        record at the mark not read within 3 s (no decision); and a running worker's fetches of a new
+        log at its old positions before it rejoins the group (this runs on assignment only)."""
         tps = list(assigned)
         committed = {tp: await self.consumer.committed(tp) for tp in tps}
         hwm = {tp: self.processor.hwm(tp.partition) for tp in tps}
@@ -227,9 +273,11 @@ class BatchLoop:
                 if self.on_log_reset is not None:
                     self.on_log_reset()
                 await self.consumer.seek_to_beginning(tp)
+                self._moved[tp] = 0
             elif committed[tp] is None:
                 log.warning("%s: no committed offset; resuming after the saved high-water mark %d", tp, hwm[tp])
                 self.consumer.seek(tp, hwm[tp] + 1)
+                self._moved[tp] = hwm[tp] + 1
 
     async def _log_ends(self, tps, probe: dict | None = None) -> tuple[dict, dict]:
         """The partitions' end offsets, exactly: the high watermarks of a fetch response (Tansu's

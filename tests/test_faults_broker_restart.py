@@ -48,10 +48,10 @@ def test_broker_kill_9_and_restart(storage, feast_repo, tiny_tokenizer, ml_slice
                             env=s3.tansu_env() if s3 else None, log_path=str(tmp_path / "tansu.log"))
     seen: dict = {}
     # memory storage: after the restart the publisher sends its next chunk only once the worker has
-    # declared the reset of every interactions partition, so that the loss counted below is exactly
-    # what the old broker held. A new log that outgrows the old positions before the worker looks is
-    # detected by the fingerprint of the record at the high-water mark (the next test); before that
-    # a CI run beside another job once saw 70 records of the new log skipped here.
+    # declared the reset of every interactions partition. A worker that keeps running fetches the new
+    # log at its old positions before it rejoins the group, which no check on assignment sees (the
+    # fingerprint catches a new log that outgrew the positions of a worker that was down: the next
+    # test); ungated, a CI run beside another job once saw 70 records of the new log skipped here.
     detected = threading.Event()
     if storage == "s3":
         detected.set()
