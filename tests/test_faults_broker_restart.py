@@ -102,12 +102,7 @@ def test_broker_kill_9_and_restart(storage, feast_repo, tiny_tokenizer, ml_slice
                 assert not pub.is_alive()
                 # caught up: the worker's group committed everything the (possibly new) log holds
                 want = await asyncio.to_thread(_log_size, cfg, INTERACTIONS)
-                deadline = time.monotonic() + 120
-                while await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS) < want:
-                    w.raise_if_failed()
-                    assert time.monotonic() < deadline, w.status()
-                    await asyncio.sleep(0.5)
-                await asyncio.sleep(1)
+                await _committed_up_to(w, cfg, want)
                 seen["status"] = w.status()
                 seen["log_size"] = want
 
@@ -175,12 +170,7 @@ def test_a_new_log_that_outgrew_the_old_positions_is_detected(feast_repo, tiny_t
                 if events is not None:
                     await asyncio.to_thread(publish_kind, cfg, "items", item_events, progress=False)
                     await asyncio.to_thread(publish_kind, cfg, "interactions", events, progress=False)
-                deadline = time.monotonic() + 120
-                while await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS) < want:
-                    w.raise_if_failed()
-                    assert time.monotonic() < deadline, w.status()
-                    await asyncio.sleep(0.5)
-                await asyncio.sleep(1)
+                await _committed_up_to(w, cfg, want)
                 return w.status()[INTERACTIONS]
 
         asyncio.run(run(first, len(first)))
@@ -195,6 +185,18 @@ def test_a_new_log_that_outgrew_the_old_positions_is_detected(feast_repo, tiny_t
         assert applied == len(first) + len(second), "every record of the new log applied, none skipped"
     finally:
         broker.stop()
+
+
+async def _committed_up_to(w, cfg, want: int, timeout_s: float = 120) -> None:
+    """Until the worker's interactions group has committed `want` records (then 1 s more to settle)."""
+    from streams.contract.topics import INTERACTIONS
+
+    deadline = time.monotonic() + timeout_s
+    while await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS) < want:
+        w.raise_if_failed()
+        assert time.monotonic() < deadline, w.status()
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(1)
 
 
 def _log_size(cfg, topic: str) -> int:
