@@ -49,6 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.parts < 2:
         ap.error("--parts must be at least 2")
+    if not (args.data / "ratings.csv").is_file():
+        ap.error(f"{args.data} holds no ratings.csv: pass a MovieLens-layout directory with --data")
+    if args.out.exists() and any(args.out.iterdir()):
+        ap.error(f"{args.out} is not empty: pass a new --out (the parts are never written over)")
     for d in split(args.data, args.out, args.parts, args.seed):
         n = sum(1 for _ in open(d / "ratings.csv")) - 1
         print(f"{d}: {n:,} ratings")
