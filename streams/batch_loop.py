@@ -245,9 +245,10 @@ class BatchLoop:
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
              resume at hwm + 1 (records already fetched from below it are skipped by the processor).
         Undetectable: a new log that holds, at the old high-water mark, a record of the same key and
-        value; a state file written before the fingerprint (none saved: the end-offset check alone); a
-        record at the mark not read within 3 s (no decision); and a running worker's fetches of a new
-        log at its old positions before it rejoins the group (this runs on assignment only)."""
+        value; a state file written before the fingerprint, or whose fingerprint older code left behind
+        (none trusted: the end-offset check alone); a record at the mark not read within 3 s or compacted
+        away (a warning, then the end offsets alone); and a running worker's fetches of a new log at its
+        old positions before it rejoins the group (this runs on assignment only)."""
         tps = list(assigned)
         committed = {tp: await self.consumer.committed(tp) for tp in tps}
         hwm = {tp: self.processor.hwm(tp.partition) for tp in tps}
@@ -283,7 +284,8 @@ class BatchLoop:
         """The partitions' end offsets, exactly: the high watermarks of a fetch response (Tansu's
         ListOffsets answers with the base offset of the last record batch + 1, an undercount); and,
         for the partitions in `probe` (tp -> offset) whose log reaches that offset, the `record_mark`
-        of the record there. A partition whose record was not read within 3 s has no mark."""
+        of the record there. A partition whose record was not read within 3 s, or was compacted away, has
+        no mark (a warning says so)."""
         from aiokafka import AIOKafkaConsumer
 
         reader = AIOKafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=64 * 1024,
@@ -301,13 +303,22 @@ class BatchLoop:
             found: dict = {}
             for tp, off in want.items():
                 reader.seek(tp, off)
+            gone: set = set()  # the first record read lies past the mark: compaction removed that record
             deadline = time.monotonic() + 3.0
-            while want.keys() - found.keys() and time.monotonic() < deadline:
-                batch = await reader.getmany(*(want.keys() - found.keys()), timeout_ms=300, max_records=64)
+            while want.keys() - found.keys() - gone and time.monotonic() < deadline:
+                batch = await reader.getmany(*(want.keys() - found.keys() - gone), timeout_ms=300, max_records=64)
                 for tp, msgs in batch.items():
                     for m in msgs:
-                        if m.offset == want[tp] and tp not in found:
+                        if tp in found or tp in gone:
+                            continue
+                        if m.offset == want[tp]:
                             found[tp] = record_mark(m.key, m.value)
+                        elif m.offset > want[tp]:
+                            gone.add(tp)
+            for tp in want.keys() - found.keys():
+                log.warning("%s: the record at the saved high-water mark %d %s; only the log's end offset tells "
+                            "whether the log was replaced", tp, want[tp],
+                            "was compacted away" if tp in gone else "could not be read within 3 s")
             return ends, found
         finally:
             await reader.stop()

@@ -37,7 +37,10 @@ class PartitionStore:
         self.db.commit()
         meta = dict(self.db.execute("SELECT k, v FROM meta"))
         self.hwm: int = meta.get("hwm", -1)
-        self.hwm_mark: int | None = meta.get("hwm_mark")  # processor.record_mark of the record at hwm
+        # processor.record_mark of the record at hwm; trusted only where saved for that very offset: older
+        # code (a rollback) advances hwm without knowing of the mark, which then fingerprints another record
+        at = meta.get("hwm_mark_at", self.hwm)  # files of the code before the offset was saved: kept in step
+        self.hwm_mark: int | None = meta.get("hwm_mark") if at == self.hwm else None
         self._load(meta)
 
     # -- hooks --
@@ -71,9 +74,9 @@ class PartitionStore:
             if hwm is not None and hwm > self.hwm:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', ?)", (hwm,))
                 if mark is None:
-                    db.execute("DELETE FROM meta WHERE k = 'hwm_mark'")
+                    db.execute("DELETE FROM meta WHERE k IN ('hwm_mark', 'hwm_mark_at')")
                 else:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm_mark', ?)", (mark,))
+                    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [("hwm_mark", mark), ("hwm_mark_at", hwm)])
                 self.hwm, self.hwm_mark = hwm, mark
         self._saved()
 
@@ -82,7 +85,7 @@ class PartitionStore:
         BatchLoop._positions): its offsets restart at 0, so the high-water mark is void."""
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', -1)")
-            self.db.execute("DELETE FROM meta WHERE k = 'hwm_mark'")
+            self.db.execute("DELETE FROM meta WHERE k IN ('hwm_mark', 'hwm_mark_at')")
             self._on_log_reset(self.db)
         self.hwm, self.hwm_mark = -1, None
 
