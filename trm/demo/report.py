@@ -96,9 +96,16 @@ def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _percentiles(ms: list[float]) -> dict:
+    """p50 / p99 of latencies in ms; None for both when nothing was probed (`--freshness-probes 0`)."""
     import numpy as np
 
+    if not len(ms):
+        return {"p50": None, "p99": None, "n": 0}
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": len(ms)}
+
+
+def _latency(p: dict) -> str:
+    return f"p50 {p['p50']:.0f} ms, p99 {p['p99']:.0f} ms" if p["n"] else "not measured (0 probes)"
 
 
 def print_summary(report: dict, console) -> None:
@@ -115,10 +122,10 @@ def print_summary(report: dict, console) -> None:
     console.print(f"encoder {_f(tp['encoder_items_per_s'], 0)} items/s · pipeline {_f(tp['pipeline_items_per_s'], 0)} "
                   f"items/s · interactions {_f(tp['interactions_per_s'], 0)}/s (raw consumer "
                   f"{_f(tp['raw_consume_per_s'], 0)}/s) · trainer {_f(tp['trainer_examples_per_s'], 0)} examples/s · "
-                  f"freshness p50 {fr['p50']:.0f} ms, p99 {fr['p99']:.0f} ms")
+                  f"freshness {_latency(fr)}")
     rk = report["publish_to_rankable_ms"]
-    console.print(f"publish → rankable (trm serve answers the new item with its tokens): p50 {rk['p50']:.0f} ms, "
-                      f"p99 {rk['p99']:.0f} ms over {rk['n']} new items")
+    console.print(f"publish → rankable (trm serve answers the new item with its tokens): {_latency(rk)} "
+                  f"over {rk['n']} new items")
     alone = tp.get("trainer_examples_per_s_by_model") or {}
     if "trm" in alone:
         console.print(f"trm alone {alone['trm']:,.0f} examples/s (scoring + training, one thread)")
