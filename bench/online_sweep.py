@@ -10,6 +10,12 @@ UserWeights' arguments (run through the shipped class itself) or with extra inpu
 
 Shipped designs are averaged with the per-event linear model as the trainer does (`linear_mix=0`:
 the table alone); the experimental ones are the table alone.
+
+`codes=none|prefixes|random` asks what the semantic codes are worth to the online parts: the table's
+and the linear model's keys lose the mem-tokens and next-nearest codes, and keep the gen prefixes
+(`prefixes`), none of them (`none`), or get the prefixes of codes drawn at random per item in their
+place (`random`: the same sizes of groups, no content). Recordings with the tokenizer's fit cutoff
+also report the AUC on items it never saw.
 """
 from __future__ import annotations
 
@@ -36,7 +42,38 @@ def parse(spec: str) -> dict:
     return out
 
 
-SHIPPED = {"bits", "lr", "key_lr", "key_global_lr", "power", "stack_lr", "features"}  # UserWeights' own arguments
+SHIPPED = {"bits", "lr", "key_lr", "key_global_lr", "power", "stack_lr", "features",  # UserWeights' own arguments
+           "codes"}  # and which semantic keys it reads (with_codes)
+CODES = ("none", "prefixes", "random")
+
+
+def with_codes(d: dict, keys: np.ndarray, how: str | None, seed: int = 0) -> np.ndarray:
+    """(N, M) online keys with the semantic ones replaced as `codes=how` says (module docstring).
+
+    Semantic keys: the gen prefixes (the first L columns, namespaces 0..L-1), and the mem-tokens and
+    next-nearest codes after them (namespaces below TWO_GRAM_NS); lexical and era keys stay."""
+    if how is None or keys.shape[1] == 0:
+        return keys
+    if how not in CODES:
+        raise SystemExit(f"codes={how}: expected one of {', '.join(CODES)}")
+    from trainer.models.ranker import Ranker
+    from trainer.models.config import RankerConfig
+    from trainer.models.user_weights import TWO_GRAM_NS
+
+    L = d["gen"].shape[1]
+    ns = np.where(keys >= 0, keys & 15, -1)
+    out = np.where((ns >= 0) & (ns < TWO_GRAM_NS), -1, keys)  # every semantic key out
+    if keys.shape[1] < L or not all(((ns[:, j] == j) | (ns[:, j] < 0)).all() for j in range(L)):
+        return out  # no gen prefixes lead these keys (TRM's linear model reads its lexical and era keys)
+    if how == "prefixes":
+        out[:, :L] = keys[:, :L]
+    elif how == "random":
+        items, inv = np.unique(d["item"], return_inverse=True)
+        cfg = RankerConfig(num_levels=L)
+        K = cfg.gen_vocab_size // L
+        codes = np.random.default_rng(seed).integers(0, K, (len(items), L)) + np.arange(L) * K  # level-offset ids
+        out[:, :L] = Ranker.gen_prefix_keys(cfg, torch.from_numpy(codes[inv])).numpy()
+    return out
 
 
 def model_keys(d: dict, model: str) -> np.ndarray:
@@ -55,7 +92,7 @@ def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
     """(N,) logits of the shipped UserWeights with `spec`'s arguments over every recorded row, in order."""
     from trainer.models.user_weights import UserWeights, ns_rates
 
-    kw = {k: v for k, v in spec.items() if k in SHIPPED}
+    kw = {k: v for k, v in spec.items() if k in SHIPPED and k != "codes"}
     if "features" in kw:
         kw["features"] = tuple(kw["features"].split(","))
     from trainer.models.config import RankerConfig
@@ -64,13 +101,14 @@ def shipped(d: dict, spec: dict, model: str = "trm") -> np.ndarray:
     uw = UserWeights(**{"bits": c.user_bits, "lr": c.user_lr, "key_lr": c.key_lr, "key_global_lr": c.key_global_lr,
                         "power": c.user_power, "stack_lr": c.stack_lr,
                         "ns_rates": ns_rates(c), **kw})
-    keys = torch.from_numpy(model_keys(d, model))
+    keys = torch.from_numpy(with_codes(d, model_keys(d, model), spec.get("codes")))
     return uw.score_then_learn(torch.from_numpy(d[f"z_{model}"]), torch.from_numpy(d["user"]),
                                torch.from_numpy(d["stats"]), torch.from_numpy(d["label"]),
                                torch.from_numpy(d["t"]), keys if keys.shape[1] else None).numpy()
 
 
-def with_linear(d: dict, z: np.ndarray, model: str = "trm", linear_mix: float | None = None) -> np.ndarray:
+def with_linear(d: dict, z: np.ndarray, model: str = "trm", linear_mix: float | None = None,
+                codes: str | None = None) -> np.ndarray:
     """(N,) `z` averaged with the shipped per-event linear model (models/online_linear.py) learned over the
     same rows, as the trainer does: the model family's own linear model, keys and mix."""
     from trainer.batch import Batch
@@ -82,25 +120,38 @@ def with_linear(d: dict, z: np.ndarray, model: str = "trm", linear_mix: float | 
     t = {k: torch.from_numpy(d[k]) for k in ("label", "known", "stats", "lexical", "item", "user", "t")}
     era = torch.from_numpy(d["era"]) if "era" in d else None  # recordings before the era keys: none
     batch = Batch(label=t["label"], known=t["known"], stats=t["stats"], lexical=t["lexical"], era=era,
-                  item_id=t["item"], user_id=t["user"], event_time=t["t"])
-    lin = m.online_linear.score_then_learn(batch.user_id, batch.stats, m.linear_keys(batch.select(m.inputs)),
-                                           batch.label, batch.event_time)
+                  gen=torch.from_numpy(d["gen"]), item_id=t["item"], user_id=t["user"], event_time=t["t"])
+    keys = m.linear_keys(batch.select(m.inputs))
+    if keys is not None and codes is not None:
+        keys = torch.from_numpy(with_codes(d, keys.numpy(), codes))
+    lin = m.online_linear.score_then_learn(batch.user_id, batch.stats, keys, batch.label, batch.event_time)
     return m.mix(torch.from_numpy(z), lin).numpy()
 
 
-def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float]:
-    """AUC / GAUC on the validation rows: the shipped table when `spec` only sets its arguments, else
-    the experimental designs below (which re-derive its slots so they can add inputs it lacks)."""
+def unseen(d: dict) -> np.ndarray | None:
+    """(V,) the validation rows on items created at or after the tokenizer's fit cutoff; None when the
+    recording does not hold it (recordings before it was kept)."""
+    if "created" not in d or int(d.get("fit_cutoff", -1)) < 0:
+        return None
+    return d["created"][d["phase"] == 1] >= int(d["fit_cutoff"])
+
+
+def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float, float]:
+    """AUC / GAUC / AUC on unseen items (NaN: not recorded) on the validation rows: the shipped table
+    when `spec` only sets its arguments, else the experimental designs below (which re-derive its
+    slots so they can add inputs it lacks)."""
     from trainer.metrics import auc, gauc
 
     val = d["phase"] == 1
     y, u = d["label"][val], d["user"][val]
     mix = spec.pop("linear_mix", None)  # the linear model's share (default: the shipped one; 0: the table alone)
     if set(spec) <= SHIPPED:
-        p = 1 / (1 + np.exp(-with_linear(d, shipped(d, spec, model), model, mix)[val]))
-        return auc(y, p), gauc(y, p, u)
-    p = torch.sigmoid(experimental(d, spec, model)).numpy()[val]
-    return auc(y, p), gauc(y, p, u)
+        z = with_linear(d, shipped(d, spec, model), model, mix, spec.get("codes"))
+        p = 1 / (1 + np.exp(-z[val]))
+    else:
+        p = torch.sigmoid(experimental(d, spec, model)).numpy()[val]
+    new = unseen(d)
+    return auc(y, p), gauc(y, p, u), (auc(y[new], p[new]) if new is not None else float("nan"))
 
 
 def experimental(d: dict, spec: dict, model: str) -> torch.Tensor:
@@ -172,28 +223,43 @@ def experimental(d: dict, spec: dict, model: str) -> torch.Tensor:
     return out
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from trainer.metrics import auc, gauc
 
-    d = dict(np.load(argv[0]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="designs: 'base', UserWeights' arguments as k=v (bits, lr, key_lr, "
+                                        "key_global_lr, power, stack_lr, features, linear_mix), codes=none|prefixes|random, "
+                                        "or the experimental table's (glob=..., stack=1, ...); 'model=NAME' switches "
+                                        "the model replayed by the designs after it")
+    ap.add_argument("recording", help="an .npz written by bench/validation_dump.py")
+    ap.add_argument("designs", nargs="*", help="designs to replay, each one quoted string of k=v")
+    args = ap.parse_args(argv)
+    if not Path(args.recording).is_file():
+        raise SystemExit(f"{args.recording}: no such recording; write one with bench/validation_dump.py")
+    d = dict(np.load(args.recording))
     val = d["phase"] == 1
     y, u = d["label"][val], d["user"][val]
+    new = unseen(d)
+    tail = (lambda p: f" unseen {auc(y[new], p[new]):.4f}") if new is not None else (lambda p: "")
     models = [k[2:] for k in d if k.startswith("z_")]
     for n in models + ["vw"]:
         p = d[f"p_{n}"][val]
-        print(f"recorded {n:10s} AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}")
+        print(f"recorded {n:10s} AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}{tail(p)}")
     for n in models:
         p = 1 / (1 + np.exp(-d[f"z_{n}"][val]))
-        print(f"ranker alone {n:6s} AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}")
+        print(f"ranker alone {n:6s} AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}{tail(p)}")
     model = models[0]
-    for spec in argv[1:]:
+    for spec in args.designs:
         if spec.startswith("model="):
             model = spec.split("=")[1]
             continue
-        a, g = run(d, parse(spec), model)
-        print(f"{model:8s} {spec:60s} AUC {a:.4f} GAUC {g:.4f}", flush=True)
+        a, g, un = run(d, parse(spec), model)
+        print(f"{model:8s} {spec:60s} AUC {a:.4f} GAUC {g:.4f}" + (f" unseen {un:.4f}" if new is not None else ""),
+              flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     val = out["phase"] == 1
     assert np.array_equal(pred["label"].to_numpy(), out["label"][val]), "recorded rows differ from the predictions"
     out["p_vw"] = np.r_[np.full(n_warm, np.nan), pred["score_vw"].to_numpy()]
+    out["created"] = np.r_[np.full(n_warm, np.nan), pd.to_numeric(pred["created_at"], errors="coerce").to_numpy(float)]
+    out["fit_cutoff"] = np.array((tok.fit_report or {}).get("fit_cutoff") or -1)  # online_sweep's unseen bucket
     np.savez_compressed(args.out, **out)
     y = out["label"][val]
     for n in [*models, "vw"]:
