@@ -113,6 +113,9 @@ class BatchLoop:
         # (`_refetch`), since positions may have moved (`_moved`: where `_positions` put a partition)
         self._epoch = 0
         self._moved: dict = {}
+        # partition -> the offset after the last record fetched since the last rebalance: a log that now
+        # ends below it, or a fetch that starts below it, was replaced under the running loop (`_log_moved`)
+        self._fetched: dict = {}
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once partitions are assigned
         self.committed: dict[int, int] = {}  # partition -> offset committed by this loop
@@ -143,6 +146,7 @@ class BatchLoop:
             async def on_partitions_revoked(self, revoked):
                 async with loop_self._lock:  # never in the middle of a batch
                     loop_self._epoch += 1
+                    loop_self._fetched.clear()
                     for tp in revoked:
                         loop_self.committed.pop(tp.partition, None)
                     await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
@@ -158,6 +162,7 @@ class BatchLoop:
                     log.warning("partitions assigned while a batch is still retrying: checking positions beside it")
                 try:
                     loop_self._epoch += 1
+                    loop_self._fetched.clear()
                     loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
                     await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
                     await loop_self._positions(assigned)
@@ -189,8 +194,12 @@ class BatchLoop:
                     if self._epoch != epoch:  # a rebalance since the fetch: positions may have moved
                         self._refetch(batches)
                         continue
-                    for tp in batches:
+                    if await self._log_moved(batches):
+                        continue
+                    for tp, msgs in batches.items():
                         self._moved.pop(tp, None)
+                        if msgs:
+                            self._fetched[tp] = msgs[-1].offset + 1
                     records = [SourceRecord(topic, tp.partition, m.offset, m.key, m.value)
                                for tp, msgs in batches.items() for m in msgs]
                     if records:
@@ -219,6 +228,36 @@ class BatchLoop:
                 self.idle_stop.set_result(None)
             await self._close()
 
+    async def _log_moved(self, batches) -> bool:
+        """True (the batch dropped, its partitions fetched again) when a partition's log now ends before
+        what this loop already fetched from it since the last rebalance (the high watermark of the
+        latest fetch response: a log never shrinks), or its fetch went back without this loop seeking.
+
+        Both mean the log under a running worker was replaced: a memory broker restarted (Tansu answers
+        a fetch past the end with nothing, and the consumer waits at its old position until the new log
+        outgrows it), a topic recreated, or a real Kafka's consumer reset its position past the end
+        (auto_offset_reset). Left alone, the worker would apply the new log's records above the old
+        high-water mark as if they continued the old log and skip those below it, and the check on the
+        next assignment would come too late, after the mark had moved onto the new log. So the
+        partitions are checked here, before anything more is applied, as on assignment (`_positions`:
+        the end offsets and the record at the mark)."""
+        hw = self.consumer.highwater
+        moved = {}
+        for tp, end in self._fetched.items():
+            msgs = batches.get(tp)
+            if msgs and msgs[0].offset < end:
+                moved[tp] = f"the fetch went back from offset {end} to {msgs[0].offset} without a seek"
+            elif hw(tp) is not None and hw(tp) < end:
+                moved[tp] = f"the log now ends at {hw(tp)}, before offset {end} this worker already read"
+        if not moved:
+            return False
+        for tp, why in moved.items():
+            log.warning("%s: %s: checking whether the log was replaced", tp, why)
+            self._fetched.pop(tp)
+        await self._retrying(lambda: self._positions(list(moved)), f"check of the log of {sorted(moved)}")
+        self._refetch(batches)
+        return True
+
     def _refetch(self, batches) -> None:
         """Drop a batch fetched before a rebalance and fetch its partitions again, from its first offset
         or from where `_positions` moved the partition, whichever is earlier (records at or below the
@@ -245,10 +284,11 @@ class BatchLoop:
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
              resume at hwm + 1 (records already fetched from below it are skipped by the processor).
         Undetectable: a new log that holds, at the old high-water mark, a record of the same key and
-        value; a state file written before the fingerprint, or whose fingerprint older code left behind
-        (none trusted: the end-offset check alone); a record at the mark not read within 3 s or compacted
-        away (a warning, then the end offsets alone); and a running worker's fetches of a new log at its
-        old positions before it rejoins the group (this runs on assignment only)."""
+        value; a state file written before the fingerprint, or whose fingerprint may be stale (none
+        trusted: the end-offset check alone; docs/faults.md names the one stale case that passes); a
+        record at the mark not read within 3 s or removed (a warning, then the end offsets alone); and a new log that had already outgrown a running
+        worker's position when it first fetched from it (this runs on assignment, and when a running
+        worker's log ends before what it read, or its fetch goes back: `_log_moved`)."""
         tps = list(assigned)
         committed = {tp: await self.consumer.committed(tp) for tp in tps}
         hwm = {tp: self.processor.hwm(tp.partition) for tp in tps}
@@ -284,12 +324,12 @@ class BatchLoop:
         """The partitions' end offsets, exactly: the high watermarks of a fetch response (Tansu's
         ListOffsets answers with the base offset of the last record batch + 1, an undercount); and,
         for the partitions in `probe` (tp -> offset) whose log reaches that offset, the `record_mark`
-        of the record there. A partition whose record was not read within 3 s, or was compacted away, has
-        no mark (a warning says so)."""
+        of the record there. A partition whose record was not read within 3 s, or was removed (compaction,
+        retention), has no mark (a warning says so)."""
         from aiokafka import AIOKafkaConsumer
 
         reader = AIOKafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=64 * 1024,
-                                  **self.config.aiokafka_kwargs())
+                                  auto_offset_reset="earliest", **self.config.aiokafka_kwargs())
         await reader.start()
         try:
             reader.assign(tps)
@@ -303,7 +343,7 @@ class BatchLoop:
             found: dict = {}
             for tp, off in want.items():
                 reader.seek(tp, off)
-            gone: set = set()  # the first record read lies past the mark: compaction removed that record
+            gone: set = set()  # the first record read lies past the mark: compaction or retention removed it
             deadline = time.monotonic() + 3.0
             while want.keys() - found.keys() - gone and time.monotonic() < deadline:
                 batch = await reader.getmany(*(want.keys() - found.keys() - gone), timeout_ms=300, max_records=64)
@@ -318,7 +358,7 @@ class BatchLoop:
             for tp in want.keys() - found.keys():
                 log.warning("%s: the record at the saved high-water mark %d %s; only the log's end offset tells "
                             "whether the log was replaced", tp, want[tp],
-                            "was compacted away" if tp in gone else "could not be read within 3 s")
+                            "was removed (compaction or retention)" if tp in gone else "could not be read within 3 s")
             return ends, found
         finally:
             await reader.stop()

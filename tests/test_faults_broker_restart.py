@@ -48,10 +48,11 @@ def test_broker_kill_9_and_restart(storage, feast_repo, tiny_tokenizer, ml_slice
                             env=s3.tansu_env() if s3 else None, log_path=str(tmp_path / "tansu.log"))
     seen: dict = {}
     # memory storage: after the restart the publisher sends its next chunk only once the worker has
-    # declared the reset of every interactions partition. A worker that keeps running fetches the new
-    # log at its old positions before it rejoins the group, which no check on assignment sees (the
-    # fingerprint catches a new log that outgrew the positions of a worker that was down: the next
-    # test); ungated, a CI run beside another job once saw 70 records of the new log skipped here.
+    # declared the reset of every interactions partition. A new log that outgrows a running worker's
+    # positions before its first fetch from the new broker is read on from there, which no check sees
+    # (a running worker checks a log that ends before what it read: the third test; the fingerprint
+    # catches a new log that outgrew the positions of a worker that was down: the second test);
+    # ungated, a CI run beside another job once saw 70 records of the new log skipped here.
     detected = threading.Event()
     if storage == "s3":
         detected.set()
@@ -182,6 +183,71 @@ def test_a_new_log_that_outgrew_the_old_positions_is_detected(feast_repo, tiny_t
         assert st["log_resets"] == topic_plan()[INTERACTIONS], st
         users = sorted({i.user_id for i in its})
         applied = sum(r["user_n_events"] or 0 for r in FeastSink(feast_repo).read_online("user_history", users).values())
+        assert applied == len(first) + len(second), "every record of the new log applied, none skipped"
+    finally:
+        broker.stop()
+
+
+def test_a_running_worker_checks_a_log_replaced_under_it(feast_repo, tiny_tokenizer, ml_slice, tmp_path,  # noqa: F811
+                                                          caplog):
+    """A memory broker restarts under a running worker. Its consumer's next fetch responses say the
+    logs now end before what it already read (a log never shrinks), and the worker checks them there
+    (`BatchLoop._log_moved`), without waiting to rejoin the group: with a 20 s session the rejoin
+    comes seconds later (the heartbeat fails only then), and by that time a new log may have outgrown
+    the old positions and been applied from there as if it continued the old one (the race the first
+    test gates). Every interactions partition is reset by the running check, then the new log is
+    applied whole."""
+    import logging
+
+    from streams.app import StreamWorker, WorkerSettings
+    from streams.broker import EmbeddedBroker
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import INTERACTIONS, create_topics, topic_plan
+    from streams.feast_sink import FeastSink
+    from streams.kafka_config import KafkaConfig
+    from streams.publisher import publish_kind
+
+    caplog.set_level(logging.WARNING, logger="streams.batch_loop")
+    parts = topic_plan()[INTERACTIONS]
+    items, its = ml_slice
+    inter = [InteractionEvent.from_interaction(i) for i in its]
+    first, second = inter[:len(inter) // 3], inter[len(inter) // 3:]  # the new log: twice the old one
+    broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
+
+    def running_checks() -> set[int]:  # interactions partitions the running loop found replaced
+        return {int(r.args[0].partition) for r in caplog.records
+                if "checking whether the log was replaced" in r.getMessage() and r.args[0].topic == INTERACTIONS}
+
+    try:
+        broker.start()
+        cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=20_000)
+        create_topics(cfg)
+        settings = WorkerSettings(repo_path=feast_repo, tokenizer_dir=tiny_tokenizer, kafka=cfg,
+                                  history_len=HISTORY_LEN, retry_initial_s=0.2, retry_max_s=2.0, retry_budget_s=60)
+
+        async def scenario():
+            async with StreamWorker(settings) as w:
+                await w.wait_ready(60)
+                await asyncio.to_thread(publish_kind, cfg, "items", [ItemEvent.from_item(i) for i in items.values()],
+                                        progress=False)
+                await asyncio.to_thread(publish_kind, cfg, "interactions", first, progress=False)
+                await _committed_up_to(w, cfg, len(first))
+                broker.kill()
+                await asyncio.to_thread(broker.restart, True, cfg)  # the worker keeps running
+                deadline = time.monotonic() + 60
+                while w.status()[INTERACTIONS]["log_resets"] < parts:
+                    assert time.monotonic() < deadline, w.status()
+                    await asyncio.sleep(0.05)
+                found = running_checks()
+                await asyncio.to_thread(publish_kind, cfg, "interactions", second, progress=False)
+                await _committed_up_to(w, cfg, len(second))
+                return w.status()[INTERACTIONS], found
+
+        st, found = asyncio.run(scenario())
+        users = sorted({i.user_id for i in its})
+        applied = sum(r["user_n_events"] or 0 for r in FeastSink(feast_repo).read_online("user_history", users).values())
+        assert found == set(range(parts)), f"found replaced by the running loop: {sorted(found)}"
+        assert st["log_resets"] == parts, st
         assert applied == len(first) + len(second), "every record of the new log applied, none skipped"
     finally:
         broker.stop()

@@ -466,9 +466,10 @@ def test_the_high_water_mark_keeps_the_fingerprint_of_its_record(tmp_path):
 def test_a_fingerprint_counts_only_for_the_offset_it_was_saved_at(tmp_path):
     """Older code (a rollback) advances the high-water mark without knowing of the fingerprint, which then
     describes another record: read back, it is no fingerprint at all (the check on assignment falls back to
-    end offsets) rather than a false "log replaced" that would re-read the whole log. Files of the code
-    that saved the fingerprint without its offset kept the two in step, and keep their fingerprint."""
+    end offsets) rather than a false "log replaced" that would re-read the whole log. A fingerprint saved
+    without its offset (the code before it was kept) may be such a stale one, and is not trusted either."""
     import sqlite3
+    from contextlib import closing
 
     from streams.processor import record_mark
 
@@ -488,9 +489,17 @@ def test_a_fingerprint_counts_only_for_the_offset_it_was_saved_at(tmp_path):
     p.stats.close()
     mark = record_mark(recs[2].key, recs[2].value)
     assert reopen() == (2, mark)
-    with sqlite3.connect(path) as db:  # what older code's save does: the mark moves, its fingerprint stays
+    with closing(sqlite3.connect(path)) as db, db:  # older code's save: the mark moves, its fingerprint stays
         db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', 7)")
     assert reopen() == (7, None)
-    with sqlite3.connect(path) as db:  # a file of the code before the offset was saved
+    with closing(sqlite3.connect(path)) as db, db:  # the previous code's file, in step but without the offset
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('hwm', 2)")
         db.execute("DELETE FROM meta WHERE k = 'hwm_mark_at'")
-    assert reopen() == (7, mark)
+    assert reopen() == (2, None)
+    p = make_fake(tmp_path / "state", {10: [1, 9, 17]}, allowed_lateness_s=10**6, parts=(0,))
+    nxt = rec(0, 3, 1, 10, 1, 1003)
+    r = p.inter.process([nxt])  # the next save writes both again
+    p.inter.save(r.hwm, r.marks)
+    p.inter.close()
+    p.stats.close()
+    assert reopen() == (3, record_mark(nxt.key, nxt.value))

@@ -37,10 +37,12 @@ class PartitionStore:
         self.db.commit()
         meta = dict(self.db.execute("SELECT k, v FROM meta"))
         self.hwm: int = meta.get("hwm", -1)
-        # processor.record_mark of the record at hwm; trusted only where saved for that very offset: older
-        # code (a rollback) advances hwm without knowing of the mark, which then fingerprints another record
-        at = meta.get("hwm_mark_at", self.hwm)  # files of the code before the offset was saved: kept in step
-        self.hwm_mark: int | None = meta.get("hwm_mark") if at == self.hwm else None
+        # processor.record_mark of the record at hwm, trusted only where saved for that very offset: code
+        # older than the mark (a rollback) advances hwm and leaves the mark behind, fingerprinting another
+        # record; a mark saved without its offset (the code before it was kept) may be such a one, so it
+        # is not trusted either (until the next save, the end-offset check alone, as for older files)
+        at = meta.get("hwm_mark_at")
+        self.hwm_mark: int | None = meta.get("hwm_mark") if at is not None and at == self.hwm else None
         self._load(meta)
 
     # -- hooks --
