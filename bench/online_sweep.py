@@ -13,8 +13,8 @@ the table alone); the experimental ones are the table alone.
 
 `codes=none|prefixes|random` asks what the semantic codes are worth to the online parts: the table's
 and the linear model's keys lose the mem-tokens and next-nearest codes, and keep the gen prefixes
-(`prefixes`), none of them (`none`), or get the prefixes of codes drawn at random per item in their
-place (`random`: the same sizes of groups, no content). Recordings with the tokenizer's fit cutoff
+(`prefixes`), none of them (`none`), or get another item's prefixes in their place (`random`: a
+seeded permutation of the items, so the same groups of the same sizes, with no content). Recordings with the tokenizer's fit cutoff
 also report the AUC on items it never saw.
 """
 from __future__ import annotations
@@ -50,29 +50,29 @@ CODES = ("none", "prefixes", "random")
 def with_codes(d: dict, keys: np.ndarray, how: str | None, seed: int = 0) -> np.ndarray:
     """(N, M) online keys with the semantic ones replaced as `codes=how` says (module docstring).
 
-    Semantic keys: the gen prefixes (the first L columns, namespaces 0..L-1), and the mem-tokens and
-    next-nearest codes after them (namespaces below TWO_GRAM_NS); lexical and era keys stay."""
+    Semantic keys, by namespace (trainer/models/user_weights.py): the gen prefixes and next-nearest
+    codes (below MEM_NS), the mem-tokens and the n-gram baselines' code n-grams. The item id (ID_NS),
+    lexical and era keys stay. `random` gives each item the prefix keys of another item (a seeded
+    permutation of the items): the same groups, of the same sizes, with no content."""
     if how is None or keys.shape[1] == 0:
         return keys
     if how not in CODES:
         raise SystemExit(f"codes={how}: expected one of {', '.join(CODES)}")
-    from trainer.models.ranker import Ranker
-    from trainer.models.config import RankerConfig
-    from trainer.models.user_weights import TWO_GRAM_NS
+    from trainer.models.user_weights import MEM_NS, PREFIX_NGRAM_NS, TWO_GRAM_NS
 
     L = d["gen"].shape[1]
     ns = np.where(keys >= 0, keys & 15, -1)
-    out = np.where((ns >= 0) & (ns < TWO_GRAM_NS), -1, keys)  # every semantic key out
-    if keys.shape[1] < L or not all(((ns[:, j] == j) | (ns[:, j] < 0)).all() for j in range(L)):
+    out = np.where((ns >= 0) & ((ns < MEM_NS) | np.isin(ns, (MEM_NS, TWO_GRAM_NS, PREFIX_NGRAM_NS))), -1, keys)
+    lead = keys.shape[1] >= L and all(((ns[:, j] == j) | (ns[:, j] < 0)).all() and (ns[:, j] == j).any()
+                                      for j in range(L))
+    if not lead:
         return out  # no gen prefixes lead these keys (TRM's linear model reads its lexical and era keys)
     if how == "prefixes":
         out[:, :L] = keys[:, :L]
     elif how == "random":
-        items, inv = np.unique(d["item"], return_inverse=True)
-        cfg = RankerConfig(num_levels=L)
-        K = cfg.gen_vocab_size // L
-        codes = np.random.default_rng(seed).integers(0, K, (len(items), L)) + np.arange(L) * K  # level-offset ids
-        out[:, :L] = Ranker.gen_prefix_keys(cfg, torch.from_numpy(codes[inv])).numpy()
+        _, first, inv = np.unique(d["item"], return_index=True, return_inverse=True)
+        own = keys[first, :L]  # (I, L) each item's prefix keys, as first seen
+        out[:, :L] = own[np.random.default_rng(seed).permutation(len(own))][inv]
     return out
 
 
@@ -145,6 +145,9 @@ def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float, float]:
     val = d["phase"] == 1
     y, u = d["label"][val], d["user"][val]
     mix = spec.pop("linear_mix", None)  # the linear model's share (default: the shipped one; 0: the table alone)
+    if "codes" in spec and not set(spec) <= SHIPPED:
+        raise SystemExit("codes= ablates the shipped table and linear model; it does not combine with the "
+                         f"experimental designs' arguments ({', '.join(sorted(set(spec) - SHIPPED))})")
     if set(spec) <= SHIPPED:
         z = with_linear(d, shipped(d, spec, model), model, mix, spec.get("codes"))
         p = 1 / (1 + np.exp(-z[val]))

@@ -124,8 +124,8 @@ def print_summary(report: dict, console) -> None:
                   f"{_f(tp['raw_consume_per_s'], 0)}/s) · trainer {_f(tp['trainer_examples_per_s'], 0)} examples/s · "
                   f"freshness {_latency(fr)}")
     rk = report["publish_to_rankable_ms"]
-    console.print(f"publish → rankable (trm serve answers the new item with its tokens): {_latency(rk)} "
-                  f"over {rk['n']} new items")
+    console.print("publish → rankable (trm serve answers the new item with its tokens): " + _latency(rk)
+                  + (f" over {rk['n']} new items" if rk["n"] else ""))
     alone = tp.get("trainer_examples_per_s_by_model") or {}
     if "trm" in alone:
         console.print(f"trm alone {alone['trm']:,.0f} examples/s (scoring + training, one thread)")
