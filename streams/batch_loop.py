@@ -116,6 +116,7 @@ class BatchLoop:
         # partition -> the offset after the last record fetched since the last rebalance: a log that now
         # ends below it, or a fetch that starts below it, was replaced under the running loop (`_log_moved`)
         self._fetched: dict = {}
+        self._shrunk: set = set()  # partitions a fetch response said end before `_fetched` (`_log_moved`)
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once partitions are assigned
         self.committed: dict[int, int] = {}  # partition -> offset committed by this loop
@@ -147,6 +148,7 @@ class BatchLoop:
                 async with loop_self._lock:  # never in the middle of a batch
                     loop_self._epoch += 1
                     loop_self._fetched.clear()
+                    loop_self._shrunk.clear()
                     for tp in revoked:
                         loop_self.committed.pop(tp.partition, None)
                     await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
@@ -163,6 +165,7 @@ class BatchLoop:
                 try:
                     loop_self._epoch += 1
                     loop_self._fetched.clear()
+                    loop_self._shrunk.clear()
                     loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
                     await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
                     await loop_self._positions(assigned)
@@ -229,32 +232,44 @@ class BatchLoop:
             await self._close()
 
     async def _log_moved(self, batches) -> bool:
-        """True (the batch dropped, its partitions fetched again) when a partition's log now ends before
-        what this loop already fetched from it since the last rebalance (the high watermark of the
-        latest fetch response: a log never shrinks), or its fetch went back without this loop seeking.
+        """True (the batch dropped, its partitions fetched again) when a partition's log may have been
+        replaced under the running loop; its records are then checked before any is applied, as on
+        assignment (`_positions`: the end offsets and the record at the mark).
 
-        Both mean the log under a running worker was replaced: a memory broker restarted (Tansu answers
-        a fetch past the end with nothing, and the consumer waits at its old position until the new log
-        outgrows it), a topic recreated, or a real Kafka's consumer reset its position past the end
-        (auto_offset_reset). Left alone, the worker would apply the new log's records above the old
-        high-water mark as if they continued the old log and skip those below it, and the check on the
-        next assignment would come too late, after the mark had moved onto the new log. So the
-        partitions are checked here, before anything more is applied, as on assignment (`_positions`:
-        the end offsets and the record at the mark)."""
+        Two signs, per partition, against what this loop fetched since the last rebalance (`_fetched`):
+          1. its fetch went back without this loop seeking: a consumer resets a position past the end
+             of the log by itself (auto_offset_reset); checked at once, with what it had read as the
+             least end an intact log has (so a loop without saved state is checked too);
+          2. a fetch response said the log ends before what it had read (the high watermark). Tansu
+             answers a fetch past the end with nothing, so a memory broker restarted under the worker
+             shows this, and the consumer waits at its old position until the new log outgrows it;
+             a real Kafka's new leader may also lag for a moment. Neither alone is proof, so the
+             partition's next records are checked before they are applied: a replaced log holds
+             another record at the saved high-water mark (its fingerprint differs), a lagging leader's
+             log holds the same one.
+        Left alone, the worker would apply a new log's records above the old high-water mark as if they
+        continued the old log, and the check on the next assignment would come too late, after the
+        mark had moved onto the new log."""
         hw = self.consumer.highwater
-        moved = {}
+        moved, floor = {}, {}
         for tp, end in self._fetched.items():
-            msgs = batches.get(tp)
+            msgs, h = batches.get(tp), hw(tp)
             if msgs and msgs[0].offset < end:
                 moved[tp] = f"the fetch went back from offset {end} to {msgs[0].offset} without a seek"
-            elif hw(tp) is not None and hw(tp) < end:
-                moved[tp] = f"the log now ends at {hw(tp)}, before offset {end} this worker already read"
+                floor[tp] = end
+            elif msgs and tp in self._shrunk:
+                moved[tp] = f"records again after the log had ended before offset {end}"
+            elif h is not None and h < end and tp not in self._shrunk:
+                log.warning("%s: the log now ends at %d, before offset %d this worker already read: its next "
+                            "records are checked before they are applied", tp, h, end)
+                self._shrunk.add(tp)
         if not moved:
             return False
         for tp, why in moved.items():
             log.warning("%s: %s: checking whether the log was replaced", tp, why)
             self._fetched.pop(tp)
-        await self._retrying(lambda: self._positions(list(moved)), f"check of the log of {sorted(moved)}")
+            self._shrunk.discard(tp)
+        await self._retrying(lambda: self._positions(list(moved), floor), f"check of the log of {sorted(moved)}")
         self._refetch(batches)
         return True
 
@@ -267,7 +282,7 @@ class BatchLoop:
             if msgs and tp in owned:
                 self.consumer.seek(tp, min(msgs[0].offset, self._moved.get(tp, msgs[0].offset)))
 
-    async def _positions(self, assigned) -> None:
+    async def _positions(self, assigned, floor: dict | None = None) -> None:
         """Where newly assigned partitions start, and whether their log is still the one we read.
 
           1. Normally: the group's committed offset, else (nothing committed, no saved state) the
@@ -282,21 +297,24 @@ class BatchLoop:
              from its beginning, `log_resets` counts it and `on_log_reset` lets the token cache
              rewind too.
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
-             resume at hwm + 1 (records already fetched from below it are skipped by the processor).
+             resume at hwm + 1 (records already fetched from below it are skipped by the processor),
+             and commit that, so the group's offsets match the state before any new record arrives.
         Undetectable: a new log that holds, at the old high-water mark, a record of the same key and
         value; a state file written before the fingerprint, or whose fingerprint may be stale (none
         trusted: the end-offset check alone; docs/faults.md names the one stale case that passes); a
-        record at the mark not read within 3 s or removed (a warning, then the end offsets alone); and a new log that had already outgrown a running
-        worker's position when it first fetched from it (this runs on assignment, and when a running
-        worker's log ends before what it read, or its fetch goes back: `_log_moved`)."""
+                record at the mark not read within 3 s or removed (a warning, then the end offsets alone); and a
+        new log that had already outgrown a running worker's position when it first fetched from it
+        (this runs on assignment, and for a running worker whose log ended before what it read, or whose
+        fetch went back: `_log_moved`; `floor`: what it read, the least end of an intact log)."""
         tps = list(assigned)
         committed = {tp: await self.consumer.committed(tp) for tp in tps}
         hwm = {tp: self.processor.hwm(tp.partition) for tp in tps}
         marks = {tp: self.processor.hwm_mark(tp.partition) for tp in tps}
-        need = {tp: max(committed[tp] or 0, hwm[tp] + 1) for tp in tps}
+        need = {tp: max(committed[tp] or 0, hwm[tp] + 1, (floor or {}).get(tp, 0)) for tp in tps}
         check = [tp for tp in tps if need[tp] > 0]
         probe = {tp: hwm[tp] for tp in check if hwm[tp] >= 0 and marks[tp] is not None}
         ends, found = await self._log_ends(check, probe) if check else ({}, {})
+        resume: dict = {}
         for tp in check:
             other = tp in found and found[tp] != marks[tp]  # another record at the high-water mark
             if ends[tp] < need[tp] or other:
@@ -319,6 +337,15 @@ class BatchLoop:
                 log.warning("%s: no committed offset; resuming after the saved high-water mark %d", tp, hwm[tp])
                 self.consumer.seek(tp, hwm[tp] + 1)
                 self._moved[tp] = hwm[tp] + 1
+                if hwm[tp] >= 0:
+                    resume[tp] = hwm[tp] + 1
+        if resume:  # the group's offsets catch up with the state (else they stay empty until new records)
+            try:
+                await self.consumer.commit(resume)
+                self.committed.update({tp.partition: off for tp, off in resume.items()})
+            except Exception as exc:  # not a member yet (a running check after a broker restart): on assignment
+                log.info("committing the resumed positions %s failed (%r); the next assignment commits them",
+                         {tp.partition: off for tp, off in resume.items()}, exc)
 
     async def _log_ends(self, tps, probe: dict | None = None) -> tuple[dict, dict]:
         """The partitions' end offsets, exactly: the high watermarks of a fetch response (Tansu's
