@@ -170,7 +170,11 @@ class BatchLoop:
                     await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
                     await loop_self._positions(assigned)
                 finally:
-                    if locked:
+                    if not locked:  # a batch fetched while positions were checked beside it: fetched again
+                        loop_self._epoch += 1
+                        loop_self._fetched.clear()
+                        loop_self._shrunk.clear()
+                    else:
                         loop_self._lock.release()
                 if assigned:
                     loop_self.ready.set()
@@ -198,6 +202,8 @@ class BatchLoop:
                         self._refetch(batches)
                         continue
                     if await self._log_moved(batches):
+                        if self.on_batch is not None:
+                            self.on_batch()  # the status file shows the resets now, not after the next batch
                         continue
                     for tp, msgs in batches.items():
                         self._moved.pop(tp, None)
