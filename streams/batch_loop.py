@@ -308,7 +308,7 @@ class BatchLoop:
         Undetectable: a new log that holds, at the old high-water mark, a record of the same key and
         value; a state file written before the fingerprint, or whose fingerprint may be stale (none
         trusted: the end-offset check alone; docs/faults.md names the one stale case that passes); a
-                record at the mark not read within 3 s or removed (a warning, then the end offsets alone); and a
+        record at the mark not read within 3 s or removed (a warning, then the end offsets alone); and a
         new log that had already outgrown a running worker's position when it first fetched from it
         (this runs on assignment, and for a running worker whose log ended before what it read, or whose
         fetch went back: `_log_moved`; `floor`: what it read, the least end of an intact log)."""

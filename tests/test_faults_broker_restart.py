@@ -145,12 +145,11 @@ def test_a_new_log_that_outgrew_the_old_positions_is_detected(feast_repo, tiny_t
     ends below them; the record at each mark is another one (its fingerprint, saved with the mark,
     differs), so the worker still declares the reset and applies the whole new log. Before the
     fingerprint it resumed after the old marks and skipped the new log's first records."""
-    from streams.app import StreamWorker, WorkerSettings
+    from streams.app import StreamWorker
     from streams.broker import EmbeddedBroker
     from streams.contract.events import InteractionEvent, ItemEvent
-    from streams.contract.topics import INTERACTIONS, create_topics, topic_plan
+    from streams.contract.topics import INTERACTIONS, topic_plan
     from streams.feast_sink import FeastSink
-    from streams.kafka_config import KafkaConfig
     from streams.publisher import publish_kind
 
     items, its = ml_slice
@@ -159,11 +158,7 @@ def test_a_new_log_that_outgrew_the_old_positions_is_detected(feast_repo, tiny_t
     item_events = [ItemEvent.from_item(i) for i in items.values()]
     broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
     try:
-        broker.start()
-        cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000)
-        create_topics(cfg)
-        settings = WorkerSettings(repo_path=feast_repo, tokenizer_dir=tiny_tokenizer, kafka=cfg,
-                                  history_len=HISTORY_LEN, retry_initial_s=0.2, retry_max_s=2.0, retry_budget_s=60)
+        cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=6000)
 
         async def run(events, want):
             async with StreamWorker(settings) as w:
@@ -200,12 +195,11 @@ def test_a_running_worker_checks_a_log_replaced_under_it(feast_repo, tiny_tokeni
     first records were lost (the race the first test gates)."""
     import logging
 
-    from streams.app import StreamWorker, WorkerSettings
+    from streams.app import StreamWorker
     from streams.broker import EmbeddedBroker
     from streams.contract.events import InteractionEvent, ItemEvent
-    from streams.contract.topics import INTERACTIONS, create_topics, topic_plan
+    from streams.contract.topics import INTERACTIONS, topic_plan
     from streams.feast_sink import FeastSink
-    from streams.kafka_config import KafkaConfig
     from streams.publisher import publish_kind
 
     caplog.set_level(logging.WARNING, logger="streams.batch_loop")
@@ -220,11 +214,7 @@ def test_a_running_worker_checks_a_log_replaced_under_it(feast_repo, tiny_tokeni
                 if text in r.getMessage() and r.args[0].topic == cfg.topic(INTERACTIONS)}
 
     try:
-        broker.start()
-        cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=20_000)
-        create_topics(cfg)
-        settings = WorkerSettings(repo_path=feast_repo, tokenizer_dir=tiny_tokenizer, kafka=cfg,
-                                  history_len=HISTORY_LEN, retry_initial_s=0.2, retry_max_s=2.0, retry_budget_s=60)
+        cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=20_000)
 
         async def scenario():
             async with StreamWorker(settings) as w:
@@ -252,6 +242,19 @@ def test_a_running_worker_checks_a_log_replaced_under_it(feast_repo, tiny_tokeni
         assert applied == len(first) + len(second), "every record of the new log applied, none skipped"
     finally:
         broker.stop()
+
+
+def _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms: int):
+    """Start `broker` with the topics; the Kafka config and the settings of a worker on it."""
+    from streams.app import WorkerSettings
+    from streams.contract.topics import create_topics
+    from streams.kafka_config import KafkaConfig
+
+    broker.start()
+    cfg = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=session_timeout_ms)
+    create_topics(cfg)
+    return cfg, WorkerSettings(repo_path=feast_repo, tokenizer_dir=tiny_tokenizer, kafka=cfg, history_len=HISTORY_LEN,
+                               retry_initial_s=0.2, retry_max_s=2.0, retry_budget_s=60)
 
 
 async def _committed_up_to(w, cfg, want: int, timeout_s: float = 120) -> None:
