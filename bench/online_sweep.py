@@ -14,8 +14,8 @@ the table alone); the experimental ones are the table alone.
 `codes=none|prefixes|random` asks what the semantic codes are worth to the online parts: the table's
 and the linear model's keys lose the mem-tokens and next-nearest codes, and keep the gen prefixes
 (`prefixes`), none of them (`none`), or get another item's prefixes in their place (`random`: a
-seeded permutation of the items, so the same groups of the same sizes, with no content). Recordings with the tokenizer's fit cutoff
-also report the AUC on items it never saw.
+seeded permutation of the items, so the same groups of the same sizes, with no content). Recordings
+with the tokenizer's fit cutoff also report the AUC on items it never saw.
 """
 from __future__ import annotations
 
@@ -153,8 +153,23 @@ def run(d: dict, spec: dict, model: str = "trm") -> tuple[float, float, float]:
         p = 1 / (1 + np.exp(-z[val]))
     else:
         p = torch.sigmoid(experimental(d, spec, model)).numpy()[val]
+    return auc(y, p), gauc(y, p, u), _unseen_auc(d, y, p)
+
+
+def _unseen_auc(d: dict, y: np.ndarray, p: np.ndarray) -> float:
+    """AUC of the validation rows `y`, `p` on items the tokenizer never saw; NaN when not recorded."""
+    from trainer.metrics import auc
+
     new = unseen(d)
-    return auc(y, p), gauc(y, p, u), (auc(y[new], p[new]) if new is not None else float("nan"))
+    return auc(y[new], p[new]) if new is not None else float("nan")
+
+
+def _line(d: dict, y: np.ndarray, p: np.ndarray, u: np.ndarray) -> str:
+    """One result line's figures: AUC, GAUC and, where recorded, AUC on unseen items."""
+    from trainer.metrics import auc, gauc
+
+    return f"AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}" + \
+        (f" unseen {_unseen_auc(d, y, p):.4f}" if unseen(d) is not None else "")
 
 
 def experimental(d: dict, spec: dict, model: str) -> torch.Tensor:
@@ -229,8 +244,6 @@ def experimental(d: dict, spec: dict, model: str) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from trainer.metrics import auc, gauc
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="designs: 'base', UserWeights' arguments as k=v (bits, lr, key_lr, "
                                         "key_global_lr, power, stack_lr, features, linear_mix), codes=none|prefixes|random, "
@@ -244,22 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     d = dict(np.load(args.recording))
     val = d["phase"] == 1
     y, u = d["label"][val], d["user"][val]
-    new = unseen(d)
-    tail = (lambda p: f" unseen {auc(y[new], p[new]):.4f}") if new is not None else (lambda p: "")
     models = [k[2:] for k in d if k.startswith("z_")]
     for n in models + ["vw"]:
-        p = d[f"p_{n}"][val]
-        print(f"recorded {n:10s} AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}{tail(p)}")
+        print(f"recorded {n:10s} {_line(d, y, d[f'p_{n}'][val], u)}")
     for n in models:
-        p = 1 / (1 + np.exp(-d[f"z_{n}"][val]))
-        print(f"ranker alone {n:6s} AUC {auc(y, p):.4f} GAUC {gauc(y, p, u):.4f}{tail(p)}")
+        print(f"ranker alone {n:6s} {_line(d, y, 1 / (1 + np.exp(-d[f'z_{n}'][val])), u)}")
     model = models[0]
     for spec in args.designs:
         if spec.startswith("model="):
             model = spec.split("=")[1]
             continue
         a, g, un = run(d, parse(spec), model)
-        print(f"{model:8s} {spec:60s} AUC {a:.4f} GAUC {g:.4f}" + (f" unseen {un:.4f}" if new is not None else ""),
+        print(f"{model:8s} {spec:60s} AUC {a:.4f} GAUC {g:.4f}" + (f" unseen {un:.4f}" if unseen(d) is not None else ""),
               flush=True)
     return 0
 
