@@ -73,8 +73,14 @@ class Counters:
     dlq_reasons: dict[str, int] = field(default_factory=dict)
 
 
+# what `_retrying` says of a failing check of positions (`_positions`), rather than of a batch
+_CHECK = {"meanwhile": "no record of these partitions applied meanwhile",
+          "unless": "no record of these partitions was applied; a restarted worker checks them again"}
+
+
 class RetryBudgetExceeded(StreamsError, RuntimeError):
-    """A batch kept failing for longer than the retry budget; its offsets were not committed."""
+    """A batch (or a check of positions) kept failing for longer than the retry budget; nothing of it
+    was committed."""
 
 
 async def _acquire_within(lock: asyncio.Lock, timeout_s: float) -> bool:
@@ -117,6 +123,10 @@ class BatchLoop:
         # ends below it, or a fetch that starts below it, was replaced under the running loop (`_log_moved`)
         self._fetched: dict = {}
         self._shrunk: set = set()  # partitions a fetch response said end before `_fetched` (`_log_moved`)
+        # assigned partitions whose check on assignment failed: none of their records is applied before
+        # the loop has checked them (`_check_unchecked`); `_reset_in_check`: those the failed check reset
+        self._unchecked: set = set()
+        self._reset_in_check: dict = {}
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once partitions are assigned
         self.committed: dict[int, int] = {}  # partition -> offset committed by this loop
@@ -149,6 +159,7 @@ class BatchLoop:
                     loop_self._epoch += 1
                     loop_self._fetched.clear()
                     loop_self._shrunk.clear()
+                    loop_self._unchecked.difference_update(revoked)
                     for tp in revoked:
                         loop_self.committed.pop(tp.partition, None)
                     await loop_self._in_thread(loop_self.processor.revoke, [tp.partition for tp in revoked])
@@ -166,9 +177,12 @@ class BatchLoop:
                     loop_self._epoch += 1
                     loop_self._fetched.clear()
                     loop_self._shrunk.clear()
-                    loop_self.processor.set_partition_count(len(loop_self.consumer.partitions_for_topic(topic) or ()))
-                    await loop_self._in_thread(loop_self.processor.assign, [tp.partition for tp in assigned])
-                    await loop_self._positions(assigned)
+                    loop_self._unchecked, loop_self._reset_in_check = set(assigned), {}
+                    try:
+                        await loop_self._assign_and_check(topic, loop_self._unchecked)
+                    except Exception as exc:  # aiokafka would log it and fetch from unchecked positions
+                        log.warning("checking the positions of %s failed (%r): none of their records is applied "
+                                    "until a retry of the check succeeds", sorted(assigned), exc)
                 finally:
                     if not locked:  # a batch fetched while positions were checked beside it: fetched again
                         loop_self._epoch += 1
@@ -199,6 +213,10 @@ class BatchLoop:
                     break  # asked to stop when idle: nothing new in any owned partition
                 async with self._lock:
                     if self._epoch != epoch:  # a rebalance since the fetch: positions may have moved
+                        self._refetch(batches)
+                        continue
+                    if self._unchecked:
+                        await self._check_unchecked(topic)
                         self._refetch(batches)
                         continue
                     if await self._log_moved(batches):
@@ -275,9 +293,26 @@ class BatchLoop:
             log.warning("%s: %s: checking whether the log was replaced", tp, why)
             self._fetched.pop(tp)
             self._shrunk.discard(tp)
-        await self._retrying(lambda: self._positions(list(moved), floor), f"check of the log of {sorted(moved)}")
+        done: dict = {}  # kept across the check's retries
+        await self._retrying(lambda: self._positions(list(moved), floor, done), f"check of the log of {sorted(moved)}",
+                             **_CHECK)
         self._refetch(batches)
         return True
+
+    async def _assign_and_check(self, topic: str, tps: set) -> None:
+        """The processor opens the partitions' state, and their positions are checked (`_positions`);
+        then none of `tps` is left unchecked. Partitions an earlier attempt reset are not reset again."""
+        self.processor.set_partition_count(len(self.consumer.partitions_for_topic(topic) or ()))
+        await self._in_thread(self.processor.assign, [tp.partition for tp in tps])
+        await self._positions(sorted(tps), done=self._reset_in_check)
+        tps.clear()
+
+    async def _check_unchecked(self, topic: str) -> None:
+        """`_assign_and_check` of partitions whose check failed in the rebalance callback, retried
+        (`_retrying`) before any of their records is applied."""
+        self._unchecked &= self.consumer.assignment()
+        await self._retrying(lambda: self._assign_and_check(topic, self._unchecked),
+                             f"check of the positions of {sorted(self._unchecked)}", **_CHECK)
 
     def _refetch(self, batches) -> None:
         """Drop a batch fetched before a rebalance and fetch its partitions again, from its first offset
@@ -288,7 +323,7 @@ class BatchLoop:
             if msgs and tp in owned:
                 self.consumer.seek(tp, min(msgs[0].offset, self._moved.get(tp, msgs[0].offset)))
 
-    async def _positions(self, assigned, floor: dict | None = None) -> None:
+    async def _positions(self, assigned, floor: dict | None = None, done: dict | None = None) -> None:
         """Where newly assigned partitions start, and whether their log is still the one we read.
 
           1. Normally: the group's committed offset, else (nothing committed, no saved state) the
@@ -302,9 +337,18 @@ class BatchLoop:
              recreated. Then the high-water mark is void (`processor.log_reset`), the new log is read
              from its beginning, `log_resets` counts it and `on_log_reset` lets the token cache
              rewind too.
+             Where the record at the mark is the one this worker read and the log reaches past it,
+             the log is intact up to the mark whatever else says it ended earlier: a committed offset
+             beyond its end is stale (a new broker accepted the old log's commit, and this worker's
+             own commit after its reset was refused by a rebalance), and so is what a running loop
+             read beyond it (a lagging leader). Resume at hwm + 1 and commit that (a second reset
+             would re-read the whole new log and report events lost that were not).
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
              resume at hwm + 1 (records already fetched from below it are skipped by the processor),
              and commit that, so the group's offsets match the state before any new record arrives.
+        `done`: partitions an earlier attempt of the same check already reset, with the new log's
+        beginning where known (a retry does not reset them twice: `log_resets` and `on_log_reset` count
+        a replaced log once, and it commits their beginnings); a reset adds to it.
         Undetectable: a new log that holds, at the old high-water mark, a record of the same key and
         value; a state file written before the fingerprint, or whose fingerprint may be stale (none
         trusted: the end-offset check alone; docs/faults.md names the one stale case that passes); a
@@ -312,7 +356,14 @@ class BatchLoop:
         new log that had already outgrown a running worker's position when it first fetched from it
         (this runs on assignment, and for a running worker whose log ended before what it read, or whose
         fetch went back: `_log_moved`; `floor`: what it read, the least end of an intact log)."""
-        tps = list(assigned)
+        done = {} if done is None else done
+        tps = [tp for tp in assigned if tp not in done]
+        resume: dict = {}
+        for tp in (tp for tp in assigned if tp in done):  # reset by an earlier attempt: commit its beginning
+            if done[tp] is None and await self.consumer.seek_to_beginning(tp):
+                done[tp] = await self.consumer.position(tp)
+            if done[tp] is not None:
+                resume[tp] = done[tp]
         committed = {tp: await self.consumer.committed(tp) for tp in tps}
         hwm = {tp: self.processor.hwm(tp.partition) for tp in tps}
         marks = {tp: self.processor.hwm_mark(tp.partition) for tp in tps}
@@ -320,10 +371,11 @@ class BatchLoop:
         check = [tp for tp in tps if need[tp] > 0]
         probe = {tp: hwm[tp] for tp in check if hwm[tp] >= 0 and marks[tp] is not None}
         ends, found = await self._log_ends(check, probe) if check else ({}, {})
-        resume: dict = {}
+        safe = await self._in_thread(self.processor.commit_positions, {tp.partition: hwm[tp] + 1 for tp in check})
         for tp in check:
             other = tp in found and found[tp] != marks[tp]  # another record at the high-water mark
-            if ends[tp] < need[tp] or other:
+            same = tp in found and not other  # the record this worker read there: intact up to the mark
+            if (ends[tp] < need[tp] and not same) or other:
                 why = (f"holds another record at the saved high-water mark {hwm[tp]} than the one this worker "
                        "read there" if other else
                        f"ends at {ends[tp]}, before what this worker already read (committed {committed[tp]}, "
@@ -335,17 +387,27 @@ class BatchLoop:
                     await self._in_thread(self.processor.log_reset, tp.partition)
                 self.committed.pop(tp.partition, None)
                 self.log_resets += 1
+                done[tp] = None
                 if self.on_log_reset is not None:
                     self.on_log_reset()
-                await self.consumer.seek_to_beginning(tp)
                 self._moved[tp] = 0
+                if await self.consumer.seek_to_beginning(tp):  # False: not answered within the request timeout
+                    # the old log's offset, if still committed, is void: commit the new log's beginning
+                    done[tp] = resume[tp] = await self.consumer.position(tp)
+            elif ends[tp] < need[tp]:  # `same`: the log holds the mark's record, ends before the rest
+                log.warning("%s: the log ends at %d, before the committed offset %s or what this worker read, but "
+                            "holds the record this worker read at its saved high-water mark %d: that offset is "
+                            "stale (the log is intact); resuming after the mark", tp, ends[tp], committed[tp], hwm[tp])
+                self.consumer.seek(tp, hwm[tp] + 1)
+                self._moved[tp] = hwm[tp] + 1
+                resume[tp] = min(hwm[tp] + 1, safe.get(tp.partition, hwm[tp] + 1))  # never past a parked record
             elif committed[tp] is None:
                 log.warning("%s: no committed offset; resuming after the saved high-water mark %d", tp, hwm[tp])
                 self.consumer.seek(tp, hwm[tp] + 1)
                 self._moved[tp] = hwm[tp] + 1
                 if hwm[tp] >= 0:
-                    resume[tp] = hwm[tp] + 1
-        if resume:  # the group's offsets catch up with the state (else they stay empty until new records)
+                    resume[tp] = min(hwm[tp] + 1, safe.get(tp.partition, hwm[tp] + 1))
+        if resume:  # the group's offsets catch up with the state (else they stay as they are until new records)
             try:
                 await self.consumer.commit(resume)
                 self.committed.update({tp.partition: off for tp, off in resume.items()})
@@ -396,8 +458,11 @@ class BatchLoop:
         finally:
             await reader.stop()
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[None]], what: str) -> None:
-        """Run `attempt` until it succeeds, with backoff; the retry steps are in the module docstring."""
+    async def _retrying(self, attempt: Callable[[], Awaitable[None]], what: str,
+                        meanwhile: str = "offsets not committed",
+                        unless: str = "its offsets were not committed, a restarted worker replays it") -> None:
+        """Run `attempt` until it succeeds, with backoff; the retry steps are in the module docstring.
+        `meanwhile` / `unless`: what holds while it fails / after the loop gives up (a batch's by default)."""
         delay, start, n = self.s.retry_initial_s, time.monotonic(), 0
         while True:
             try:
@@ -424,10 +489,9 @@ class BatchLoop:
                 if self._stopping.is_set() or elapsed + delay > self.s.retry_budget_s:
                     raise RetryBudgetExceeded(
                         f"{what} still failing after {n} attempts in {elapsed:.0f} s (last error: {exc!r}); "
-                        f"its offsets were not committed, a restarted worker replays it") from exc
+                        f"{unless}") from exc
                 self.retries += 1
-                log.warning("%s failed (attempt %d: %r); offsets not committed; retrying in %.1f s",
-                            what, n, exc, delay)
+                log.warning("%s failed (attempt %d: %r); %s; retrying in %.1f s", what, n, exc, meanwhile, delay)
                 if self.on_batch is not None:
                     self.on_batch()  # the status file shows the retries while the outage lasts
                 await asyncio.sleep(delay)

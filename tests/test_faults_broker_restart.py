@@ -244,6 +244,168 @@ def test_a_running_worker_checks_a_log_replaced_under_it(feast_repo, tiny_tokeni
         broker.stop()
 
 
+def test_a_stale_commit_on_a_new_log_is_not_a_second_reset(feast_repo, tiny_tokenizer, ml_slice, tmp_path,  # noqa: F811
+                                                           caplog):
+    """A memory broker restarted and the worker read its new log from the beginning; then the group's
+    offsets on the new broker are the old log's again, beyond the new log's end (a new broker that
+    accepted a stale commit, while the worker's own commit after the reset was refused by a
+    rebalance: `_retrying` then relies on the saved state). The record at each saved high-water mark
+    is still the one the worker read, so the log is intact and the commit is stale: the worker
+    resumes after its marks and commits that. Before, the end below the committed offset alone
+    declared a second reset, and the new log's records were applied twice."""
+    import logging
+
+    from streams.app import StreamWorker
+    from streams.broker import EmbeddedBroker
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import INTERACTIONS, topic_plan
+    from streams.feast_sink import FeastSink
+    from streams.publisher import publish_kind
+
+    caplog.set_level(logging.WARNING, logger="streams.batch_loop")
+    items, its = ml_slice
+    inter = [InteractionEvent.from_interaction(i) for i in its]
+    first, second = inter[:len(inter) // 2], inter[len(inter) // 2::4]  # the new log: shorter in every partition
+    item_events = [ItemEvent.from_item(i) for i in items.values()]
+    broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
+    try:
+        cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=6000)
+
+        async def run(events, want):
+            async with StreamWorker(settings) as w:
+                await w.wait_ready(60)
+                if events is not None:
+                    await asyncio.to_thread(publish_kind, cfg, "items", item_events, progress=False)
+                    await asyncio.to_thread(publish_kind, cfg, "interactions", events, progress=False)
+                await _committed_up_to(w, cfg, want, exact=True)
+                return w.status()[INTERACTIONS]
+
+        asyncio.run(run(first, len(first)))
+        old = _committed(cfg)
+        broker.kill()
+        broker.restart(True, cfg)
+        publish_kind(cfg, "items", item_events, progress=False)
+        publish_kind(cfg, "interactions", second, progress=False)
+        size = _log_size(cfg, INTERACTIONS)
+        assert asyncio.run(run(None, size))["log_resets"] == topic_plan()[INTERACTIONS]
+        new = _committed(cfg)
+        assert all(old[p] > new[p] > 0 for p in old), (old, new)  # the stale offsets lie beyond every new log's end
+        _commit(cfg, old)
+        caplog.clear()
+        st = asyncio.run(run(None, size))
+        users = sorted({i.user_id for i in its})
+        applied = sum(r["user_n_events"] or 0 for r in FeastSink(feast_repo).read_online("user_history", users).values())
+        assert st["log_resets"] == 0 and st["duplicates"] == 0 and st["dead_lettered"] == 0, st
+        assert applied == len(first) + len(second), "the new log applied once"
+        assert _committed(cfg) == new
+        stale = {r.args[0].partition for r in caplog.records
+                 if "stale" in r.getMessage() and r.args[0].topic == cfg.topic(INTERACTIONS)}
+        assert stale == set(range(topic_plan()[INTERACTIONS])), [r.getMessage() for r in caplog.records]
+    finally:
+        broker.stop()
+
+
+def test_a_failed_check_on_assignment_is_retried_before_any_record(feast_repo, tiny_tokenizer, ml_slice,  # noqa: F811
+                                                                  tmp_path, monkeypatch, caplog):
+    """As the second test (a new log that outgrew the old positions while the worker was down), but the
+    worker's first look at the logs fails (a broker still loading its groups, a connection refused).
+    aiokafka logs a failing rebalance callback and fetches from the committed offsets anyway: the
+    worker applied the new log from the old positions and lost its first records. Now no record of
+    those partitions is applied until a retry of the check has succeeded."""
+    import logging
+
+    from streams.app import StreamWorker
+    from streams.batch_loop import BatchLoop
+    from streams.broker import EmbeddedBroker
+    from streams.contract.events import InteractionEvent, ItemEvent
+    from streams.contract.topics import INTERACTIONS, topic_plan
+    from streams.feast_sink import FeastSink
+    from streams.publisher import publish_kind
+
+    caplog.set_level(logging.WARNING, logger="streams.batch_loop")
+    items, its = ml_slice
+    inter = [InteractionEvent.from_interaction(i) for i in its]
+    first, second = inter[:len(inter) // 3], inter[len(inter) // 3:]  # the new log: twice the old one
+    item_events = [ItemEvent.from_item(i) for i in items.values()]
+    broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
+    try:
+        cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=6000)
+
+        async def run(events, want):
+            async with StreamWorker(settings) as w:
+                await w.wait_ready(60)
+                if events is not None:
+                    await asyncio.to_thread(publish_kind, cfg, "items", item_events, progress=False)
+                    await asyncio.to_thread(publish_kind, cfg, "interactions", events, progress=False)
+                await _committed_up_to(w, cfg, want)
+                return w.status()[INTERACTIONS]
+
+        asyncio.run(run(first, len(first)))
+        broker.kill()
+        broker.restart(True, cfg)
+        caplog.clear()
+        publish_kind(cfg, "items", item_events, progress=False)
+        publish_kind(cfg, "interactions", second, progress=False)
+        failed: set = set()
+        log_ends = BatchLoop._log_ends
+
+        async def failing_once(self, tps, probe=None):  # each loop's first look at its logs fails
+            if id(self) not in failed:
+                failed.add(id(self))
+                raise ConnectionError("injected: the first look at the logs failed")
+            return await log_ends(self, tps, probe)
+
+        monkeypatch.setattr(BatchLoop, "_log_ends", failing_once)
+        st = asyncio.run(run(None, _log_size(cfg, INTERACTIONS)))
+        failed_checks = [r for r in caplog.records if r.getMessage().startswith("checking the positions of")
+                         and cfg.topic(INTERACTIONS) + "'" in r.getMessage()]
+        assert failed_checks, "the interactions loop's check on assignment failed (the injected fault)"
+        users = sorted({i.user_id for i in its})
+        applied = sum(r["user_n_events"] or 0 for r in FeastSink(feast_repo).read_online("user_history", users).values())
+        assert st["log_resets"] == topic_plan()[INTERACTIONS], st
+        assert applied == len(first) + len(second), "every record of the new log applied, none skipped"
+    finally:
+        broker.stop()
+
+
+def _committed(cfg) -> dict[int, int]:
+    """The worker's interactions group's committed offset per partition."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.contract.topics import INTERACTIONS
+
+    c = KafkaConsumer(**cfg.kafka_python_kwargs(), group_id="trm-worker-interactions", enable_auto_commit=False)
+    try:
+        topic = cfg.topic(INTERACTIONS)
+        return {p: c.committed(TopicPartition(topic, p)) for p in sorted(c.partitions_for_topic(topic))}
+    finally:
+        c.close()
+
+
+def _commit(cfg, offsets: dict[int, int]) -> None:
+    """Commit `offsets` for the worker's interactions group, as a member of it (Tansu refuses a
+    member-less commit while the group has a generation)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streams.contract.topics import INTERACTIONS
+
+    async def commit():
+        c = AIOKafkaConsumer(group_id="trm-worker-interactions", enable_auto_commit=False,
+                             session_timeout_ms=cfg.session_timeout_ms, **cfg.aiokafka_kwargs())
+        await c.start()
+        try:
+            c.subscribe([cfg.topic(INTERACTIONS)])
+            deadline = time.monotonic() + 60
+            while len(c.assignment()) < len(offsets):  # joined, owning every partition
+                assert time.monotonic() < deadline, "never joined the group"
+                await c.getmany(timeout_ms=200)
+            await c.commit({TopicPartition(cfg.topic(INTERACTIONS), p): off for p, off in offsets.items()})
+        finally:
+            await c.stop()
+
+    asyncio.run(commit())
+
+
 def _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms: int):
     """Start `broker` with the topics; the Kafka config and the settings of a worker on it."""
     from streams.app import WorkerSettings
@@ -257,12 +419,14 @@ def _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms: int):
                                retry_initial_s=0.2, retry_max_s=2.0, retry_budget_s=60)
 
 
-async def _committed_up_to(w, cfg, want: int, timeout_s: float = 120) -> None:
-    """Until the worker's interactions group has committed `want` records (then 1 s more to settle)."""
+async def _committed_up_to(w, cfg, want: int, timeout_s: float = 120, exact: bool = False) -> None:
+    """Until the worker's interactions group has committed `want` records (`exact`: no more, no fewer),
+    then 1 s more to settle."""
     from streams.contract.topics import INTERACTIONS
 
     deadline = time.monotonic() + timeout_s
-    while await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS) < want:
+    while (n := await asyncio.to_thread(committed_total, cfg, "trm-worker-interactions", INTERACTIONS)) < want or \
+            (exact and n != want):
         w.raise_if_failed()
         assert time.monotonic() < deadline, w.status()
         await asyncio.sleep(0.5)
