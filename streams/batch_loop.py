@@ -275,7 +275,7 @@ class BatchLoop:
         continued the old log, and the check on the next assignment would come too late, after the
         mark had moved onto the new log."""
         hw = self.consumer.highwater
-        moved, floor = {}, {}
+        moved, floor, shrank = {}, {}, set()
         for tp, end in self._fetched.items():
             msgs, h = batches.get(tp), hw(tp)
             if msgs and msgs[0].offset < end:
@@ -283,6 +283,8 @@ class BatchLoop:
                 floor[tp] = end
             elif msgs and tp in self._shrunk:
                 moved[tp] = f"records again after the log had ended before offset {end}"
+                floor[tp] = end
+                shrank.add(tp)
             elif h is not None and h < end and tp not in self._shrunk:
                 log.warning("%s: the log now ends at %d, before offset %d this worker already read: its next "
                             "records are checked before they are applied", tp, h, end)
@@ -294,8 +296,8 @@ class BatchLoop:
             self._fetched.pop(tp)
             self._shrunk.discard(tp)
         done: dict = {}  # kept across the check's retries
-        await self._retrying(lambda: self._positions(list(moved), floor, done), f"check of the log of {sorted(moved)}",
-                             **_CHECK)
+        await self._retrying(lambda: self._positions(list(moved), floor, done, shrank),
+                             f"check of the log of {sorted(moved)}", **_CHECK)
         self._refetch(batches)
         return True
 
@@ -323,7 +325,8 @@ class BatchLoop:
             if msgs and tp in owned:
                 self.consumer.seek(tp, min(msgs[0].offset, self._moved.get(tp, msgs[0].offset)))
 
-    async def _positions(self, assigned, floor: dict | None = None, done: dict | None = None) -> None:
+    async def _positions(self, assigned, floor: dict | None = None, done: dict | None = None,
+                         shrank: set | None = None) -> None:
         """Where newly assigned partitions start, and whether their log is still the one we read.
 
           1. Normally: the group's committed offset, else (nothing committed, no saved state) the
@@ -346,6 +349,10 @@ class BatchLoop:
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
              resume at hwm + 1 (records already fetched from below it are skipped by the processor),
              and commit that, so the group's offsets match the state before any new record arrives.
+        `shrank`: partitions a running loop saw end before what it read, now holding records there again:
+        a partition with no saved state (the stateless items loop: hwm -1, no fingerprint) cannot tell
+        a new log from the old one, and is read again from the beginning (its effects are a pure function
+        of each record: a re-read rewrites the same values; a lagging leader costs only the re-read).
         `done`: partitions an earlier attempt of the same check already reset, with the new log's
         beginning where known (a retry does not reset them twice: `log_resets` and `on_log_reset` count
         a replaced log once, and it commits their beginnings); a reset adds to it.
@@ -375,14 +382,20 @@ class BatchLoop:
         for tp in check:
             other = tp in found and found[tp] != marks[tp]  # another record at the high-water mark
             same = tp in found and not other  # the record this worker read there: intact up to the mark
-            if (ends[tp] < need[tp] and not same) or other:
-                why = (f"holds another record at the saved high-water mark {hwm[tp]} than the one this worker "
-                       "read there" if other else
-                       f"ends at {ends[tp]}, before what this worker already read (committed {committed[tp]}, "
-                       f"saved high-water mark {hwm[tp]})")
-                log.error("%s: the log %s: the broker lost its log (memory storage restarted, or the topic was "
-                          "recreated). Reading the new log from its beginning; events the old broker held that "
-                          "were not processed yet are lost.", tp, why)
+            blind = tp in (shrank or ()) and hwm[tp] < 0  # seen shrinking, and no saved state to tell
+            if (ends[tp] < need[tp] and not same) or other or blind:
+                if blind and not other and ends[tp] >= need[tp]:
+                    log.warning("%s: the log ended before offset %d this worker read and holds records there again; "
+                                "with no saved state to tell a new log from the old one, it is read again from its "
+                                "beginning (a re-read rewrites the same values)", tp, need[tp])
+                else:
+                    why = (f"holds another record at the saved high-water mark {hwm[tp]} than the one this worker "
+                           "read there" if other else
+                           f"ends at {ends[tp]}, before what this worker already read (committed {committed[tp]}, "
+                           f"saved high-water mark {hwm[tp]})")
+                    log.error("%s: the log %s: the broker lost its log (memory storage restarted, or the topic was "
+                              "recreated). Reading the new log from its beginning; events the old broker held that "
+                              "were not processed yet are lost.", tp, why)
                 if hwm[tp] >= 0:
                     await self._in_thread(self.processor.log_reset, tp.partition)
                 self.committed.pop(tp.partition, None)

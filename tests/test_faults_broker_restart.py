@@ -244,6 +244,73 @@ def test_a_running_worker_checks_a_log_replaced_under_it(feast_repo, tiny_tokeni
         broker.stop()
 
 
+def test_a_running_items_loop_rereads_a_log_replaced_under_it(feast_repo, tiny_tokenizer, ml_slice, tmp_path,  # noqa: F811
+                                                              caplog):
+    """The items loop keeps no state, so no fingerprint tells a new log from the old one. A memory
+    broker restarts under the running worker; once its fetches have seen the items logs end before
+    what it read, a new log is published whose first records are items the old log never held. When
+    records come at the old positions again, the loop reads the log again from its beginning (an item
+    event's tokens are a pure function of it: a re-read rewrites the same values). Before, it read on
+    from the old positions: only its rejoin, finding no committed offset on the new broker, read the
+    log from the beginning, and a commit the new broker accepted before that left the new log's first
+    items without tokens (in the run on the code before, the rejoin came in time: no item missed)."""
+    import logging
+
+    from streams.app import StreamWorker
+    from streams.broker import EmbeddedBroker
+    from streams.contract.events import ItemEvent
+    from streams.contract.topics import ITEMS
+    from streams.feast_sink import FeastSink
+    from streams.publisher import publish_kind
+    from tests.fault_checks import committed_total
+
+    caplog.set_level(logging.WARNING, logger="streams.batch_loop")
+    items, _ = ml_slice
+    ids = sorted(items)
+    old, new = ids[:len(ids) // 2], ids[len(ids) // 2:]  # the new log: the new items first, then the old ones
+    events = {i: ItemEvent.from_item(items[i]) for i in ids}
+    broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
+
+    def seen(text: str) -> set[int]:  # items partitions the running loop logged `text` for
+        return {int(r.args[0].partition) for r in caplog.records
+                if text in r.getMessage() and r.args[0].topic == cfg.topic(ITEMS)}
+
+    try:
+        cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=20_000)
+
+        async def committed_items(want: int) -> None:
+            deadline = time.monotonic() + 120
+            while await asyncio.to_thread(committed_total, cfg, "trm-worker-items", ITEMS) < want:
+                w.raise_if_failed()
+                assert time.monotonic() < deadline, w.status()
+                await asyncio.sleep(0.5)
+
+        async def scenario():
+            nonlocal w
+            async with StreamWorker(settings) as w:
+                await w.wait_ready(60)
+                await asyncio.to_thread(publish_kind, cfg, "items", [events[i] for i in old], progress=False)
+                await committed_items(len(old))
+                broker.kill()
+                await asyncio.to_thread(broker.restart, True, cfg)  # the worker keeps running
+                deadline = time.monotonic() + 30
+                while seen("the log now ends at") != {0, 1}:  # its fetches reached the new broker
+                    assert time.monotonic() < deadline, f"shrunk logs seen: {sorted(seen('the log now ends at'))}"
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(publish_kind, cfg, "items", [events[i] for i in new + old], progress=False)
+                await committed_items(len(ids))
+                await asyncio.sleep(1)
+
+        w = None
+        asyncio.run(scenario())
+        tokens = FeastSink(feast_repo).read_online("item_tokens", new)
+        missing = [i for i in new if not (tokens.get(i) or {}).get("gen_tokens")]
+        assert not missing, f"{len(missing)} of the {len(new)} new items got no tokens"
+        assert seen("read again from its beginning") == {0, 1}
+    finally:
+        broker.stop()
+
+
 def test_a_stale_commit_on_a_new_log_is_not_a_second_reset(feast_repo, tiny_tokenizer, ml_slice, tmp_path,  # noqa: F811
                                                            caplog):
     """A memory broker restarted and the worker read its new log from the beginning; then the group's
