@@ -119,8 +119,9 @@ class BatchLoop:
         # (`_refetch`), since positions may have moved (`_moved`: where `_positions` put a partition)
         self._epoch = 0
         self._moved: dict = {}
-        # partition -> the offset after the last record fetched since the last rebalance: a log that now
-        # ends below it, or a fetch that starts below it, was replaced under the running loop (`_log_moved`)
+        # partition -> (the offset after the last record fetched since the last rebalance, that record's
+        # `record_mark`): a log that now ends below it, or a fetch that starts below it, may have been
+        # replaced under the running loop, and the record the log holds there tells (`_log_moved`)
         self._fetched: dict = {}
         self._shrunk: set = set()  # partitions a fetch response said end before `_fetched` (`_log_moved`)
         # assigned partitions whose check on assignment failed: none of their records is applied before
@@ -225,8 +226,8 @@ class BatchLoop:
                         continue
                     for tp, msgs in batches.items():
                         self._moved.pop(tp, None)
-                        if msgs:
-                            self._fetched[tp] = msgs[-1].offset + 1
+                        if msgs:  # where it read to, and the last record's fingerprint
+                            self._fetched[tp] = (msgs[-1].offset + 1, record_mark(msgs[-1].key, msgs[-1].value))
                     records = [SourceRecord(topic, tp.partition, m.offset, m.key, m.value)
                                for tp, msgs in batches.items() for m in msgs]
                     if records:
@@ -263,7 +264,7 @@ class BatchLoop:
         Two signs, per partition, against what this loop fetched since the last rebalance (`_fetched`):
           1. its fetch went back without this loop seeking: a consumer resets a position past the end
              of the log by itself (auto_offset_reset); checked at once, with what it had read as the
-             least end an intact log has (so a loop without saved state is checked too);
+             least end an intact log has;
           2. a fetch response said the log ends before what it had read (the high watermark). Tansu
              answers a fetch past the end with nothing, so a memory broker restarted under the worker
              shows this, and the consumer waits at its old position until the new log outgrows it;
@@ -271,20 +272,21 @@ class BatchLoop:
              partition's next records are checked before they are applied: a replaced log holds
              another record at the saved high-water mark (its fingerprint differs), a lagging leader's
              log holds the same one.
+        A loop without saved state (items) has no saved mark: the last record it read stands in for it
+        (`read`), so a lagging leader is not read again from the beginning, and a new log is.
         Left alone, the worker would apply a new log's records above the old high-water mark as if they
         continued the old log, and the check on the next assignment would come too late, after the
         mark had moved onto the new log."""
         hw = self.consumer.highwater
-        moved, floor, shrank = {}, {}, set()
-        for tp, end in self._fetched.items():
+        moved, floor, read = {}, {}, {}
+        for tp, (end, mark) in self._fetched.items():
             msgs, h = batches.get(tp), hw(tp)
             if msgs and msgs[0].offset < end:
                 moved[tp] = f"the fetch went back from offset {end} to {msgs[0].offset} without a seek"
-                floor[tp] = end
+                floor[tp], read[tp] = end, (end - 1, mark)
             elif msgs and tp in self._shrunk:
                 moved[tp] = f"records again after the log had ended before offset {end}"
-                floor[tp] = end
-                shrank.add(tp)
+                floor[tp], read[tp] = end, (end - 1, mark)
             elif h is not None and h < end and tp not in self._shrunk:
                 log.warning("%s: the log now ends at %d, before offset %d this worker already read: its next "
                             "records are checked before they are applied", tp, h, end)
@@ -296,7 +298,7 @@ class BatchLoop:
             self._fetched.pop(tp)
             self._shrunk.discard(tp)
         done: dict = {}  # kept across the check's retries
-        await self._retrying(lambda: self._positions(list(moved), floor, done, shrank),
+        await self._retrying(lambda: self._positions(list(moved), floor, done, read),
                              f"check of the log of {sorted(moved)}", **_CHECK)
         self._refetch(batches)
         return True
@@ -326,7 +328,7 @@ class BatchLoop:
                 self.consumer.seek(tp, min(msgs[0].offset, self._moved.get(tp, msgs[0].offset)))
 
     async def _positions(self, assigned, floor: dict | None = None, done: dict | None = None,
-                         shrank: set | None = None) -> None:
+                         read: dict | None = None) -> None:
         """Where newly assigned partitions start, and whether their log is still the one we read.
 
           1. Normally: the group's committed offset, else (nothing committed, no saved state) the
@@ -349,10 +351,9 @@ class BatchLoop:
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
              resume at hwm + 1 (records already fetched from below it are skipped by the processor),
              and commit that, so the group's offsets match the state before any new record arrives.
-        `shrank`: partitions a running loop saw end before what it read, now holding records there again:
-        a partition with no saved state (the stateless items loop: hwm -1, no fingerprint) cannot tell
-        a new log from the old one, and is read again from the beginning (its effects are a pure function
-        of each record: a re-read rewrites the same values; a lagging leader costs only the re-read).
+        `read`: a running loop's last record read, (offset, `record_mark`), per partition it checks: where
+        no trusted saved mark exists (the stateless items loop), the record the log holds there decides
+        instead, as a saved mark would (a lagging leader's log holds the same one, a new log another).
         `done`: partitions an earlier attempt of the same check already reset, with the new log's
         beginning where known (a retry does not reset them twice: `log_resets` and `on_log_reset` count
         a replaced log once, and it commits their beginnings); a reset adds to it.
@@ -377,25 +378,21 @@ class BatchLoop:
         need = {tp: max(committed[tp] or 0, hwm[tp] + 1, (floor or {}).get(tp, 0)) for tp in tps}
         check = [tp for tp in tps if need[tp] > 0]
         probe = {tp: hwm[tp] for tp in check if hwm[tp] >= 0 and marks[tp] is not None}
+        for tp, (off, mark) in (read or {}).items():
+            if tp in check and tp not in probe and off >= 0:  # no saved mark: the last record read stands in
+                probe[tp], marks[tp] = off, mark
         ends, found = await self._log_ends(check, probe) if check else ({}, {})
-        safe = await self._in_thread(self.processor.commit_positions, {tp.partition: hwm[tp] + 1 for tp in check})
         for tp in check:
             other = tp in found and found[tp] != marks[tp]  # another record at the high-water mark
             same = tp in found and not other  # the record this worker read there: intact up to the mark
-            blind = tp in (shrank or ()) and hwm[tp] < 0  # seen shrinking, and no saved state to tell
-            if (ends[tp] < need[tp] and not same) or other or blind:
-                if blind and not other and ends[tp] >= need[tp]:
-                    log.warning("%s: the log ended before offset %d this worker read and holds records there again; "
-                                "with no saved state to tell a new log from the old one, it is read again from its "
-                                "beginning (a re-read rewrites the same values)", tp, need[tp])
-                else:
-                    why = (f"holds another record at the saved high-water mark {hwm[tp]} than the one this worker "
-                           "read there" if other else
-                           f"ends at {ends[tp]}, before what this worker already read (committed {committed[tp]}, "
-                           f"saved high-water mark {hwm[tp]})")
-                    log.error("%s: the log %s: the broker lost its log (memory storage restarted, or the topic was "
-                              "recreated). Reading the new log from its beginning; events the old broker held that "
-                              "were not processed yet are lost.", tp, why)
+            after = probe[tp] + 1 if same else hwm[tp] + 1  # where this worker's log goes on
+            if (ends[tp] < need[tp] and not same) or other:
+                why = (f"holds another record at offset {probe[tp]} than the one this worker read there" if other else
+                       f"ends at {ends[tp]}, before what this worker already read (committed {committed[tp]}, "
+                       f"saved high-water mark {hwm[tp]})")
+                log.error("%s: the log %s: the broker lost its log (memory storage restarted, or the topic was "
+                          "recreated). Reading the new log from its beginning; events the old broker held that "
+                          "were not processed yet are lost.", tp, why)
                 if hwm[tp] >= 0:
                     await self._in_thread(self.processor.log_reset, tp.partition)
                 self.committed.pop(tp.partition, None)
@@ -407,19 +404,19 @@ class BatchLoop:
                 if await self.consumer.seek_to_beginning(tp):  # False: not answered within the request timeout
                     # the old log's offset, if still committed, is void: commit the new log's beginning
                     done[tp] = resume[tp] = await self.consumer.position(tp)
-            elif ends[tp] < need[tp]:  # `same`: the log holds the mark's record, ends before the rest
-                log.warning("%s: the log ends at %d, before the committed offset %s or what this worker read, but "
-                            "holds the record this worker read at its saved high-water mark %d: that offset is "
-                            "stale (the log is intact); resuming after the mark", tp, ends[tp], committed[tp], hwm[tp])
-                self.consumer.seek(tp, hwm[tp] + 1)
-                self._moved[tp] = hwm[tp] + 1
-                resume[tp] = min(hwm[tp] + 1, safe.get(tp.partition, hwm[tp] + 1))  # never past a parked record
-            elif committed[tp] is None:
-                log.warning("%s: no committed offset; resuming after the saved high-water mark %d", tp, hwm[tp])
-                self.consumer.seek(tp, hwm[tp] + 1)
-                self._moved[tp] = hwm[tp] + 1
-                if hwm[tp] >= 0:
-                    resume[tp] = min(hwm[tp] + 1, safe.get(tp.partition, hwm[tp] + 1))
+            elif ends[tp] < need[tp] or committed[tp] is None:
+                if committed[tp] is not None:  # `same`: the log holds the mark's record, ends before the rest
+                    log.warning("%s: the log ends at %d, before the committed offset %s or what this worker read, "
+                                "but holds the record this worker read at offset %d: that offset is stale (the log "
+                                "is intact); resuming after it", tp, ends[tp], committed[tp], after - 1)
+                else:
+                    log.warning("%s: no committed offset; resuming after offset %d (saved high-water mark %d)",
+                                tp, after - 1, hwm[tp])
+                self.consumer.seek(tp, after)
+                self._moved[tp] = after
+                if after > 0:  # never past a parked record
+                    safe = await self._in_thread(self.processor.commit_positions, {tp.partition: after})
+                    resume[tp] = min(after, safe.get(tp.partition, after))
         if resume:  # the group's offsets catch up with the state (else they stay as they are until new records)
             try:
                 await self.consumer.commit(resume)
