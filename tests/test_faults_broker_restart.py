@@ -139,19 +139,29 @@ def test_broker_kill_9_and_restart(storage, feast_repo, tiny_tokenizer, ml_slice
             s3.stop()
 
 
-def test_a_new_log_that_outgrew_the_old_positions_is_detected(feast_repo, tiny_tokenizer, ml_slice, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("first_look", ["answers", "fails"])
+def test_a_new_log_that_outgrew_the_old_positions_is_detected(first_look, feast_repo, tiny_tokenizer, ml_slice,  # noqa: F811
+                                                               tmp_path, monkeypatch, caplog):
     """The race the test above gates: a memory broker restarts while the worker is down, and the new
     log grows past the worker's saved high-water marks before the worker looks. The log no longer
     ends below them; the record at each mark is another one (its fingerprint, saved with the mark,
     differs), so the worker still declares the reset and applies the whole new log. Before the
-    fingerprint it resumed after the old marks and skipped the new log's first records."""
-    from streams.app import StreamWorker
+    fingerprint it resumed after the old marks and skipped the new log's first records.
+
+    `fails`: every loop's first look at its logs fails (a refused connection). aiokafka logs a
+    failing rebalance callback and fetches from the committed offsets anyway; the code before applied
+    the new log from the old positions and never reported ready. Now no record of those partitions
+    is applied until the loop's retry of the check has succeeded."""
+    import logging
+
+    from streams.batch_loop import BatchLoop
     from streams.broker import EmbeddedBroker
     from streams.contract.events import InteractionEvent, ItemEvent
     from streams.contract.topics import INTERACTIONS, topic_plan
     from streams.feast_sink import FeastSink
     from streams.publisher import publish_kind
 
+    caplog.set_level(logging.WARNING, logger="streams.batch_loop")
     items, its = ml_slice
     inter = [InteractionEvent.from_interaction(i) for i in its]
     first, second = inter[:len(inter) // 3], inter[len(inter) // 3:]  # the new log: twice the old one
@@ -160,21 +170,28 @@ def test_a_new_log_that_outgrew_the_old_positions_is_detected(feast_repo, tiny_t
     try:
         cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=6000)
 
-        async def run(events, want):
-            async with StreamWorker(settings) as w:
-                await w.wait_ready(60)
-                if events is not None:
-                    await asyncio.to_thread(publish_kind, cfg, "items", item_events, progress=False)
-                    await asyncio.to_thread(publish_kind, cfg, "interactions", events, progress=False)
-                await _committed_up_to(w, cfg, want)
-                return w.status()[INTERACTIONS]
-
-        asyncio.run(run(first, len(first)))
+        _worker_run(cfg, settings, item_events, first, len(first))
         broker.kill()  # the worker is down: nothing of it runs while the new log grows
         broker.restart(True, cfg)
         publish_kind(cfg, "items", item_events, progress=False)
         publish_kind(cfg, "interactions", second, progress=False)
-        st = asyncio.run(run(None, _log_size(cfg, INTERACTIONS)))
+        if first_look == "fails":
+            failed: set = set()
+            log_ends = BatchLoop._log_ends
+
+            async def failing_once(self, tps, probe=None):  # each loop's first look at its logs fails
+                if id(self) not in failed:
+                    failed.add(id(self))
+                    raise ConnectionError("injected: the first look at the logs failed")
+                return await log_ends(self, tps, probe)
+
+            monkeypatch.setattr(BatchLoop, "_log_ends", failing_once)
+            caplog.clear()
+        st = _worker_run(cfg, settings, item_events, None, _log_size(cfg, INTERACTIONS))
+        if first_look == "fails":
+            assert [r for r in caplog.records if r.getMessage().startswith("checking the positions of")
+                    and cfg.topic(INTERACTIONS) + "'" in r.getMessage()], \
+                "the interactions loop's check on assignment failed (the injected fault)"
         assert st["log_resets"] == topic_plan()[INTERACTIONS], st
         users = sorted({i.user_id for i in its})
         applied = sum(r["user_n_events"] or 0 for r in FeastSink(feast_repo).read_online("user_history", users).values())
@@ -210,8 +227,7 @@ def test_a_running_worker_checks_a_log_replaced_under_it(feast_repo, tiny_tokeni
     broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
 
     def seen(text: str) -> set[int]:  # interactions partitions the running loop logged `text` for
-        return {int(r.args[0].partition) for r in caplog.records
-                if text in r.getMessage() and r.args[0].topic == cfg.topic(INTERACTIONS)}
+        return _logged(caplog, cfg.topic(INTERACTIONS), text)
 
     try:
         cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=20_000)
@@ -309,8 +325,7 @@ def test_a_running_items_loop_reads_a_log_replaced_under_it(feast_repo, tiny_tok
     broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
 
     def seen(text: str) -> set[int]:  # items partitions the running loop logged `text` for
-        return {int(r.args[0].partition) for r in caplog.records
-                if text in r.getMessage() and r.args[0].topic == cfg.topic(ITEMS)}
+        return _logged(caplog, cfg.topic(ITEMS), text)
 
     try:
         cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=20_000)
@@ -359,7 +374,6 @@ def test_a_stale_commit_on_a_new_log_is_not_a_second_reset(feast_repo, tiny_toke
     declared a second reset, and the new log's records were applied twice."""
     import logging
 
-    from streams.app import StreamWorker
     from streams.broker import EmbeddedBroker
     from streams.contract.events import InteractionEvent, ItemEvent
     from streams.contract.topics import INTERACTIONS, topic_plan
@@ -375,101 +389,38 @@ def test_a_stale_commit_on_a_new_log_is_not_a_second_reset(feast_repo, tiny_toke
     try:
         cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=6000)
 
-        async def run(events, want):
-            async with StreamWorker(settings) as w:
-                await w.wait_ready(60)
-                if events is not None:
-                    await asyncio.to_thread(publish_kind, cfg, "items", item_events, progress=False)
-                    await asyncio.to_thread(publish_kind, cfg, "interactions", events, progress=False)
-                await _committed_up_to(w, cfg, want, exact=True)
-                return w.status()[INTERACTIONS]
+        def run(events, want):  # a worker's life; the stale offsets wait for an exact count
+            return _worker_run(cfg, settings, item_events, events, want, exact=True)
 
-        asyncio.run(run(first, len(first)))
+        run(first, len(first))
         old = _committed(cfg)
         broker.kill()
         broker.restart(True, cfg)
         publish_kind(cfg, "items", item_events, progress=False)
         publish_kind(cfg, "interactions", second, progress=False)
         size = _log_size(cfg, INTERACTIONS)
-        assert asyncio.run(run(None, size))["log_resets"] == topic_plan()[INTERACTIONS]
+        assert run(None, size)["log_resets"] == topic_plan()[INTERACTIONS]
         new = _committed(cfg)
         assert all(old[p] > new[p] > 0 for p in old), (old, new)  # the stale offsets lie beyond every new log's end
         _commit(cfg, old)
         caplog.clear()
-        st = asyncio.run(run(None, size))
+        st = run(None, size)
         users = sorted({i.user_id for i in its})
         applied = sum(r["user_n_events"] or 0 for r in FeastSink(feast_repo).read_online("user_history", users).values())
         assert st["log_resets"] == 0 and st["duplicates"] == 0 and st["dead_lettered"] == 0, st
         assert applied == len(first) + len(second), "the new log applied once"
         assert _committed(cfg) == new
-        stale = {r.args[0].partition for r in caplog.records
-                 if "stale" in r.getMessage() and r.args[0].topic == cfg.topic(INTERACTIONS)}
+        stale = _logged(caplog, cfg.topic(INTERACTIONS), "stale")
         assert stale == set(range(topic_plan()[INTERACTIONS])), [r.getMessage() for r in caplog.records]
     finally:
         broker.stop()
 
 
-def test_a_failed_check_on_assignment_is_retried_before_any_record(feast_repo, tiny_tokenizer, ml_slice,  # noqa: F811
-                                                                  tmp_path, monkeypatch, caplog):
-    """As the second test (a new log that outgrew the old positions while the worker was down), but the
-    worker's first look at the logs fails (a broker still loading its groups, a connection refused).
-    aiokafka logs a failing rebalance callback and fetches from the committed offsets anyway: the
-    worker applied the new log from the old positions and lost its first records. Now no record of
-    those partitions is applied until a retry of the check has succeeded."""
-    import logging
-
-    from streams.app import StreamWorker
-    from streams.batch_loop import BatchLoop
-    from streams.broker import EmbeddedBroker
-    from streams.contract.events import InteractionEvent, ItemEvent
-    from streams.contract.topics import INTERACTIONS, topic_plan
-    from streams.feast_sink import FeastSink
-    from streams.publisher import publish_kind
-
-    caplog.set_level(logging.WARNING, logger="streams.batch_loop")
-    items, its = ml_slice
-    inter = [InteractionEvent.from_interaction(i) for i in its]
-    first, second = inter[:len(inter) // 3], inter[len(inter) // 3:]  # the new log: twice the old one
-    item_events = [ItemEvent.from_item(i) for i in items.values()]
-    broker = EmbeddedBroker(storage="memory://tansu/", log_path=str(tmp_path / "tansu.log"))
-    try:
-        cfg, settings = _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms=6000)
-
-        async def run(events, want):
-            async with StreamWorker(settings) as w:
-                await w.wait_ready(60)
-                if events is not None:
-                    await asyncio.to_thread(publish_kind, cfg, "items", item_events, progress=False)
-                    await asyncio.to_thread(publish_kind, cfg, "interactions", events, progress=False)
-                await _committed_up_to(w, cfg, want)
-                return w.status()[INTERACTIONS]
-
-        asyncio.run(run(first, len(first)))
-        broker.kill()
-        broker.restart(True, cfg)
-        caplog.clear()
-        publish_kind(cfg, "items", item_events, progress=False)
-        publish_kind(cfg, "interactions", second, progress=False)
-        failed: set = set()
-        log_ends = BatchLoop._log_ends
-
-        async def failing_once(self, tps, probe=None):  # each loop's first look at its logs fails
-            if id(self) not in failed:
-                failed.add(id(self))
-                raise ConnectionError("injected: the first look at the logs failed")
-            return await log_ends(self, tps, probe)
-
-        monkeypatch.setattr(BatchLoop, "_log_ends", failing_once)
-        st = asyncio.run(run(None, _log_size(cfg, INTERACTIONS)))
-        failed_checks = [r for r in caplog.records if r.getMessage().startswith("checking the positions of")
-                         and cfg.topic(INTERACTIONS) + "'" in r.getMessage()]
-        assert failed_checks, "the interactions loop's check on assignment failed (the injected fault)"
-        users = sorted({i.user_id for i in its})
-        applied = sum(r["user_n_events"] or 0 for r in FeastSink(feast_repo).read_online("user_history", users).values())
-        assert st["log_resets"] == topic_plan()[INTERACTIONS], st
-        assert applied == len(first) + len(second), "every record of the new log applied, none skipped"
-    finally:
-        broker.stop()
+def _logged(caplog, topic: str, text: str) -> set[int]:
+    """Partitions of `topic` that the worker's loops logged a message containing `text` for (the
+    batch loop's messages name their TopicPartition first)."""
+    return {int(r.args[0].partition) for r in caplog.records
+            if text in r.getMessage() and r.args and getattr(r.args[0], "topic", None) == topic}
 
 
 def _committed(cfg) -> dict[int, int]:
@@ -508,6 +459,26 @@ def _commit(cfg, offsets: dict[int, int]) -> None:
             await c.stop()
 
     asyncio.run(commit())
+
+
+def _worker_run(cfg, settings, item_events, events, want: int, exact: bool = False) -> dict:
+    """One worker's life: start it, publish the items and `events` (unless None), wait until its
+    interactions group has committed `want` records (`_committed_up_to`), stop it; its interactions
+    loop's status."""
+    from streams.app import StreamWorker
+    from streams.contract.topics import INTERACTIONS
+    from streams.publisher import publish_kind
+
+    async def run():
+        async with StreamWorker(settings) as w:
+            await w.wait_ready(60)
+            if events is not None:
+                await asyncio.to_thread(publish_kind, cfg, "items", item_events, progress=False)
+                await asyncio.to_thread(publish_kind, cfg, "interactions", events, progress=False)
+            await _committed_up_to(w, cfg, want, exact=exact)
+            return w.status()[INTERACTIONS]
+
+    return asyncio.run(run())
 
 
 def _worker_on(broker, feast_repo, tiny_tokenizer, session_timeout_ms: int):
