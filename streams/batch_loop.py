@@ -414,9 +414,10 @@ class BatchLoop:
                                 tp, after - 1, hwm[tp])
                 self.consumer.seek(tp, after)
                 self._moved[tp] = after
-                if after > 0:  # never past a parked record
+                if after > 0:  # never past a parked record (nor a negative one: parked before a reset)
                     safe = await self._in_thread(self.processor.commit_positions, {tp.partition: after})
-                    resume[tp] = min(after, safe.get(tp.partition, after))
+                    if min(after, safe.get(tp.partition, after)) >= 0:
+                        resume[tp] = min(after, safe.get(tp.partition, after))
         if resume:  # the group's offsets catch up with the state (else they stay as they are until new records)
             try:
                 await self.consumer.commit(resume)
