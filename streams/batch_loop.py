@@ -346,8 +346,9 @@ class BatchLoop:
              the log is intact up to the mark whatever else says it ended earlier: a committed offset
              beyond its end is stale (a new broker accepted the old log's commit, and this worker's
              own commit after its reset was refused by a rebalance), and so is what a running loop
-             read beyond it (a lagging leader). Resume at hwm + 1 and commit that (a second reset
-             would re-read the whole new log and report events lost that were not).
+             read beyond it (a lagging leader). Resume after the record (hwm + 1, or after the last
+             record read for a loop without saved state: `read`) and commit that, never past a parked
+             record (a second reset would re-read the whole new log and report events lost that were not).
           3. Nothing committed but saved state up to `hwm` (the broker lost the group's offsets):
              resume at hwm + 1 (records already fetched from below it are skipped by the processor),
              and commit that, so the group's offsets match the state before any new record arrives.
@@ -416,8 +417,9 @@ class BatchLoop:
                 self._moved[tp] = after
                 if after > 0:  # never past a parked record (nor a negative one: parked before a reset)
                     safe = await self._in_thread(self.processor.commit_positions, {tp.partition: after})
-                    if min(after, safe.get(tp.partition, after)) >= 0:
-                        resume[tp] = min(after, safe.get(tp.partition, after))
+                    off = min(after, safe.get(tp.partition, after))
+                    if off >= 0:
+                        resume[tp] = off
         if resume:  # the group's offsets catch up with the state (else they stay as they are until new records)
             try:
                 await self.consumer.commit(resume)
